@@ -1,0 +1,58 @@
+# voicepipe — every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTOS := $(wildcard protos/voice/v1/*.proto)
+GENERATED := voice/v1/.generated
+BUF := npx --yes @bufbuild/buf@1.75.0
+
+.PHONY: install protos test chaos lint demo up bench bench-short clean
+
+install: $(INSTALLED) $(GENERATED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Contract code is generated, never edited: voice/ is git-ignored.
+protos: $(GENERATED)
+$(GENERATED): $(PROTOS) $(INSTALLED)
+	rm -rf voice && mkdir -p voice/v1
+	$(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=. \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=. \
+		$(PROTOS)
+	touch voice/__init__.py voice/v1/__init__.py voice/py.typed $@
+
+test: install
+	$(PY) -m pytest -q
+
+chaos: install
+	$(PY) -m pytest -q -m chaos
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy .
+	$(BUF) lint protos
+
+# The four services on their default ports, stopped together by Ctrl-C.
+up: install
+	$(PY) -m orchestrator.stack
+
+demo: install
+	$(PY) -m orchestrator.demo
+
+bench: install
+	$(PY) -m bench
+
+bench-short: install
+	$(PY) -m bench --short
+
+clean:
+	rm -rf voice $(VENV) .mypy_cache .ruff_cache .pytest_cache out

@@ -1,0 +1,104 @@
+"""Command-line flags that each have an environment variable of the same meaning.
+
+A flag `--metrics-port` of service `stt` reads `VOICEPIPE_STT_METRICS_PORT` as its default;
+the command line wins over the environment, the environment over the built-in default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def env_var_name(service: str, flag: str) -> str:
+    """`("stt", "--metrics-port")` -> `"VOICEPIPE_STT_METRICS_PORT"`."""
+    return f"VOICEPIPE_{service}_{flag.lstrip('-')}".upper().replace("-", "_")
+
+
+class FlagParser:
+    """An argparse parser whose every flag also reads an environment variable."""
+
+    def __init__(self, service: str, description: str) -> None:
+        self.service = service
+        self.parser = argparse.ArgumentParser(
+            prog=f"python -m {service}_stub" if service != "orchestrator" else "python -m orchestrator",
+            description=description,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+
+    def add(
+        self,
+        flag: str,
+        *,
+        type: Callable[[str], Any],
+        default: Any,
+        help: str,
+        choices: tuple[Any, ...] | None = None,
+    ) -> None:
+        env = env_var_name(self.service, flag)
+        raw = os.environ.get(env)
+        value = type(raw) if raw not in (None, "") else default
+        self.parser.add_argument(flag, type=type, default=value, choices=choices, help=f"{help} [env {env}]")
+
+    def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
+        return self.parser.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every server takes: where to listen, logging, connection management, shutdown."""
+
+    host: str
+    port: int
+    metrics_port: int
+    log_level: str
+    shutdown_grace_s: float
+    max_connection_age_s: float
+    max_connection_age_grace_s: float
+
+    @staticmethod
+    def add_flags(flags: FlagParser, *, port: int, metrics_port: int) -> None:
+        flags.add("--host", type=str, default="127.0.0.1", help="address to listen on")
+        flags.add("--port", type=int, default=port, help="gRPC port (0: the OS chooses)")
+        flags.add(
+            "--metrics-port",
+            type=int,
+            default=metrics_port,
+            help="Prometheus /metrics port (0: the OS chooses; -1: no endpoint)",
+        )
+        flags.add("--log-level", type=str, default="info", choices=LOG_LEVELS, help="log level")
+        flags.add(
+            "--shutdown-grace",
+            type=float,
+            default=10.0,
+            help="seconds in-flight calls may run after SIGTERM before they are cancelled",
+        )
+        flags.add(
+            "--max-connection-age",
+            type=float,
+            default=300.0,
+            help="seconds after which a client connection is sent GOAWAY so clients rebalance (0: never)",
+        )
+        flags.add(
+            "--max-connection-age-grace",
+            type=float,
+            default=30.0,
+            help="seconds calls may continue on a connection after its GOAWAY",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerSettings:
+        return cls(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            log_level=args.log_level,
+            shutdown_grace_s=args.shutdown_grace,
+            max_connection_age_s=args.max_connection_age,
+            max_connection_age_grace_s=args.max_connection_age_grace,
+        )

@@ -1,0 +1,119 @@
+"""Fault knobs for tests and chaos runs; all off unless a flag turns them on.
+
+They act on a stage's own RPCs (never on health or reflection):
+- `--fault-fail-first N`: the first N calls fail with UNAVAILABLE before any response;
+- `--fault-stall-after K`: after K responses the call sends nothing more until cancelled;
+- `--fault-break-after K`: after K responses the call fails with UNAVAILABLE;
+- `--fault-calls M`: stall/break only the first M calls after the failed ones (0: every call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from voicepipe.config import FlagParser
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FaultSettings:
+    fail_first: int = 0
+    stall_after: int = -1
+    break_after: int = -1
+    calls: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.fail_first > 0 or self.stall_after >= 0 or self.break_after >= 0
+
+    @staticmethod
+    def add_flags(flags: FlagParser) -> None:
+        flags.add(
+            "--fault-fail-first",
+            type=int,
+            default=0,
+            help="fail the first N calls with UNAVAILABLE",
+        )
+        flags.add(
+            "--fault-stall-after",
+            type=int,
+            default=-1,
+            help="stall calls after K responses (-1: off)",
+        )
+        flags.add(
+            "--fault-break-after",
+            type=int,
+            default=-1,
+            help="break calls with UNAVAILABLE after K responses (-1: off)",
+        )
+        flags.add(
+            "--fault-calls",
+            type=int,
+            default=0,
+            help="apply stall/break to the first M calls only (0: all)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FaultSettings:
+        return cls(args.fault_fail_first, args.fault_stall_after, args.fault_break_after, args.fault_calls)
+
+
+class FaultInjector(grpc.aio.ServerInterceptor):
+    """Applies FaultSettings to the streaming RPCs named in `methods` ("/pkg.Service/Method")."""
+
+    def __init__(self, settings: FaultSettings, methods: frozenset[str]) -> None:
+        self._settings = settings
+        self._methods = methods
+        self._calls = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        original = await continuation(handler_call_details)
+        if original is None or handler_call_details.method not in self._methods:
+            return original
+        handler: Any = original
+        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        settings = self._settings
+        self._calls += 1
+        call_number = self._calls
+        injected = settings.calls == 0 or call_number <= settings.fail_first + settings.calls
+
+        async def faulty(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if call_number <= settings.fail_first:
+                log.warning("fault: failing call", extra={"call": call_number})
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"fault injection: call {call_number} fails")
+            sent = 0
+            async for response in behavior(request, context):
+                if injected and sent == settings.stall_after:
+                    log.warning("fault: stalling call", extra={"call": call_number, "after": sent})
+                    await asyncio.Event().wait()  # until the client cancels or the deadline passes
+                if injected and sent == settings.break_after:
+                    log.warning("fault: breaking call", extra={"call": call_number, "after": sent})
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"fault injection: stream broken after {sent} messages",
+                    )
+                sent += 1
+                yield response
+
+        factory = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return factory(
+            faulty,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,184 @@
+"""Prometheus metrics for every server: RPC metrics named as go-grpc-prometheus names them,
+plus process-level gauges that make leaks visible (asyncio tasks, RPCs in flight)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import prometheus_client
+from prometheus_client import Counter, Gauge, Histogram
+
+_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+SERVER_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _LABELS)
+SERVER_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
+    (*_LABELS, "grpc_code"),
+)
+SERVER_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from the start of an RPC to its completion by the server.",
+    _LABELS,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+SERVER_MSG_RECEIVED = Counter(
+    "grpc_server_msg_received_total", "Stream messages received by the server.", _LABELS
+)
+SERVER_MSG_SENT = Counter("grpc_server_msg_sent_total", "Stream messages sent by the server.", _LABELS)
+RPCS_IN_FLIGHT = Gauge(
+    "voicepipe_rpcs_in_flight", "RPCs currently being handled.", ("grpc_service", "grpc_method")
+)
+
+
+def _rpc_type(handler: Any) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+def _final_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    code = context.code()
+    if code is None:
+        return grpc.StatusCode.OK
+    if isinstance(code, grpc.StatusCode):
+        return code
+    # grpc.aio reports codes set by abort() as the raw cygrpc enum value.
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+class _RpcObserver:
+    """Counts one RPC's messages and records its outcome."""
+
+    def __init__(self, rpc_type: str, service: str, method: str) -> None:
+        self.labels = (rpc_type, service, method)
+        self._service_method = (service, method)
+        self._started = time.perf_counter()
+        SERVER_STARTED.labels(*self.labels).inc()
+        RPCS_IN_FLIGHT.labels(*self._service_method).inc()
+
+    async def count_received(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        received = SERVER_MSG_RECEIVED.labels(*self.labels)
+        async for request in requests:
+            received.inc()
+            yield request
+
+    def sent(self) -> None:
+        SERVER_MSG_SENT.labels(*self.labels).inc()
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        SERVER_HANDLED.labels(*self.labels, code.name).inc()
+        SERVER_HANDLING_SECONDS.labels(*self.labels).observe(time.perf_counter() - self._started)
+        RPCS_IN_FLIGHT.labels(*self._service_method).dec()
+
+
+class _Outcome:
+    """Maps how a handler ended to a status code."""
+
+    @staticmethod
+    def of(exc: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+        if exc is None or isinstance(exc, grpc.aio.AbortError):
+            return _final_code(context)
+        if isinstance(exc, asyncio.CancelledError):
+            return grpc.StatusCode.CANCELLED
+        return grpc.StatusCode.UNKNOWN
+
+
+class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler to record go-grpc-prometheus server metrics."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        _, service, method = handler_call_details.method.split("/")
+        rpc_type = _rpc_type(handler)
+        if handler.response_streaming:
+            behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+            async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                observer = _RpcObserver(rpc_type, service, method)
+                if handler.request_streaming:
+                    request = observer.count_received(request)
+                else:
+                    SERVER_MSG_RECEIVED.labels(*observer.labels).inc()
+                error: BaseException | None = None
+                try:
+                    result = behavior(request, context)
+                    if hasattr(result, "__aiter__"):
+                        async for response in result:
+                            observer.sent()
+                            yield response
+                    else:  # handlers that write with context.write(), like health Watch
+                        await result
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    observer.finish(_Outcome.of(error, context))
+
+            factory = (
+                grpc.stream_stream_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler
+            )
+            return factory(
+                streaming,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        behavior_unary = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            observer = _RpcObserver(rpc_type, service, method)
+            if handler.request_streaming:
+                request = observer.count_received(request)
+            else:
+                SERVER_MSG_RECEIVED.labels(*observer.labels).inc()
+            error: BaseException | None = None
+            try:
+                response = await behavior_unary(request, context)
+                observer.sent()
+                return response
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                observer.finish(_Outcome.of(error, context))
+
+        factory_unary = (
+            grpc.stream_unary_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        return factory_unary(
+            unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def start_metrics_endpoint(host: str, port: int) -> int:
+    """Serves /metrics over HTTP on a daemon thread; returns the bound port."""
+    server, _thread = prometheus_client.start_http_server(port, addr=host)
+    return int(server.server_port)
+
+
+def watch_event_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Exports the loop's task count: after sessions end it must return to its idle value."""
+    Gauge("voicepipe_asyncio_tasks", "asyncio tasks alive in the server's event loop.").set_function(
+        lambda: len(asyncio.all_tasks(loop))
+    )

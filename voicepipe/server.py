@@ -1,0 +1,143 @@
+"""The runtime every voicepipe server shares: gRPC bootstrap, health, reflection, metrics,
+JSON logs, keepalive policy and graceful shutdown. A service supplies only its servicers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from voicepipe import keepalive
+from voicepipe.config import ServerSettings
+from voicepipe.faults import FaultInjector, FaultSettings
+from voicepipe.logs import configure_logging
+from voicepipe.metrics import ServerMetricsInterceptor, start_metrics_endpoint, watch_event_loop
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One gRPC service to host: its full name (as health and reflection see it), the generated
+    `add_XServicer_to_server` function, and the servicer."""
+
+    full_name: str
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: object
+    # Streaming methods (like "Transcribe") that the fault knobs act on.
+    fault_methods: tuple[str, ...] = ()
+
+
+class GrpcService:
+    """A grpc.aio server with the shared runtime around the given registrations."""
+
+    health: health.aio.HealthServicer
+    port: int
+    metrics_port: int
+
+    def __init__(
+        self,
+        name: str,
+        settings: ServerSettings,
+        registrations: Sequence[Registration],
+        faults: FaultSettings | None = None,
+    ) -> None:
+        faults = faults or FaultSettings()
+        self.name = name
+        self.settings = settings
+        self.registrations = tuple(registrations)
+        interceptors: list[grpc.aio.ServerInterceptor] = [ServerMetricsInterceptor()]
+        if faults.enabled:
+            methods = frozenset(f"/{r.full_name}/{m}" for r in registrations for m in r.fault_methods)
+            interceptors.append(FaultInjector(faults, methods))
+            log.warning("fault injection enabled", extra={"faults": repr(faults)})
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=keepalive.server_options(
+                settings.max_connection_age_s, settings.max_connection_age_grace_s
+            ),
+        )
+        self.health = health.aio.HealthServicer()
+        for registration in self.registrations:
+            registration.add_to_server(registration.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [
+                *(r.full_name for r in self.registrations),
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self.server,
+        )
+        self.port = 0
+        self.metrics_port = -1
+
+    async def start(self, *, serving: bool = True) -> None:
+        """Binds, starts serving, and logs the "ready" line with the bound ports."""
+        watch_event_loop(asyncio.get_running_loop())
+        await self.set_serving(serving)
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}")
+        if self.settings.metrics_port >= 0:
+            self.metrics_port = start_metrics_endpoint(self.settings.host, self.settings.metrics_port)
+        await self.server.start()
+        log.info(
+            "ready",
+            extra={
+                "host": self.settings.host,
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+            },
+        )
+
+    async def set_serving(self, serving: bool) -> None:
+        """Sets the health of every hosted service and of the server as a whole ("")."""
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", *(r.full_name for r in self.registrations)):
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """Health goes NOT_SERVING first, in-flight calls get the grace period, then the server stops."""
+        log.info("shutting down", extra={"grace_s": self.settings.shutdown_grace_s})
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_s)
+        log.info("stopped")
+
+
+async def wait_for_shutdown_signal() -> None:
+    """Returns on the first SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    received = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, received.set)
+    try:
+        await received.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def serve_until_signal(service: GrpcService) -> None:
+    """Runs a service until SIGTERM/SIGINT, then shuts it down gracefully."""
+    await service.start()
+    try:
+        await wait_for_shutdown_signal()
+    finally:
+        await service.stop()
+
+
+def run(main: Coroutine[Any, Any, None], service: str, log_level: str) -> None:
+    """Process entry point: JSON logging, then the event loop."""
+    configure_logging(service, log_level)
+    asyncio.run(main)
