@@ -1,0 +1,81 @@
+"""`python -m orchestrator`: the voice agent service in front of the STT, LLM and TTS stages."""
+
+from __future__ import annotations
+
+import argparse
+
+from orchestrator.service import VoiceAgentServicer
+from orchestrator.session import SessionLimits
+from orchestrator.upstreams import Upstreams
+from voice.v1 import voice_agent_pb2, voice_agent_pb2_grpc
+from voicepipe.config import FlagParser, ServerSettings
+from voicepipe.server import GrpcService, Registration, run, wait_for_shutdown_signal
+
+
+def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
+    flags = FlagParser("orchestrator", "Chains STT, LLM and TTS into streaming voice conversations.")
+    ServerSettings.add_flags(flags, port=50051, metrics_port=9601)
+    flags.add("--stt", type=str, default="127.0.0.1:50052", help="gRPC target of the STT stage")
+    flags.add("--llm", type=str, default="127.0.0.1:50053", help="gRPC target of the LLM stage")
+    flags.add("--tts", type=str, default="127.0.0.1:50054", help="gRPC target of the TTS stage")
+    flags.add(
+        "--max-sessions", type=int, default=1000, help="concurrent conversations; more get RESOURCE_EXHAUSTED"
+    )
+    flags.add(
+        "--turn-timeout", type=float, default=30.0, help="deadline in seconds of one turn's LLM and TTS calls"
+    )
+    flags.add("--session-timeout", type=float, default=3600.0, help="longest conversation, in seconds")
+    flags.add(
+        "--max-output-events", type=int, default=2000, help="events buffered for a client that reads slowly"
+    )
+    flags.add(
+        "--slow-client-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a full event buffer may wait for the client",
+    )
+    return flags.parse(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    service: GrpcService | None = None
+
+    async def follow_upstreams(all_serving: bool) -> None:
+        if service is not None:
+            await service.set_serving(all_serving)
+
+    upstreams = Upstreams(args.stt, args.llm, args.tts, follow_upstreams)
+    limits = SessionLimits(
+        turn_budget_s=args.turn_timeout,
+        session_budget_s=args.session_timeout,
+        max_output_events=args.max_output_events,
+        slow_client_timeout_s=args.slow_client_timeout,
+    )
+    service = GrpcService(
+        "orchestrator",
+        ServerSettings.from_args(args),
+        [
+            Registration(
+                voice_agent_pb2.DESCRIPTOR.services_by_name["VoiceAgentService"].full_name,
+                voice_agent_pb2_grpc.add_VoiceAgentServiceServicer_to_server,
+                VoiceAgentServicer(upstreams, limits, args.max_sessions),
+            )
+        ],
+    )
+    # NOT_SERVING until every stage reports SERVING.
+    await service.start(serving=False)
+    upstreams.start()
+    try:
+        await wait_for_shutdown_signal()
+    finally:
+        await service.stop()
+        await upstreams.close()
+
+
+def main() -> None:
+    args = parse_flags()
+    run(serve(args), "orchestrator", args.log_level)
+
+
+if __name__ == "__main__":
+    main()

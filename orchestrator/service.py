@@ -1,0 +1,108 @@
+"""VoiceAgentService: admission (session limit), config validation, then the conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from orchestrator.metrics import ACTIVE_SESSIONS, SESSIONS_REJECTED
+from orchestrator.output import SessionFailed
+from orchestrator.session import Conversation, SessionLimits
+from orchestrator.turn import TurnSettings
+from orchestrator.upstreams import Upstreams
+from voice.v1 import common_pb2, voice_agent_pb2_grpc
+from voice.v1 import voice_agent_pb2 as pb
+from voicepipe.audio_format import InvalidInput, parse_audio_format
+from voicepipe.logs import session_id_var
+
+log = logging.getLogger(__name__)
+
+MAX_SESSION_ID_CHARS = 128
+# A client must send its config this soon after opening the call.
+CONFIG_TIMEOUT_S = 10.0
+
+
+class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
+    def __init__(self, upstreams: Upstreams, limits: SessionLimits, max_sessions: int) -> None:
+        self._upstreams = upstreams
+        self._limits = limits
+        self._max_sessions = max_sessions
+        self._active = 0
+
+    async def Converse(
+        self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ConverseResponse]:
+        if self._active >= self._max_sessions:
+            SESSIONS_REJECTED.labels("session_limit").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"session limit of {self._max_sessions} concurrent conversations reached; retry later",
+            )
+        self._active += 1
+        ACTIVE_SESSIONS.inc()
+        try:
+            conversation = await self._open(request_iterator, context)
+            session_id_var.set(conversation.session_id)
+            log.info("session started", extra={"active_sessions": self._active})
+            try:
+                async for response in conversation.run(request_iterator):
+                    yield response
+            except SessionFailed as failure:
+                log.warning("session failed", extra={"code": failure.code.name, "detail": failure.message})
+                await context.abort(failure.code, failure.message)
+            log.info("session ended")
+        finally:
+            self._active -= 1
+            ACTIVE_SESSIONS.dec()
+
+    async def _open(
+        self, requests: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Conversation:
+        try:
+            async with asyncio.timeout(CONFIG_TIMEOUT_S):
+                first = await anext(requests, None)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no config within {CONFIG_TIMEOUT_S:g} s")
+        if first is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the config message")
+        try:
+            return self._conversation(first, context)
+        except InvalidInput as error:
+            SESSIONS_REJECTED.labels("invalid_config").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        raise AssertionError("unreachable")  # abort() raises
+
+    def _conversation(
+        self, first: pb.ConverseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Conversation:
+        kind = first.WhichOneof("request")
+        if kind != "config":
+            raise InvalidInput(f"the first message must be config, got {kind or 'an empty request'}")
+        config = first.config
+        input_format = parse_audio_format(config.input_audio_format, "config.input_audio_format")
+        output = config.output_audio_format
+        if output.encoding == common_pb2.AUDIO_ENCODING_UNSPECIFIED:
+            output = common_pb2.AudioFormat(
+                encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=output.sample_rate_hertz
+            )
+        output_format = parse_audio_format(output, "config.output_audio_format")
+        if len(config.session_id) > MAX_SESSION_ID_CHARS:
+            raise InvalidInput(f"config.session_id is longer than {MAX_SESSION_ID_CHARS} characters")
+        remaining = context.time_remaining()
+        return Conversation(
+            session_id=config.session_id or uuid.uuid4().hex[:16],
+            input_format=input_format,
+            turn_settings=TurnSettings(
+                output_format=output_format, voice=config.voice, budget_s=self._limits.turn_budget_s
+            ),
+            system_prompt=config.system_prompt,
+            upstreams=self._upstreams,
+            limits=self._limits,
+            client_deadline=time.monotonic() + remaining if remaining is not None else None,
+        )

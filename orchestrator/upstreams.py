@@ -1,0 +1,175 @@
+"""One long-lived HTTP/2 channel per stage, shared by every session: keepalive, a retry
+service config (gRFC A6), a health Watch that feeds the circuit breaker, and connectivity
+metrics (the connection-pool visibility the old HTTP design never had)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Counter, Gauge
+
+from orchestrator.breaker import CircuitBreaker
+from voicepipe import keepalive
+
+log = logging.getLogger(__name__)
+
+CHANNEL_STATE = Gauge(
+    "voicepipe_upstream_channel_state",
+    "Connectivity state of each upstream channel: 1 for the current state, 0 for the others.",
+    ("upstream", "state"),
+)
+CHANNEL_STATE_CHANGES = Counter(
+    "voicepipe_upstream_channel_state_changes_total",
+    "Connectivity state changes of each upstream channel, by the state entered.",
+    ("upstream", "state"),
+)
+UPSTREAM_SERVING = Gauge(
+    "voicepipe_upstream_serving", "1 while the upstream's health Watch reports SERVING.", ("upstream",)
+)
+
+# Calls that may be retried by the channel itself: Generate (gRPC retries a server-streaming
+# call only until its first response arrives, which is exactly when retrying is safe) and
+# unary health checks. Throttling stops retries while more than half of recent calls fail, so a
+# dead stage is not hammered.
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "voice.v1.LanguageModelService", "method": "Generate"},
+                    {"service": "grpc.health.v1.Health", "method": "Check"},
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.5},
+    }
+)
+
+# A Watch is re-opened this often even when nothing happens, so no call lives without a deadline.
+HEALTH_WATCH_DEADLINE_S = 300.0
+HEALTH_RETRY_MIN_S = 0.1
+HEALTH_RETRY_MAX_S = 1.0
+
+
+class Upstream:
+    """A stage the orchestrator calls: channel, breaker and health, for all sessions."""
+
+    def __init__(
+        self,
+        name: str,
+        target: str,
+        service_name: str,
+        on_health_change: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.name = name
+        self.target = target
+        self.service_name = service_name
+        self.serving = False
+        self.breaker = CircuitBreaker(name)
+        self._on_health_change = on_health_change
+        self.channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                *keepalive.client_options(),
+                # Retries as configured above (on by default; stated so it is not lost).
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", RETRY_SERVICE_CONFIG),
+            ],
+        )
+        self._health: Any = health_pb2_grpc.HealthStub(self.channel)
+        self._tasks: list[asyncio.Task[None]] = []
+        UPSTREAM_SERVING.labels(name).set(0)
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._watch_health(), name=f"{self.name}-health-watch"),
+            asyncio.create_task(self._watch_connectivity(), name=f"{self.name}-connectivity"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.channel.close()
+
+    async def _set_serving(self, serving: bool, reason: str) -> None:
+        self.breaker.health_changed(serving, reason)
+        if serving != self.serving:
+            self.serving = serving
+            UPSTREAM_SERVING.labels(self.name).set(int(serving))
+            log.info(
+                "upstream health changed", extra={"upstream": self.name, "serving": serving, "reason": reason}
+            )
+            await self._on_health_change()
+
+    async def _watch_health(self) -> None:
+        request = health_pb2.HealthCheckRequest(service=self.service_name)
+        retry_in = HEALTH_RETRY_MIN_S
+        while True:
+            # Not wait-for-ready: a stage that cannot be reached must show up as down at once.
+            call = self._health.Watch(request, timeout=HEALTH_WATCH_DEADLINE_S)
+            try:
+                async for response in call:
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                    await self._set_serving(response.status == health_pb2.HealthCheckResponse.SERVING, status)
+                    retry_in = HEALTH_RETRY_MIN_S
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    await self._set_serving(False, f"health watch failed: {error.code().name}")
+            finally:
+                call.cancel()
+            await asyncio.sleep(retry_in)
+            retry_in = min(retry_in * 2, HEALTH_RETRY_MAX_S)
+
+    async def _watch_connectivity(self) -> None:
+        state = self.channel.get_state(try_to_connect=True)
+        while True:
+            for known in grpc.ChannelConnectivity:
+                CHANNEL_STATE.labels(self.name, known.name.lower()).set(int(known == state))
+            CHANNEL_STATE_CHANGES.labels(self.name, state.name.lower()).inc()
+            await self.channel.wait_for_state_change(state)
+            state = self.channel.get_state(try_to_connect=True)
+
+
+class Upstreams:
+    """The three stages; the orchestrator is healthy only while all of them are."""
+
+    def __init__(
+        self, stt: str, llm: str, tts: str, on_health_change: Callable[[bool], Awaitable[None]]
+    ) -> None:
+        self._notify = on_health_change
+
+        async def changed() -> None:
+            await self._notify(self.all_serving)
+
+        self.stt = Upstream("stt", stt, "voice.v1.SpeechToTextService", changed)
+        self.llm = Upstream("llm", llm, "voice.v1.LanguageModelService", changed)
+        self.tts = Upstream("tts", tts, "voice.v1.TextToSpeechService", changed)
+
+    @property
+    def all(self) -> tuple[Upstream, Upstream, Upstream]:
+        return (self.stt, self.llm, self.tts)
+
+    @property
+    def all_serving(self) -> bool:
+        return all(u.serving for u in self.all)
+
+    def start(self) -> None:
+        for upstream in self.all:
+            upstream.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(u.close() for u in self.all))
