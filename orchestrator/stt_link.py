@@ -220,6 +220,7 @@ class SpeechRecognitionLink:
         self._sent_seq = self.buffer.first_seq
         timeout = max(0.001, self._deadline() - time.monotonic())
         call: Any = self._stub.Transcribe(timeout=timeout, metadata=self._metadata, wait_for_ready=True)
+        self._upstream.calls_in_flight.inc()
         writer = asyncio.create_task(self._write(call), name="stt-writer")
         try:
             async for response in call:
@@ -235,6 +236,7 @@ class SpeechRecognitionLink:
         finally:
             writer.cancel()
             call.cancel()
+            self._upstream.calls_in_flight.dec()
             await asyncio.gather(writer, return_exceptions=True)
 
     async def _write(self, call: Any) -> None:

@@ -159,6 +159,7 @@ class Turn:
             call: Any = stub.Generate(
                 request, timeout=self._timeout(), metadata=self.metadata, wait_for_ready=True
             )
+            self.upstreams.llm.calls_in_flight.inc()
             try:
                 async for response in call:
                     if response.HasField("complete"):
@@ -188,6 +189,7 @@ class Turn:
                 raise
             finally:
                 call.cancel()
+                self.upstreams.llm.calls_in_flight.dec()
 
         await self._with_retries("llm", pb.STAGE_LLM, attempt_once)
         rest = chunker.flush()
@@ -231,6 +233,7 @@ class Turn:
         async def attempt_once() -> None:
             self.upstreams.tts.breaker.check()
             call: Any = stub.Synthesize(timeout=self._timeout(), metadata=self.metadata, wait_for_ready=True)
+            self.upstreams.tts.calls_in_flight.inc()
 
             async def write() -> None:
                 nonlocal text_done
@@ -261,6 +264,7 @@ class Turn:
             finally:
                 writer.cancel()
                 call.cancel()
+                self.upstreams.tts.calls_in_flight.dec()
                 await asyncio.gather(writer, return_exceptions=True)
 
         await self._with_retries("tts", pb.STAGE_TTS, attempt_once)

@@ -29,6 +29,11 @@ CHANNEL_STATE_CHANGES = Counter(
     "Connectivity state changes of each upstream channel, by the state entered.",
     ("upstream", "state"),
 )
+UPSTREAM_CALLS_IN_FLIGHT = Gauge(
+    "voicepipe_upstream_calls_in_flight",
+    "Calls to each upstream that are open now (Transcribe, Generate, Synthesize).",
+    ("upstream",),
+)
 UPSTREAM_SERVING = Gauge(
     "voicepipe_upstream_serving", "1 while the upstream's health Watch reports SERVING.", ("upstream",)
 )
@@ -60,8 +65,7 @@ RETRY_SERVICE_CONFIG = json.dumps(
 
 # A Watch is re-opened this often even when nothing happens, so no call lives without a deadline.
 HEALTH_WATCH_DEADLINE_S = 300.0
-HEALTH_RETRY_MIN_S = 0.1
-HEALTH_RETRY_MAX_S = 1.0
+HEALTH_RETRY_MAX_S = 0.5
 
 
 class Upstream:
@@ -90,6 +94,8 @@ class Upstream:
             ],
         )
         self._health: Any = health_pb2_grpc.HealthStub(self.channel)
+        # inc() when a stage call is created, dec() in the finally that cancels it.
+        self.calls_in_flight = UPSTREAM_CALLS_IN_FLIGHT.labels(name)
         self._tasks: list[asyncio.Task[None]] = []
         UPSTREAM_SERVING.labels(name).set(0)
 
@@ -117,22 +123,26 @@ class Upstream:
 
     async def _watch_health(self) -> None:
         request = health_pb2.HealthCheckRequest(service=self.service_name)
-        retry_in = HEALTH_RETRY_MIN_S
+        failures = 0
         while True:
             # Not wait-for-ready: a stage that cannot be reached must show up as down at once.
             call = self._health.Watch(request, timeout=HEALTH_WATCH_DEADLINE_S)
             try:
                 async for response in call:
+                    failures = 0
                     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
                     await self._set_serving(response.status == health_pb2.HealthCheckResponse.SERVING, status)
-                    retry_in = HEALTH_RETRY_MIN_S
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    await self._set_serving(False, f"health watch failed: {error.code().name}")
+                    failures += 1
+                    # One broken Watch is a broken connection (a reset, a GOAWAY); the stage is
+                    # down only if a new Watch cannot be established either.
+                    if failures >= 2:
+                        await self._set_serving(False, f"health watch failed: {error.code().name}")
             finally:
                 call.cancel()
-            await asyncio.sleep(retry_in)
-            retry_in = min(retry_in * 2, HEALTH_RETRY_MAX_S)
+            if failures >= 2:
+                await asyncio.sleep(min(0.05 * 2 ** (failures - 2), HEALTH_RETRY_MAX_S))
 
     async def _watch_connectivity(self) -> None:
         state = self.channel.get_state(try_to_connect=True)

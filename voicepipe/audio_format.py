@@ -29,7 +29,7 @@ class InvalidInput(ValueError):
 class PcmFormat:
     """A validated mono audio format."""
 
-    encoding: int
+    encoding: common_pb2.AudioEncoding.ValueType
     sample_rate: int
 
     @property

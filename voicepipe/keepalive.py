@@ -58,5 +58,5 @@ def client_options() -> list[tuple[str, int]]:
         # Reconnect quickly after a stage restarts (defaults back off to 120 s).
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
