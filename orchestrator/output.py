@@ -40,8 +40,10 @@ class SessionOutput:
         self._queue: asyncio.Queue[OutputItem] = asyncio.Queue(max_events)
         self._slow_client_timeout_s = slow_client_timeout_s
         self.max_events = max_events
+        self.failed = False
 
     async def put(self, item: pb.ConverseResponse | Deferred) -> None:
+        """Queues an event; raises SessionFailed if the client does not read in time."""
         try:
             self._queue.put_nowait(item)
             return
@@ -51,17 +53,20 @@ class SessionOutput:
             async with asyncio.timeout(self._slow_client_timeout_s):
                 await self._queue.put(item)
         except TimeoutError:
-            self.fail(
-                SessionFailed(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"client is not reading: {self.max_events} events waited more than"
-                    f" {self._slow_client_timeout_s:g} s",
-                )
+            failure = SessionFailed(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"client is not reading: {self.max_events} events waited more than"
+                f" {self._slow_client_timeout_s:g} s",
             )
-            raise
+            self.fail(failure)
+            raise failure from None
 
     def fail(self, failure: SessionFailed) -> None:
-        """Ends the stream with an error status, ahead of anything still queued."""
+        """Ends the stream with an error status, ahead of anything still queued; the first
+        failure wins."""
+        if self.failed:
+            return
+        self.failed = True
         while not self._queue.empty():
             self._queue.get_nowait()
         self._queue.put_nowait(failure)

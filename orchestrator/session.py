@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,8 +88,8 @@ class Conversation:
                 session_started=pb.SessionStarted(session_id=self.session_id), correlation=self._correlation()
             )
         )
-        stt = asyncio.create_task(self._stt.run(), name=f"session-{self.session_id}-stt")
-        reader = asyncio.create_task(self._read(requests, stt), name=f"session-{self.session_id}-reader")
+        stt = self._supervised(self._stt.run(), "stt")
+        reader = self._supervised(self._read(requests, stt), "reader")
         try:
             async for response in self.output.responses():
                 yield response
@@ -98,6 +98,23 @@ class Conversation:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _supervised(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A session task whose unexpected failure ends the session with INTERNAL instead of
+        leaving the client waiting on a stream that nothing feeds any more."""
+
+        async def supervise() -> None:
+            try:
+                await work
+            except SessionFailed:
+                pass  # already queued for the client
+            except Exception as error:
+                log.exception("session task failed", extra={"task": name})
+                self.output.fail(
+                    SessionFailed(grpc.StatusCode.INTERNAL, f"internal error in {name}: {error!r}")
+                )
+
+        return asyncio.create_task(supervise(), name=f"session-{self.session_id}-{name}")
 
     async def _read(self, requests: AsyncIterator[Any], stt: asyncio.Task[None]) -> None:
         """Client input until END_OF_INPUT or half-close; then finish the last turn and end."""
@@ -200,9 +217,7 @@ class Conversation:
             self._turn = turn
             token = turn_id_var.set(turn_id)
             try:
-                self._turn_task = asyncio.create_task(
-                    self._run_turn(turn), name=f"session-{self.session_id}-turn-{turn_id}"
-                )
+                self._turn_task = self._supervised(self._run_turn(turn), f"turn-{turn_id}")
             finally:
                 turn_id_var.reset(token)
 
