@@ -148,12 +148,17 @@ class VoiceClient:
         return await self._next_turn()
 
     async def type(self, text: str) -> TurnRecord:
+        """Sends a text turn and returns the turn, once it is over."""
+        turn = await self.start_text_turn(text)
+        await turn.done.wait()
+        return turn
+
+    async def start_text_turn(self, text: str) -> TurnRecord:
+        """Sends a text turn; returns the turn as soon as it starts."""
         async with self._write_lock:
             self._pending_speech_end = time.monotonic()
             await self.call.write(pb.ConverseRequest(text=pb.TextTurn(text=text)))
-        turn = await self._next_turn()
-        await turn.done.wait()
-        return turn
+        return await self._next_turn()
 
     async def _next_turn(self) -> TurnRecord:
         event = await self._events.get()

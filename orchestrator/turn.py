@@ -51,6 +51,9 @@ from voicepipe.audio_format import PcmFormat
 log = logging.getLogger(__name__)
 
 STAGE_ATTEMPTS = 5
+# TTS waits on the LLM for text; its deadline is a little later than the LLM's so a stalled LLM
+# is reported as the LLM, not as a TTS that ran out of time waiting for it.
+TTS_DEADLINE_GRACE_S = 1.0
 
 
 class StageFailed(Exception):
@@ -126,8 +129,8 @@ class Turn:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("x-session-id", self.correlation.session_id), ("x-turn-id", self.correlation.turn_id))
 
-    def _timeout(self) -> float:
-        remaining = self.deadline - time.monotonic()
+    def _timeout(self, grace_s: float = 0.0) -> float:
+        remaining = self.deadline + grace_s - time.monotonic()
         if remaining <= 0:
             raise StageFailed(pb.STAGE_UNSPECIFIED, "DEADLINE_EXCEEDED", "turn ran out of time")
         return remaining
@@ -232,7 +235,9 @@ class Turn:
 
         async def attempt_once() -> None:
             self.upstreams.tts.breaker.check()
-            call: Any = stub.Synthesize(timeout=self._timeout(), metadata=self.metadata, wait_for_ready=True)
+            call: Any = stub.Synthesize(
+                timeout=self._timeout(TTS_DEADLINE_GRACE_S), metadata=self.metadata, wait_for_ready=True
+            )
             self.upstreams.tts.calls_in_flight.inc()
 
             async def write() -> None:

@@ -65,7 +65,7 @@ RETRY_SERVICE_CONFIG = json.dumps(
 
 # A Watch is re-opened this often even when nothing happens, so no call lives without a deadline.
 HEALTH_WATCH_DEADLINE_S = 300.0
-HEALTH_RETRY_MAX_S = 0.5
+HEALTH_RETRY_MAX_S = 0.25
 
 
 class Upstream:

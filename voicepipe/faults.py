@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -94,18 +95,20 @@ class FaultInjector(grpc.aio.ServerInterceptor):
                 log.warning("fault: failing call", extra={"call": call_number})
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"fault injection: call {call_number} fails")
             sent = 0
-            async for response in behavior(request, context):
-                if injected and sent == settings.stall_after:
-                    log.warning("fault: stalling call", extra={"call": call_number, "after": sent})
-                    await asyncio.Event().wait()  # until the client cancels or the deadline passes
-                if injected and sent == settings.break_after:
-                    log.warning("fault: breaking call", extra={"call": call_number, "after": sent})
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"fault injection: stream broken after {sent} messages",
-                    )
-                sent += 1
-                yield response
+            # aclosing: a cancelled call closes the handler's generator now, not at GC time.
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    if injected and sent == settings.stall_after:
+                        log.warning("fault: stalling call", extra={"call": call_number, "after": sent})
+                        await asyncio.Event().wait()  # until the client cancels or the deadline passes
+                    if injected and sent == settings.break_after:
+                        log.warning("fault: breaking call", extra={"call": call_number, "after": sent})
+                        await context.abort(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"fault injection: stream broken after {sent} messages",
+                        )
+                    sent += 1
+                    yield response
 
         factory = (
             grpc.stream_stream_rpc_method_handler

@@ -4,6 +4,7 @@ plus process-level gauges that make leaks visible (asyncio tasks, RPCs in flight
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -118,9 +119,11 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     result = behavior(request, context)
                     if hasattr(result, "__aiter__"):
-                        async for response in result:
-                            observer.sent()
-                            yield response
+                        # aclosing: a cancelled call closes the handler's generator now, not at GC.
+                        async with contextlib.aclosing(result) as responses:
+                            async for response in responses:
+                                observer.sent()
+                                yield response
                     else:  # handlers that write with context.write(), like health Watch
                         await result
                 except BaseException as exc:
