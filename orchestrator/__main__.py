@@ -34,6 +34,12 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
         default=10.0,
         help="seconds a full event buffer may wait for the client",
     )
+    flags.add(
+        "--reply-audio-lead-ms",
+        type=float,
+        default=250.0,
+        help="how far reply audio may run ahead of real-time playback (bounds what barge-in discards)",
+    )
     return flags.parse(argv)
 
 
@@ -50,6 +56,7 @@ async def serve(args: argparse.Namespace) -> None:
         session_budget_s=args.session_timeout,
         max_output_events=args.max_output_events,
         slow_client_timeout_s=args.slow_client_timeout,
+        reply_audio_lead_s=args.reply_audio_lead_ms / 1000,
     )
     service = GrpcService(
         "orchestrator",

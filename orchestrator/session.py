@@ -26,6 +26,8 @@ from voicepipe.logs import turn_id_var
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 4096
+# Turns waiting while the agent answers an earlier one (typed turns queue; speech interrupts).
+MAX_QUEUED_TURNS = 16
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class SessionLimits:
     session_budget_s: float  # deadline for the session's STT call (re-armed on resumption)
     max_output_events: int
     slow_client_timeout_s: float
+    reply_audio_lead_s: float
 
 
 class Conversation:
@@ -66,7 +69,7 @@ class Conversation:
         self._turn_count = 0
         self._turn: Turn | None = None
         self._turn_task: asyncio.Task[None] | None = None
-        self._turn_lock = asyncio.Lock()
+        self._turn_requests: asyncio.Queue[_TurnRequest | None] = asyncio.Queue(MAX_QUEUED_TURNS + 1)
         self._stt = SpeechRecognitionLink(
             upstreams.stt,
             input_format,
@@ -89,12 +92,13 @@ class Conversation:
             )
         )
         stt = self._supervised(self._stt.run(), "stt")
-        reader = self._supervised(self._read(requests, stt), "reader")
+        turns = self._supervised(self._run_turns(), "turns")
+        reader = self._supervised(self._read(requests, stt, turns), "reader")
         try:
             async for response in self.output.responses():
                 yield response
         finally:
-            tasks = [t for t in (reader, stt, self._turn_task) if t is not None]
+            tasks = [reader, stt, turns]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -116,7 +120,9 @@ class Conversation:
 
         return asyncio.create_task(supervise(), name=f"session-{self.session_id}-{name}")
 
-    async def _read(self, requests: AsyncIterator[Any], stt: asyncio.Task[None]) -> None:
+    async def _read(
+        self, requests: AsyncIterator[Any], stt: asyncio.Task[None], turns: asyncio.Task[None]
+    ) -> None:
         """Client input until END_OF_INPUT or half-close; then finish the last turn and end."""
         try:
             async for request in requests:
@@ -130,7 +136,8 @@ class Conversation:
                         raise InvalidInput(
                             f"text turn must be 1 to {MAX_TEXT_CHARS} characters, got {len(text)}"
                         )
-                    await self._start_turn(text, time.monotonic(), Duration())
+                    # A typed turn waits for the turn being played (speech interrupts it instead).
+                    self._queue_turn(_TurnRequest(text, time.monotonic(), Duration()))
                 elif kind == "control":
                     if request.control.type != pb.CONTROL_TYPE_END_OF_INPUT:
                         raise InvalidInput(
@@ -143,8 +150,8 @@ class Conversation:
                     raise InvalidInput("empty request: set one of config, audio, text or control")
             self._stt.end_input()
             await stt
-            if self._turn_task is not None:
-                await asyncio.gather(self._turn_task, return_exceptions=True)
+            await self._turn_requests.put(None)
+            await turns
             self.output.close()
         except InvalidInput as error:
             self.output.fail(SessionFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error)))
@@ -152,7 +159,7 @@ class Conversation:
     # --- STT events --------------------------------------------------------------------------
 
     async def _on_speech_started(self) -> None:
-        await self._interrupt()
+        self._interrupt()
 
     async def _on_interim(self, text: str, start: Duration, end: Duration) -> None:
         await self.output.put(
@@ -174,7 +181,7 @@ class Conversation:
             )
         )
         if final.text.strip():
-            await self._start_turn(final.text, final.speech_ended_at, final.finalization)
+            self._queue_turn(_TurnRequest(final.text, final.speech_ended_at, final.finalization))
 
     async def _on_stt_error(self, code: str, message: str) -> None:
         await self._error(pb.STAGE_STT, code, message, "")
@@ -190,49 +197,80 @@ class Conversation:
 
     # --- turns ---------------------------------------------------------------------------------
 
-    async def _start_turn(self, user_text: str, speech_ended_at: float, stt_finalization: Duration) -> None:
-        async with self._turn_lock:
-            await self._interrupt_locked()
-            self._turn_count += 1
-            turn_id = str(self._turn_count)
-            self.history.append(
-                language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_USER, content=user_text)
+    def _queue_turn(self, request: _TurnRequest) -> None:
+        try:
+            self._turn_requests.put_nowait(request)
+        except asyncio.QueueFull:
+            failure = SessionFailed(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {MAX_QUEUED_TURNS} turns are waiting for the agent to answer",
             )
-            turn = Turn(
-                turn_id=turn_id,
-                messages=list(self.history),
-                correlation=self._correlation(turn_id),
-                settings=self.turn_settings,
-                upstreams=self.upstreams,
-                output=self.output,
-                speech_ended_at=speech_ended_at,
-                stt_finalization=stt_finalization,
-                deadline=min(time.monotonic() + self.limits.turn_budget_s, self._session_deadline),
+            self.output.fail(failure)
+            raise failure from None
+
+    async def _run_turns(self) -> None:
+        """One turn at a time, in order; barge-in cancels the one playing (see _interrupt)."""
+        while (request := await self._turn_requests.get()) is not None:
+            turn = await self._begin_turn(request)
+            token = turn_id_var.set(turn.turn_id)
+            task = asyncio.create_task(turn.run(), name=f"session-{self.session_id}-turn-{turn.turn_id}")
+            turn_id_var.reset(token)
+            self._turn, self._turn_task = turn, task
+            try:
+                await asyncio.wait([task])
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                self._turn_task = None
+            await self._end_turn(turn, task)
+
+    async def _begin_turn(self, request: _TurnRequest) -> Turn:
+        self._turn_count += 1
+        turn_id = str(self._turn_count)
+        self.history.append(
+            language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_USER, content=request.text)
+        )
+        turn = Turn(
+            turn_id=turn_id,
+            messages=list(self.history),
+            correlation=self._correlation(turn_id),
+            settings=self.turn_settings,
+            upstreams=self.upstreams,
+            output=self.output,
+            speech_ended_at=request.speech_ended_at,
+            stt_finalization=request.stt_finalization,
+            deadline=min(time.monotonic() + self.limits.turn_budget_s, self._session_deadline),
+        )
+        await self.output.put(
+            pb.ConverseResponse(
+                turn_started=pb.TurnStarted(user_text=request.text), correlation=turn.correlation
             )
+        )
+        return turn
+
+    async def _end_turn(self, turn: Turn, task: asyncio.Task[None]) -> None:
+        """Reports how the turn ended; the history keeps what the user heard of the reply."""
+        if task.cancelled():  # barge-in
+            TURNS.labels("interrupted").inc()
+            self._remember_reply(turn.heard_text)
+            log.info("turn interrupted", extra={"turn": turn.turn_id, "heard_chars": turn.heard_chars})
             await self.output.put(
                 pb.ConverseResponse(
-                    turn_started=pb.TurnStarted(user_text=user_text), correlation=turn.correlation
+                    turn_interrupted=pb.TurnInterrupted(heard_text=turn.heard_text),
+                    correlation=turn.correlation,
                 )
             )
-            self._turn = turn
-            token = turn_id_var.set(turn_id)
-            try:
-                self._turn_task = self._supervised(self._run_turn(turn), f"turn-{turn_id}")
-            finally:
-                turn_id_var.reset(token)
-
-    async def _run_turn(self, turn: Turn) -> None:
-        try:
-            await turn.run()
-        except StageFailed as failure:
+        elif isinstance(failure := task.exception(), StageFailed):
             TURNS.labels("failed").inc()
             self._remember_reply(turn.heard_text)
             await self._error(failure.stage, failure.code, failure.message, turn.turn_id)
-            return
-        TURNS.labels("completed").inc()
-        self._remember_reply(turn.reply_text)
-        await self.output.put(turn.completed_event())
-        log.info("turn completed", extra={"reply_chars": len(turn.reply_text)})
+        elif failure is not None:
+            raise failure
+        else:
+            TURNS.labels("completed").inc()
+            self._remember_reply(turn.reply_text)
+            await self.output.put(turn.completed_event())
+            log.info("turn completed", extra={"turn": turn.turn_id, "reply_chars": len(turn.reply_text)})
 
     def _remember_reply(self, text: str) -> None:
         if text:
@@ -240,23 +278,17 @@ class Conversation:
                 language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_ASSISTANT, content=text)
             )
 
-    async def _interrupt(self) -> None:
-        async with self._turn_lock:
-            await self._interrupt_locked()
-
-    async def _interrupt_locked(self) -> None:
-        """Barge-in: stop the active turn at once; the history keeps only what was heard."""
+    def _interrupt(self) -> None:
+        """Barge-in: stop the turn being played at once; no more of its audio leaves."""
         turn, task = self._turn, self._turn_task
-        if turn is None or task is None or task.done():
+        if turn is None or task is None or task.done() or turn.interrupted:
             return
-        turn.interrupted = True  # from now on no audio of this turn leaves
+        turn.interrupted = True
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        TURNS.labels("interrupted").inc()
-        self._remember_reply(turn.heard_text)
-        log.info("turn interrupted", extra={"turn": turn.turn_id, "heard_chars": turn.heard_chars})
-        await self.output.put(
-            pb.ConverseResponse(
-                turn_interrupted=pb.TurnInterrupted(heard_text=turn.heard_text), correlation=turn.correlation
-            )
-        )
+
+
+@dataclass(frozen=True, slots=True)
+class _TurnRequest:
+    text: str
+    speech_ended_at: float  # monotonic time the user stopped speaking (or the text arrived)
+    stt_finalization: Duration

@@ -89,10 +89,9 @@ class _Segment:
 class TurnSettings:
     output_format: PcmFormat
     voice: str
-    budget_s: float  # deadline of the turn's upstream calls
     # Reply audio is released in real time, at most this far ahead of playback, so that on
     # barge-in the caller has not been sent much more than it heard, and the history is honest.
-    audio_lead_s: float = 0.25
+    audio_lead_s: float
 
 
 @dataclass

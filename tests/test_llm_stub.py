@@ -1,0 +1,355 @@
+"""The LLM stub: its reply rules (a contract for tests of other services), and the real server
+streaming them, rejecting bad input, echoing correlation ids, pacing, cancellation and faults."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from llm_stub import replies
+from llm_stub.replies import Message, Speaker
+from llm_stub.service import SERVICE_NAME
+from tests.conftest import StartService
+from tests.helpers import (
+    assert_drains_on_sigterm,
+    assert_returns_to_idle,
+    idle_task_count,
+    open_channel,
+    read_metric,
+    running,
+    wait_for_log,
+)
+from voice.v1 import common_pb2, language_model_pb2, language_model_pb2_grpc
+from voicepipe.processes import ServiceProcess
+
+if TYPE_CHECKING:
+    from voice.v1.language_model_pb2_grpc import LanguageModelServiceAsyncStub as Stub
+
+pb = language_model_pb2
+
+
+# --- the reply rules ---------------------------------------------------------------------------
+
+
+def said(*texts: str) -> list[Message]:
+    """A conversation in which the user says each text in turn and the assistant answers."""
+    messages: list[Message] = []
+    for text in texts:
+        if messages:
+            messages.append(Message(Speaker.ASSISTANT, "OK."))
+        messages.append(Message(Speaker.USER, text))
+    return messages
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("hello", replies.GREETING),
+        ("Hi there!", replies.GREETING),
+        ("hey", replies.GREETING),
+        ("what is 2 plus 3", "2 plus 3 is 5."),
+        ("What is 2 plus 3?", "2 plus 3 is 5."),
+        ("2+3", "2 plus 3 is 5."),
+        ("what's 7 times 6?", "7 times 6 is 42."),
+        ("4 x 2.5", "4 times 2.5 is 10."),
+        ("10 minus 12", "10 minus 12 is -2."),
+        ("2 - -3", "2 minus -3 is 5."),
+        ("7 divided by 2", "7 divided by 2 is 3.5."),
+        ("1/3", "1 divided by 3 is 0.3333."),
+        ("0.1 + 0.2 =", "0.1 plus 0.2 is 0.3."),
+        ("5 divided by 0", "5 divided by 0 is undefined."),
+        ("my name is Ada", "Nice to meet you, Ada."),
+        ("Hello, my name is Ada Lovelace.", "Nice to meet you, Ada Lovelace."),
+        ("please remember the door code is 42", "OK, I will remember the door code is 42."),
+        ("what is my name", replies.UNKNOWN_NAME),
+        ("what did I ask you to remember?", replies.NOTHING_TO_REMEMBER),
+        ("The weather is nice today.", "You said: The weather is nice today."),
+        ("call me at 555-1234", "You said: call me at 555-1234."),
+        ("  café\tau   lait!! ", "You said: cafe au lait."),
+        ("", replies.EMPTY),
+        ("???", replies.EMPTY),
+    ],
+)
+def test_reply_to_a_single_message(text: str, expected: str) -> None:
+    assert replies.reply(said(text)) == expected
+
+
+def test_recalls_the_most_recent_name_from_earlier_user_messages() -> None:
+    conversation = said("my name is Ada", "the sky is blue", "actually my name is Grace", "What's my name?")
+    assert replies.reply(conversation) == "Your name is Grace."
+
+
+def test_recalls_what_to_remember() -> None:
+    conversation = said("remember to buy milk", "hello", "what did I ask you to remember")
+    assert replies.reply(conversation) == "You asked me to remember to buy milk."
+
+
+def test_ignores_names_said_by_the_assistant_or_the_system() -> None:
+    conversation = [
+        Message(Speaker.SYSTEM, "my name is System"),
+        Message(Speaker.USER, "hi"),
+        Message(Speaker.ASSISTANT, "Hello! My name is Bot and I was interrup"),
+        Message(Speaker.USER, "what is my name"),
+    ]
+    assert replies.reply(conversation) == replies.UNKNOWN_NAME
+
+
+def test_a_story_is_long_enough_to_interrupt() -> None:
+    for request in ("tell me a story", "Please give me a long answer about boats"):
+        story = replies.reply(said(request))
+        assert story == replies.STORY
+        assert story.count(". ") + 1 >= 6
+        assert len(story.split()) >= 60
+
+
+def test_replies_are_printable_ascii() -> None:
+    for text in ("héllo wörld ✓ 😀", "line\nbreak\ttab\x00nul", "tell me a story", "2+2"):
+        reply = replies.reply(said(text))
+        assert reply.isascii() and reply.isprintable(), reply
+
+
+def test_tokens_are_words_with_their_punctuation_and_space() -> None:
+    tokens = replies.tokenize("Hello! How are you?")
+    assert tokens == ["Hello! ", "How ", "are ", "you?"]
+    assert "".join(replies.tokenize(replies.STORY)) == replies.STORY
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+def user(text: str) -> pb.ChatMessage:
+    return pb.ChatMessage(role=pb.ROLE_USER, content=text)
+
+
+def assistant(text: str) -> pb.ChatMessage:
+    return pb.ChatMessage(role=pb.ROLE_ASSISTANT, content=text)
+
+
+def system(text: str) -> pb.ChatMessage:
+    return pb.ChatMessage(role=pb.ROLE_SYSTEM, content=text)
+
+
+@dataclass
+class Generation:
+    deltas: list[pb.TextDelta]
+    complete: pb.GenerationComplete
+    correlations: list[common_pb2.Correlation]
+
+    @property
+    def text(self) -> str:
+        return "".join(delta.text for delta in self.deltas)
+
+
+async def generate(stub: Stub, request: pb.GenerateRequest, timeout_s: float = 10.0) -> Generation:
+    deltas: list[pb.TextDelta] = []
+    completes: list[pb.GenerationComplete] = []
+    correlations: list[common_pb2.Correlation] = []
+    async for response in stub.Generate(request, timeout=timeout_s):
+        assert not completes, "a response arrived after `complete`"
+        correlations.append(response.correlation)
+        if response.HasField("delta"):
+            deltas.append(response.delta)
+        else:
+            completes.append(response.complete)
+    assert len(completes) == 1, "the stream did not end with one `complete`"
+    return Generation(deltas, completes[0], correlations)
+
+
+@asynccontextmanager
+async def connect(process: ServiceProcess) -> AsyncIterator[Stub]:
+    async with open_channel(process.target) as channel:
+        yield language_model_pb2_grpc.LanguageModelServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[ServiceProcess]:
+    """One instant-profile server shared by the tests that need no special flags."""
+    with running("llm_stub", "--latency-profile", "instant") as process:
+        yield process
+
+
+@pytest.fixture
+async def stub(llm: ServiceProcess) -> AsyncIterator[Stub]:
+    async with connect(llm) as connected:
+        yield connected
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([user("hello")], replies.GREETING),
+        ([system("Be brief."), user("what is 12 times 12")], "12 times 12 is 144."),
+        (
+            [user("My name is Ada."), assistant("Nice to meet you, Ada."), user("What is my name?")],
+            "Your name is Ada.",
+        ),
+        (
+            [
+                user("remember the blue door"),
+                assistant("OK, I will rem"),
+                user("what did I ask you to remember"),
+            ],
+            "You asked me to remember the blue door.",
+        ),
+        ([user("tell me a story")], replies.STORY),
+        ([user("The train leaves at noon.")], "You said: The train leaves at noon."),
+    ],
+)
+async def test_streams_each_kind_of_reply_exactly(
+    stub: Stub, messages: list[pb.ChatMessage], expected: str
+) -> None:
+    generation = await generate(stub, pb.GenerateRequest(messages=messages))
+    assert generation.text == expected
+    assert [delta.text for delta in generation.deltas] == replies.tokenize(expected)
+    assert generation.complete.finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_deltas_then_one_complete_with_usage_and_timing(stub: Stub) -> None:
+    request = pb.GenerateRequest(messages=[system("You are a calculator."), user("what is 2 plus 3")])
+    generation = await generate(stub, request)
+    assert [delta.text for delta in generation.deltas] == ["2 ", "plus ", "3 ", "is ", "5."]
+    elapsed = [delta.elapsed.ToTimedelta() for delta in generation.deltas]
+    assert elapsed == sorted(elapsed)
+    complete = generation.complete
+    assert complete.finish_reason == pb.FINISH_REASON_STOP
+    assert complete.usage.prompt_tokens == 4 + 5
+    assert complete.usage.completion_tokens == 5
+    assert complete.HasField("time_to_first_token")
+    assert complete.time_to_first_token.ToTimedelta() == elapsed[0]
+    assert complete.total_time.ToTimedelta() == elapsed[-1]
+
+
+async def test_max_tokens_cuts_the_reply_with_finish_reason_length(stub: Stub) -> None:
+    request = pb.GenerateRequest(
+        messages=[user("tell me a story")], parameters=pb.GenerationParameters(max_tokens=5)
+    )
+    generation = await generate(stub, request)
+    assert generation.text == "Once upon a time, a "
+    assert generation.complete.finish_reason == pb.FINISH_REASON_LENGTH
+    assert generation.complete.usage.completion_tokens == 5
+
+
+async def test_limits_themselves_are_accepted(stub: Stub) -> None:
+    request = pb.GenerateRequest(
+        # Each limit at its maximum; together they stay under the 4 MiB message size limit.
+        messages=[system("x" * 16_384), *([assistant("ok")] * 998), user("hello")],
+        parameters=pb.GenerationParameters(max_tokens=4096, temperature=2.0),
+    )
+    generation = await generate(stub, request)
+    assert generation.text == replies.GREETING
+
+
+@pytest.mark.parametrize(
+    ("request_", "problem"),
+    [
+        (pb.GenerateRequest(), "messages is empty"),
+        (
+            pb.GenerateRequest(messages=[user("hi"), pb.ChatMessage(content="no role"), user("hi")]),
+            "messages[1].role ROLE_UNSPECIFIED is not a valid role",
+        ),
+        (pb.GenerateRequest(messages=[pb.ChatMessage(role=7, content="hi")]), "messages[0].role 7"),  # type: ignore[arg-type]
+        (
+            pb.GenerateRequest(messages=[user("hi"), assistant("Hello!")]),
+            "the last message (messages[1]) has role ROLE_ASSISTANT; the conversation must end with a"
+            " ROLE_USER message",
+        ),
+        (
+            pb.GenerateRequest(messages=[user("hi")], parameters=pb.GenerationParameters(max_tokens=4097)),
+            "parameters.max_tokens 4097 exceeds the limit of 4096",
+        ),
+        (
+            pb.GenerateRequest(messages=[user("hi")], parameters=pb.GenerationParameters(temperature=2.5)),
+            "parameters.temperature 2.5 is out of range; use 0.0 to 2",
+        ),
+        (
+            pb.GenerateRequest(messages=[user("hi")], parameters=pb.GenerationParameters(temperature=-0.5)),
+            "parameters.temperature -0.5 is out of range",
+        ),
+        (
+            pb.GenerateRequest(messages=[user("x" * 16_385)]),
+            "messages[0].content has 16385 characters, more than the limit of 16384",
+        ),
+        (
+            pb.GenerateRequest(messages=[user("hi")] * 1001),
+            "1001 messages exceed the limit of 1000 messages",
+        ),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_problem(
+    stub: Stub, request_: pb.GenerateRequest, problem: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await generate(stub, request_)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert problem in (raised.value.details() or "")
+
+
+async def test_correlation_ids_are_echoed_and_logged(llm: ServiceProcess, stub: Stub) -> None:
+    correlation = common_pb2.Correlation(session_id="session-llm-42", turn_id="3")
+    generation = await generate(stub, pb.GenerateRequest(messages=[user("hi")], correlation=correlation))
+    assert len(generation.correlations) == len(generation.deltas) + 1
+    assert all(c == correlation for c in generation.correlations)
+    logged = await wait_for_log(
+        llm, lambda e: e["event"] == "generated" and e.get("session_id") == "session-llm-42"
+    )
+    assert logged["turn_id"] == "3"
+    assert logged["reply_chars"] == len(replies.GREETING)
+    assert "ttft_ms" in logged
+
+
+async def test_realistic_profile_reports_the_first_token_after_250_ms(start_service: StartService) -> None:
+    process = start_service("llm_stub", "--latency-profile", "realistic")
+    async with connect(process) as stub:
+        generation = await generate(stub, pb.GenerateRequest(messages=[user("hello")]))
+    assert generation.text == replies.GREETING
+    ttft = generation.complete.time_to_first_token.ToTimedelta().total_seconds()
+    total = generation.complete.total_time.ToTimedelta().total_seconds()
+    assert ttft >= 0.25
+    # ~40 tokens/s after the first: six more tokens take about 150 ms.
+    assert total - ttft >= 6 / 40 * 0.9
+
+
+async def test_first_call_fails_with_unavailable_then_the_next_succeeds(start_service: StartService) -> None:
+    process = start_service("llm_stub", "--fault-fail-first", "1")
+    async with connect(process) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await generate(stub, pb.GenerateRequest(messages=[user("hello")]))
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        generation = await generate(stub, pb.GenerateRequest(messages=[user("hello")]))
+    assert generation.text == replies.GREETING
+
+
+async def test_cancelling_mid_stream_stops_generation_and_frees_the_server(
+    start_service: StartService,
+) -> None:
+    # 20 tokens/s: the story's ~90 tokens would take seconds, so the call is surely mid-stream.
+    process = start_service("llm_stub", "--tokens-per-second", "20")
+    async with connect(process) as stub:
+        await generate(stub, pb.GenerateRequest(messages=[user("hello")]))  # warm up the server
+        idle_tasks = await idle_task_count(process)
+
+        call = stub.Generate(pb.GenerateRequest(messages=[user("tell me a story")]), timeout=30)
+        received = []
+        async for response in call:
+            received.append(response.delta.text)
+            if len(received) == 3:
+                break
+        assert (
+            await read_metric(process.metrics_port, "voicepipe_rpcs_in_flight", grpc_method="Generate") == 1
+        )
+        call.cancel()
+
+        await assert_returns_to_idle(process, SERVICE_NAME, "Generate", idle_tasks)
+        cancelled = await wait_for_log(process, lambda e: e["event"] == "generation cancelled")
+    assert 3 <= cancelled["completion_tokens"] < len(replies.tokenize(replies.STORY))
+    story_chars = len(replies.STORY)
+    assert not [e for e in process.events() if e["event"] == "generated" and e["reply_chars"] == story_chars]
+
+
+async def test_sigterm_drains_health_then_exits_cleanly(start_service: StartService) -> None:
+    await assert_drains_on_sigterm(start_service("llm_stub"), SERVICE_NAME)
