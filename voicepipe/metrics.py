@@ -31,6 +31,12 @@ SERVER_MSG_RECEIVED = Counter(
     "grpc_server_msg_received_total", "Stream messages received by the server.", _LABELS
 )
 SERVER_MSG_SENT = Counter("grpc_server_msg_sent_total", "Stream messages sent by the server.", _LABELS)
+SERVER_RETRIED = Counter(
+    "voicepipe_server_retried_calls_total",
+    "Calls that arrived as a client's retry attempt (gRFC A6 grpc-previous-rpc-attempts header):"
+    " retries made by clients' channels, which their own code cannot see.",
+    ("grpc_service", "grpc_method"),
+)
 RPCS_IN_FLIGHT = Gauge(
     "voicepipe_rpcs_in_flight", "RPCs currently being handled.", ("grpc_service", "grpc_method")
 )
@@ -106,6 +112,10 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
             return None
         _, service, method = handler_call_details.method.split("/")
         rpc_type = _rpc_type(handler)
+        if any(
+            key == "grpc-previous-rpc-attempts" for key, _ in handler_call_details.invocation_metadata or ()
+        ):
+            SERVER_RETRIED.labels(service, method).inc()
         if handler.response_streaming:
             behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
 

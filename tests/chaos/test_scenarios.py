@@ -427,3 +427,19 @@ async def test_sigterm_turns_orchestrator_not_serving_first() -> None:
             assert await health_status(channel, "") == SERVING
         stack.orchestrator.signal(signal.SIGTERM)
         assert await asyncio.to_thread(stack.orchestrator.wait, 15) == 0
+
+
+async def test_generate_failing_before_its_first_response_is_retried_by_the_channel() -> None:
+    """The channel's retry policy (gRFC A6) retries Generate on UNAVAILABLE before any response:
+    the turn completes, and the LLM stage counts the retry attempts it received."""
+    async with (
+        chaos_stack({"llm": ["--fault-fail-first", "2"]}) as stack,
+        conversation(stack.target, realtime=False) as client,
+    ):
+        turn = await client.type("what is 2 plus 2")
+        assert turn.outcome == "completed", turn.errors
+        assert turn.agent_text == expected_reply("what is 2 plus 2")
+        retried = await read_metric(
+            stack.stages["llm"].metrics_port, "voicepipe_server_retried_calls_total", grpc_method="Generate"
+        )
+    assert retried == 2
