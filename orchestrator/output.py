@@ -36,11 +36,16 @@ OutputItem = pb.ConverseResponse | Deferred | SessionFailed | None
 
 
 class SessionOutput:
-    def __init__(self, max_events: int, slow_client_timeout_s: float) -> None:
+    def __init__(
+        self, max_events: int, slow_client_timeout_s: float, on_fail: Callable[[], None] = lambda: None
+    ) -> None:
         self._queue: asyncio.Queue[OutputItem] = asyncio.Queue(max_events)
         self._slow_client_timeout_s = slow_client_timeout_s
         self.max_events = max_events
         self.failed = False
+        # Called on failure: the stream may be stuck in a transport write to a client that does
+        # not read, so the session's work is stopped here rather than after the status is sent.
+        self._on_fail = on_fail
 
     async def put(self, item: pb.ConverseResponse | Deferred) -> None:
         """Queues an event; raises SessionFailed if the client does not read in time."""
@@ -70,6 +75,7 @@ class SessionOutput:
         while not self._queue.empty():
             self._queue.get_nowait()
         self._queue.put_nowait(failure)
+        self._on_fail()
 
     def close(self) -> None:
         """Ends the stream with OK once everything queued has been sent."""

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -28,28 +28,53 @@ MAX_SESSION_ID_CHARS = 128
 CONFIG_TIMEOUT_S = 10.0
 
 
+class SessionSlots:
+    """The session limit. A slot is freed once, by whichever comes first: the call's end, or the
+    session's failure (a client that stopped reading may hold its call open much longer)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> Callable[[], None] | None:
+        """A function that frees the slot (idempotent), or None at the limit."""
+        if self.active >= self.limit:
+            return None
+        self.active += 1
+        ACTIVE_SESSIONS.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+                ACTIVE_SESSIONS.dec()
+
+        return release
+
+
 class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
     def __init__(self, upstreams: Upstreams, limits: SessionLimits, max_sessions: int) -> None:
         self._upstreams = upstreams
         self._limits = limits
-        self._max_sessions = max_sessions
-        self._active = 0
+        self._slots = SessionSlots(max_sessions)
 
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ConverseResponse]:
-        if self._active >= self._max_sessions:
+        release = self._slots.acquire()
+        if release is None:
             SESSIONS_REJECTED.labels("session_limit").inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"session limit of {self._max_sessions} concurrent conversations reached; retry later",
+                f"session limit of {self._slots.limit} concurrent conversations reached; retry later",
             )
-        self._active += 1
-        ACTIVE_SESSIONS.inc()
+            return
         try:
-            conversation = await self._open(request_iterator, context)
+            conversation = await self._open(request_iterator, context, release)
             session_id_var.set(conversation.session_id)
-            log.info("session started", extra={"active_sessions": self._active})
+            log.info("session started", extra={"active_sessions": self._slots.active})
             try:
                 async for response in conversation.run(request_iterator):
                     yield response
@@ -58,11 +83,13 @@ class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
                 await context.abort(failure.code, failure.message)
             log.info("session ended")
         finally:
-            self._active -= 1
-            ACTIVE_SESSIONS.dec()
+            release()
 
     async def _open(
-        self, requests: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        requests: AsyncIterator[pb.ConverseRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+        release: Callable[[], None],
     ) -> Conversation:
         try:
             async with asyncio.timeout(CONFIG_TIMEOUT_S):
@@ -72,14 +99,17 @@ class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
         if first is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the config message")
         try:
-            return self._conversation(first, context)
+            return self._conversation(first, context, release)
         except InvalidInput as error:
             SESSIONS_REJECTED.labels("invalid_config").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         raise AssertionError("unreachable")  # abort() raises
 
     def _conversation(
-        self, first: pb.ConverseRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        first: pb.ConverseRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        release: Callable[[], None],
     ) -> Conversation:
         kind = first.WhichOneof("request")
         if kind != "config":
@@ -105,4 +135,5 @@ class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
             upstreams=self._upstreams,
             limits=self._limits,
             client_deadline=time.monotonic() + remaining if remaining is not None else None,
+            on_stop=release,
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,13 +51,16 @@ class Conversation:
         upstreams: Upstreams,
         limits: SessionLimits,
         client_deadline: float | None,
+        on_stop: Callable[[], None],
     ) -> None:
         self.session_id = session_id
         self.input_format = input_format
         self.turn_settings = turn_settings
         self.upstreams = upstreams
         self.limits = limits
-        self.output = SessionOutput(limits.max_output_events, limits.slow_client_timeout_s)
+        self.output = SessionOutput(limits.max_output_events, limits.slow_client_timeout_s, self._stop)
+        self._on_stop = on_stop
+        self._tasks: list[asyncio.Task[None]] = []
         self.history: list[language_model_pb2.ChatMessage] = []
         if system_prompt:
             self.history.append(
@@ -94,14 +97,19 @@ class Conversation:
         stt = self._supervised(self._stt.run(), "stt")
         turns = self._supervised(self._run_turns(), "turns")
         reader = self._supervised(self._read(requests, stt, turns), "reader")
+        self._tasks = [reader, stt, turns]
         try:
             async for response in self.output.responses():
                 yield response
         finally:
-            tasks = [reader, stt, turns]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._stop()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _stop(self) -> None:
+        """Stops the session's work (and with it every upstream call) and frees its slot."""
+        for task in self._tasks:
+            task.cancel()
+        self._on_stop()
 
     def _supervised(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """A session task whose unexpected failure ends the session with INTERNAL instead of
