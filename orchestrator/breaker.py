@@ -1,6 +1,8 @@
 """Circuit breaker per upstream stage: closed, open, half-open.
 
-Fed by call outcomes and by the stage's grpc.health.v1 Watch. While open, calls fail at once
+Fed by call outcomes (errors of a reachable stage, such as deadlines or internal errors) and by
+the stage's grpc.health.v1 Watch (reachability: it opens within milliseconds of a refused
+connection). While open, calls fail at once
 (turns get an error event naming the stage within milliseconds instead of waiting for a
 deadline); after `open_for_s` one trial call is let through (half-open), and a success or a
 SERVING health report closes it again.
@@ -12,6 +14,7 @@ import enum
 import logging
 import time
 
+import grpc
 from prometheus_client import Counter, Gauge
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,14 @@ class CircuitBreaker:
         if self.state is not BreakerState.CLOSED:
             self._move(BreakerState.CLOSED, "call succeeded")
 
-    def record_failure(self, reason: str) -> None:
+    def record_failure(self, code: grpc.StatusCode) -> None:
+        """A failed call. UNAVAILABLE is a connection event (a reset, a GOAWAY cutting every
+        stream on a connection at once, a restart): whether the stage is reachable is the health
+        Watch's to say, so it is not counted; failures of a reachable stage are."""
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            self._trial_in_flight = False
+            return
+        reason = code.name
         self._failures += 1
         self._trial_in_flight = False
         if self.state is BreakerState.HALF_OPEN or self._failures >= self.failure_threshold:

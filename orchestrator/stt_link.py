@@ -233,8 +233,7 @@ class SpeechRecognitionLink:
             self._error_reported = False
         except grpc.aio.AioRpcError as error:
             STAGE_ERRORS.labels("stt", error.code().name).inc()
-            if error.code() != grpc.StatusCode.CANCELLED:
-                self._upstream.breaker.record_failure(error.code().name)
+            self._upstream.breaker.record_failure(error.code())
             raise
         finally:
             writer.cancel()

@@ -187,7 +187,7 @@ class Turn:
                 self.upstreams.llm.breaker.record_success()
             except grpc.aio.AioRpcError as error:
                 STAGE_ERRORS.labels("llm", error.code().name).inc()
-                self.upstreams.llm.breaker.record_failure(error.code().name)
+                self.upstreams.llm.breaker.record_failure(error.code())
                 raise
             finally:
                 call.cancel()
@@ -263,7 +263,7 @@ class Turn:
                 self.upstreams.tts.breaker.record_success()
             except grpc.aio.AioRpcError as error:
                 STAGE_ERRORS.labels("tts", error.code().name).inc()
-                self.upstreams.tts.breaker.record_failure(error.code().name)
+                self.upstreams.tts.breaker.record_failure(error.code())
                 raise
             finally:
                 writer.cancel()

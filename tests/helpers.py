@@ -133,7 +133,7 @@ async def wait_for_log(
 # --- metrics ----------------------------------------------------------------------------------------
 
 
-def _scrape(metrics_port: int) -> str:
+def scrape(metrics_port: int) -> str:
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         body: bytes = response.read()
@@ -152,7 +152,7 @@ def metric_value(exposition: str, name: str, **labels: str) -> float:
 
 async def read_metric(metrics_port: int, name: str, **labels: str) -> float:
     """One metric from a service's /metrics endpoint."""
-    exposition = await asyncio.to_thread(_scrape, metrics_port)
+    exposition = await asyncio.to_thread(scrape, metrics_port)
     return metric_value(exposition, name, **labels)
 
 

@@ -17,12 +17,21 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llm_stub import replies
 from orchestrator.client import TurnRecord, VoiceClient
 from orchestrator.turn import TTS_DEADLINE_GRACE_S
 from tests.chaos.fault_proxy import FaultProxy
-from tests.helpers import NOT_SERVING, SERVING, health_status, open_channel, read_metric, wait_for_metric
+from tests.helpers import (
+    NOT_SERVING,
+    SERVING,
+    health_status,
+    open_channel,
+    read_metric,
+    scrape,
+    wait_for_metric,
+)
 from voice.v1 import common_pb2
 from voicepipe import audio_code
 from voicepipe.audio_format import PcmFormat
@@ -373,9 +382,16 @@ async def test_max_connection_age_of_one_second_fails_no_turn() -> None:
             *(spoken_conversation(stack.target, arithmetic_phrases(s, 5)) for s in range(4))
         )
         connections = {name: proxy.stats.connections_accepted for name, proxy in stack.proxies.items()}
+        exposition = await asyncio.to_thread(scrape, orchestrator_metric_port(stack))
+    resumed = {
+        f"{s.labels['stage']}:{s.labels['reason']}": s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+        if s.name == "voicepipe_stage_resumptions_total"
+    }
     assert sum(len(turns) for turns in results) == 20
     assert all(count > 2 for count in connections.values()), connections
-    print(f"\nscenario 6: 20/20 turns completed; connections per stage link {connections}")
+    print(f"\nscenario 6: 20/20 turns completed; connections per stage link {connections}; resumed {resumed}")
 
 
 # --- 7. many sessions leave nothing behind ---------------------------------------------------------

@@ -1,0 +1,69 @@
+"""`python -m bench --short` works: N=1 and N=10 against the orchestrator, both baselines and the
+memory check each produce a row, and no caller saw an error."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from voicepipe.processes import PROJECT_ROOT
+
+BENCH_TIMEOUT_S = 85
+
+
+def _rows(report: str, heading: str) -> list[list[str]]:
+    """The body rows of the first table after `heading`."""
+    section = report.split(heading, 1)[1]
+    rows: list[list[str]] = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]  # header and separator
+
+
+def _column(rows: list[list[str]], header: list[str], name: str) -> list[str]:
+    return [row[header.index(name)] for row in rows]
+
+
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 10)
+def test_short_benchmark_measures_every_mode_without_errors(tmp_path: Path) -> None:
+    output = tmp_path / "bench.md"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--short", "--output", str(output)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BENCH_TIMEOUT_S,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = output.read_text()
+
+    sweep = _rows(report, "### Sweep")
+    assert [row[0] for row in sweep] == ["10"], sweep
+    header = ["N", "turns", "errors"]
+    assert all(int(turns) > 0 for turns in _column(sweep, header, "turns")), sweep
+    assert _column(sweep, header, "errors") == ["0"], sweep
+
+    single = _rows(report, "### One session")
+    assert len(single) == 1 and single[0][1] != "0" and single[0][2] == "0", single
+
+    baseline = _rows(report, "Request/response runs, one session:")
+    assert len(baseline) == 1 and baseline[0][1] != "0" and baseline[0][2] == "0", baseline
+    ratios = dict((row[0], row[3]) for row in _rows(report, "### TTFA"))
+    assert re.fullmatch(r"\d+\.\d\dx", ratios["all turns"]), ratios
+
+    relay = _rows(report, "Relay runs:")
+    assert len(relay) == 1 and relay[0][1] != "0" and relay[0][2] == "0", relay
+
+    memory = report.split("### Memory", 1)[1]
+    assert re.search(r"\d+\.\d KiB per idle session", memory), memory
+    assert re.search(r"^Session outcomes: OK: [\d,]+\.$", memory, re.MULTILINE), memory
+    assert "Problems seen" not in memory, memory
+    assert "### Errors seen" not in report, report
