@@ -161,12 +161,16 @@ class VoiceClient:
         return await self._next_turn()
 
     async def _next_turn(self) -> TurnRecord:
-        event = await self._events.get()
-        if isinstance(event, pb.SessionError):
-            raise RuntimeError(
-                f"turn did not start: {pb.Stage.Name(event.stage)} {event.code}: {event.message}"
-            )
-        return event
+        while True:
+            event = await self._events.get()
+            if isinstance(event, TurnRecord):
+                return event
+            # STT being unavailable delays the turn (the audio is kept and transcribed when it is
+            # back); any other error means the turn will not start.
+            if event.stage != pb.STAGE_STT:
+                raise RuntimeError(
+                    f"turn did not start: {pb.Stage.Name(event.stage)} {event.code}: {event.message}"
+                )
 
     async def _send_audio(self) -> None:
         frame_bytes = self.input_format.bytes_for(FRAME_MS)

@@ -212,7 +212,10 @@ class SpeechRecognitionLink:
         )
         if isinstance(error, BreakerOpen) and not self._error_reported:
             self._error_reported = True
-            await self._on_error("UNAVAILABLE", str(error))
+            await self._on_error(
+                "UNAVAILABLE",
+                f"{error}; audio is kept (up to {MAX_REPLAY_S:g} s) and transcribed when it is back",
+            )
 
     def _replay_seconds(self) -> float:
         return (self.buffer.end_sample - self.buffer.start_sample) / self._fmt.sample_rate

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from orchestrator.upstreams import RETRY_SERVICE_CONFIG
 from tests.chaos.fault_proxy import FaultProxy
 from tests.conftest import StartService
 from voicepipe import keepalive
@@ -411,9 +412,12 @@ class Health:
 
 @pytest.mark.chaos
 async def test_grpc_call_fails_unavailable_on_reset_and_channel_reconnects(stage_port: int) -> None:
+    # The orchestrator's channel options: with its retry policy, a Check that races the reset
+    # (sent on the dying connection: "Broken pipe") is retried on the new one.
+    options = [*keepalive.client_options(), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
     async with (
         FaultProxy(stage_port) as proxy,
-        grpc.aio.insecure_channel(proxy.target, options=keepalive.client_options()) as channel,
+        grpc.aio.insecure_channel(proxy.target, options=options) as channel,
     ):
         health_service = Health(channel)
         await health_service.check()
@@ -427,7 +431,7 @@ async def test_grpc_call_fails_unavailable_on_reset_and_channel_reconnects(stage
         assert failure.value.code() == grpc.StatusCode.UNAVAILABLE, failure.value
         # No wait_for_ready: the same channel reconnects for the next call by itself.
         await health_service.check()
-        assert proxy.stats.connections_accepted == 2
+        assert proxy.stats.connections_accepted >= 2
 
 
 @pytest.mark.chaos
