@@ -16,7 +16,7 @@ from voice.v1 import language_model_pb2, language_model_pb2_grpc
 from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
 from voicepipe.latency import LatencyProfile
-from voicepipe.logs import session_id_var, turn_id_var
+from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, Registration
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,7 @@ class LanguageModelServicer(language_model_pb2_grpc.LanguageModelServiceServicer
     ) -> AsyncIterator[language_model_pb2.GenerateResponse]:
         received = time.monotonic()
         # grpc.aio runs each call in its own task, so these ids stay with this call's log lines.
-        session_id_var.set(request.correlation.session_id)
-        turn_id_var.set(request.correlation.turn_id)
+        bind_correlation(request.correlation.session_id, request.correlation.turn_id)
         try:
             messages = validation.conversation(request)
             budget = validation.max_tokens(request.parameters)

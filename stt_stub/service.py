@@ -24,8 +24,9 @@ from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
 from voicepipe.latency import LatencyProfile
-from voicepipe.logs import session_id_var, turn_id_var
+from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, Registration
+from voicepipe.stage import read_config
 
 log = logging.getLogger(__name__)
 
@@ -280,18 +281,6 @@ async def _read_audio(
         outbox.put_nowait(_Failure(exc))
 
 
-async def _read_config(requests: AsyncIterator[pb.TranscribeRequest]) -> pb.TranscriptionConfig:
-    first = await anext(requests, None)
-    if first is None:
-        raise InvalidInput("request stream ended before config; the first request must carry config")
-    kind = first.WhichOneof("request")
-    if kind == "audio":
-        raise InvalidInput("audio arrived before config; the first request must carry config")
-    if kind is None:
-        raise InvalidInput("request has neither config nor audio set; the first request must carry config")
-    return first.config
-
-
 class SpeechToTextServicer(speech_to_text_pb2_grpc.SpeechToTextServiceServicer):
     def __init__(self, profile: LatencyProfile) -> None:
         self._processing_s = profile.stt_processing_ms / 1000
@@ -301,11 +290,10 @@ class SpeechToTextServicer(speech_to_text_pb2_grpc.SpeechToTextServiceServicer):
     ) -> AsyncIterator[pb.TranscribeResponse]:
         requests = aiter(request_iterator)
         try:
-            config = await _read_config(requests)
+            config: pb.TranscriptionConfig = await read_config(requests, "audio", "audio")
             # grpc.aio runs each call in its own task (the reader task inherits a copy), so these
             # ids stay with this call's log lines.
-            session_id_var.set(config.correlation.session_id)
-            turn_id_var.set(config.correlation.turn_id)
+            bind_correlation(config.correlation.session_id, config.correlation.turn_id)
             settings = parse_config(config)
         except InvalidInput as exc:
             log.info("rejected call", extra={"reason": str(exc)})

@@ -30,8 +30,9 @@ from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
 from voicepipe.latency import LatencyProfile
-from voicepipe.logs import session_id_var, turn_id_var
+from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, Registration
+from voicepipe.stage import read_config
 
 log = logging.getLogger(__name__)
 
@@ -264,18 +265,6 @@ class SegmentReader:
         pending.clear()
 
 
-async def _read_config(requests: AsyncIterator[pb.SynthesizeRequest]) -> pb.SynthesisConfig:
-    first = await anext(requests, None)
-    if first is None:
-        raise InvalidInput("request stream ended before config; the first request must carry config")
-    kind = first.WhichOneof("request")
-    if kind == "segment":
-        raise InvalidInput("text segment arrived before config; the first request must carry config")
-    if kind is None:
-        raise InvalidInput("request has neither config nor segment set; the first request must carry config")
-    return first.config
-
-
 class TextToSpeechServicer(text_to_speech_pb2_grpc.TextToSpeechServiceServicer):
     def __init__(self, profile: LatencyProfile) -> None:
         self._profile = profile
@@ -285,11 +274,10 @@ class TextToSpeechServicer(text_to_speech_pb2_grpc.TextToSpeechServiceServicer):
     ) -> AsyncIterator[pb.SynthesizeResponse]:
         requests = aiter(request_iterator)
         try:
-            config = await _read_config(requests)
+            config: pb.SynthesisConfig = await read_config(requests, "segment", "text segment")
             # grpc.aio runs each call in its own task (the reader task inherits a copy), so these
             # ids stay with this call's log lines.
-            session_id_var.set(config.correlation.session_id)
-            turn_id_var.set(config.correlation.turn_id)
+            bind_correlation(config.correlation.session_id, config.correlation.turn_id)
             settings = parse_config(config)
         except InvalidInput as exc:
             log.info("rejected call", extra={"reason": str(exc)})

@@ -14,6 +14,13 @@ from typing import Any
 session_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="")
 turn_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("turn_id", default="")
 
+
+def bind_correlation(session_id: str, turn_id: str = "") -> None:
+    """Tags every later log line of this task (and of tasks it starts) with these ids."""
+    session_id_var.set(session_id)
+    turn_id_var.set(turn_id)
+
+
 # Attributes every LogRecord has; anything else came from `extra=` and goes into the JSON.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",

@@ -1,0 +1,54 @@
+"""What every stage stub's entry point and streaming handler share: the flags (server, latency
+profile, fault knobs), the process bootstrap, and reading the config that opens a stream."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from voicepipe import latency
+from voicepipe.audio_format import InvalidInput
+from voicepipe.config import FlagParser, ServerSettings
+from voicepipe.faults import FaultSettings
+from voicepipe.latency import LatencyProfile
+from voicepipe.server import GrpcService, run, serve_until_signal
+
+BuildService = Callable[[ServerSettings, LatencyProfile, FaultSettings], GrpcService]
+
+
+def parse_stage_args(
+    stage: str, description: str, *, port: int, metrics_port: int, argv: list[str] | None = None
+) -> argparse.Namespace:
+    flags = FlagParser(stage, description)
+    ServerSettings.add_flags(flags, port=port, metrics_port=metrics_port)
+    latency.add_flags(flags, stage)
+    FaultSettings.add_flags(flags)
+    return flags.parse(argv)
+
+
+def run_stage(args: argparse.Namespace, stage: str, build_service: BuildService) -> None:
+    async def serve() -> None:
+        # Built inside the running loop: grpc.aio binds a server to the loop it was created in.
+        service = build_service(
+            ServerSettings.from_args(args), latency.from_args(args, stage), FaultSettings.from_args(args)
+        )
+        await serve_until_signal(service)
+
+    run(serve(), f"{stage}_stub", args.log_level)
+
+
+async def read_config(requests: AsyncIterator[Any], data_field: str, data_name: str) -> Any:
+    """The `config` of a stream's first request (a oneof of `config` and `data_field`), or
+    InvalidInput saying what came instead."""
+    first = await anext(requests, None)
+    if first is None:
+        raise InvalidInput("request stream ended before config; the first request must carry config")
+    kind = first.WhichOneof("request")
+    if kind == data_field:
+        raise InvalidInput(f"{data_name} arrived before config; the first request must carry config")
+    if kind is None:
+        raise InvalidInput(
+            f"request has neither config nor {data_field} set; the first request must carry config"
+        )
+    return first.config
