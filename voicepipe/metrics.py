@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -65,38 +65,49 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
 class _RpcObserver:
     """Counts one RPC's messages and records its outcome."""
 
-    def __init__(self, rpc_type: str, service: str, method: str) -> None:
+    def __init__(self, rpc_type: str, service: str, method: str, request_streaming: bool) -> None:
         self.labels = (rpc_type, service, method)
         self._service_method = (service, method)
+        self._request_streaming = request_streaming
         self._started = time.perf_counter()
+        # Label lookups take a lock: once per call, not once per message.
+        self._received = SERVER_MSG_RECEIVED.labels(*self.labels)
+        self._sent = SERVER_MSG_SENT.labels(*self.labels)
         SERVER_STARTED.labels(*self.labels).inc()
         RPCS_IN_FLIGHT.labels(*self._service_method).inc()
 
-    async def count_received(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        received = SERVER_MSG_RECEIVED.labels(*self.labels)
+    def requests(self, request: Any) -> Any:
+        """The handler's request argument, counted as it is consumed."""
+        if not self._request_streaming:
+            self._received.inc()
+            return request
+        return self._count_received(request)
+
+    async def _count_received(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:
-            received.inc()
+            self._received.inc()
             yield request
 
     def sent(self) -> None:
-        SERVER_MSG_SENT.labels(*self.labels).inc()
+        self._sent.inc()
 
-    def finish(self, code: grpc.StatusCode) -> None:
-        SERVER_HANDLED.labels(*self.labels, code.name).inc()
-        SERVER_HANDLING_SECONDS.labels(*self.labels).observe(time.perf_counter() - self._started)
-        RPCS_IN_FLIGHT.labels(*self._service_method).dec()
-
-
-class _Outcome:
-    """Maps how a handler ended to a status code."""
-
-    @staticmethod
-    def of(exc: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-        if exc is None or isinstance(exc, grpc.aio.AbortError):
-            return _final_code(context)
-        if isinstance(exc, asyncio.CancelledError):
-            return grpc.StatusCode.CANCELLED
-        return grpc.StatusCode.UNKNOWN
+    @contextlib.contextmanager
+    def outcome(self, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
+        """Records the status code the handler ends with, and its duration."""
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            yield
+            code = _final_code(context)
+        except grpc.aio.AbortError:
+            code = _final_code(context)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the call was cancelled, or its stream closed
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            SERVER_HANDLED.labels(*self.labels, code.name).inc()
+            SERVER_HANDLING_SECONDS.labels(*self.labels).observe(time.perf_counter() - self._started)
+            RPCS_IN_FLIGHT.labels(*self._service_method).dec()
 
 
 class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -112,72 +123,54 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
             return None
         _, service, method = handler_call_details.method.split("/")
         rpc_type = _rpc_type(handler)
-        if any(
-            key == "grpc-previous-rpc-attempts" for key, _ in handler_call_details.invocation_metadata or ()
-        ):
+        metadata = handler_call_details.invocation_metadata or ()
+        if any(key == "grpc-previous-rpc-attempts" for key, _ in metadata):
             SERVER_RETRIED.labels(service, method).inc()
+        request_streaming: bool = handler.request_streaming
+
+        def observe() -> _RpcObserver:
+            return _RpcObserver(rpc_type, service, method, request_streaming)
+
         if handler.response_streaming:
-            behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+            behavior = handler.stream_stream if request_streaming else handler.unary_stream
 
             async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                observer = _RpcObserver(rpc_type, service, method)
-                if handler.request_streaming:
-                    request = observer.count_received(request)
-                else:
-                    SERVER_MSG_RECEIVED.labels(*observer.labels).inc()
-                error: BaseException | None = None
-                try:
-                    result = behavior(request, context)
-                    if hasattr(result, "__aiter__"):
-                        # aclosing: a cancelled call closes the handler's generator now, not at GC.
-                        async with contextlib.aclosing(result) as responses:
-                            async for response in responses:
-                                observer.sent()
-                                yield response
-                    else:  # handlers that write with context.write(), like health Watch
+                observer = observe()
+                with observer.outcome(context):
+                    result = behavior(observer.requests(request), context)
+                    if not hasattr(result, "__aiter__"):  # handlers that use context.write()
                         await result
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    observer.finish(_Outcome.of(error, context))
+                        return
+                    # aclosing: a cancelled call closes the handler's generator now, not at GC.
+                    async with contextlib.aclosing(result) as responses:
+                        async for response in responses:
+                            observer.sent()
+                            yield response
 
-            factory = (
+            streaming_factory = (
                 grpc.stream_stream_rpc_method_handler
-                if handler.request_streaming
+                if request_streaming
                 else grpc.unary_stream_rpc_method_handler
             )
-            return factory(
+            return streaming_factory(
                 streaming,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
 
-        behavior_unary = handler.stream_unary if handler.request_streaming else handler.unary_unary
+        behavior_unary = handler.stream_unary if request_streaming else handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            observer = _RpcObserver(rpc_type, service, method)
-            if handler.request_streaming:
-                request = observer.count_received(request)
-            else:
-                SERVER_MSG_RECEIVED.labels(*observer.labels).inc()
-            error: BaseException | None = None
-            try:
-                response = await behavior_unary(request, context)
+            observer = observe()
+            with observer.outcome(context):
+                response = await behavior_unary(observer.requests(request), context)
                 observer.sent()
                 return response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                observer.finish(_Outcome.of(error, context))
 
-        factory_unary = (
-            grpc.stream_unary_rpc_method_handler
-            if handler.request_streaming
-            else grpc.unary_unary_rpc_method_handler
+        unary_factory = (
+            grpc.stream_unary_rpc_method_handler if request_streaming else grpc.unary_unary_rpc_method_handler
         )
-        return factory_unary(
+        return unary_factory(
             unary,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
