@@ -49,9 +49,11 @@ demo: install
 	$(PY) -m orchestrator.demo
 
 bench: install
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench
 
 bench-short: install
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench --short
 
 clean:

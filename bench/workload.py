@@ -1,0 +1,233 @@
+"""What the simulated callers say, what they must get back, and how a turn is checked.
+
+Every phrase is spoken in the stub audio code, so each transcript, each reply and each byte of
+reply audio can be checked against what the deterministic stubs must produce."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from llm_stub import replies
+from voice.v1 import common_pb2
+from voicepipe import audio_code
+from voicepipe.audio_format import PcmFormat
+
+SAMPLE_RATE = 16_000
+FORMAT = PcmFormat(common_pb2.AUDIO_ENCODING_LINEAR16, SAMPLE_RATE)
+FRAME_MS = 20
+FRAME_S = FRAME_MS / 1000
+FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
+FRAME_BYTES = FRAME_SAMPLES * FORMAT.bytes_per_sample
+BYTES_PER_SECOND = SAMPLE_RATE * FORMAT.bytes_per_sample
+SILENCE_FRAME = bytes(FRAME_BYTES)
+# After the reply has played, the caller takes this long to start speaking again.
+REACTION_S = 0.3
+# Upper bound on end of speech -> first reply audio used to plan turns (not a pass mark).
+PLANNED_TTFA_S = 1.2
+
+_SHORT_QUESTIONS = ((12, 34), (7, 5), (23, 19), (41, 8), (3, 96), (58, 27), (14, 62), (9, 33))
+_GREETINGS = ("hello there", "hi, how are you", "hey there")
+
+
+@dataclass(frozen=True)
+class Phrase:
+    """One utterance of a caller and everything needed to check its turn."""
+
+    kind: str  # short (one-sentence reply), medium (two sentences), long (a story, barged into)
+    text: str
+    frames: tuple[bytes, ...]  # 20 ms LINEAR16 frames: speech, then the code's trailing silence
+    speech_end_frame: int  # index of the frame holding the last voiced sample
+    expected_user: str  # what STT must transcribe
+    expected_reply: str  # what the LLM stub must answer
+    reply_s: float  # duration of the reply audio
+    barge_in_after_s: float | None = None  # speak over the reply after hearing this much of it
+
+    @property
+    def speech_s(self) -> float:
+        return len(self.frames) * FRAME_S
+
+    @property
+    def cycle_s(self) -> float:
+        """Time a caller needs for this turn, from its first frame to being ready for the next."""
+        listen = self.barge_in_after_s if self.barge_in_after_s is not None else self.reply_s
+        return self.speech_s + PLANNED_TTFA_S + listen + REACTION_S
+
+
+def reply_audio_seconds(text: str) -> float:
+    """Duration of the TTS stub's audio for `text` spoken as one segment."""
+    rendered = audio_code.render(text, SAMPLE_RATE, trailing_silence_ms=audio_code.WORD_GAP_MS)
+    return rendered.duration_seconds
+
+
+@functools.lru_cache(maxsize=64)
+def build_phrase(kind: str, text: str, barge_in_after_s: float | None = None) -> Phrase:
+    rendered = audio_code.render(text, SAMPLE_RATE)
+    data = FORMAT.encode(rendered.samples)
+    frames = tuple(data[i : i + FRAME_BYTES] for i in range(0, len(data), FRAME_BYTES))
+    expected_user = audio_code.normalize_text(text)
+    expected_reply = replies.reply([replies.Message(replies.Speaker.USER, expected_user)])
+    return Phrase(
+        kind=kind,
+        text=text,
+        frames=frames,
+        speech_end_frame=max(0, rendered.speech_end_samples - 1) // FRAME_SAMPLES,
+        expected_user=expected_user,
+        expected_reply=expected_reply,
+        reply_s=reply_audio_seconds(expected_reply),
+        barge_in_after_s=barge_in_after_s,
+    )
+
+
+def short_phrases() -> list[Phrase]:
+    return [build_phrase("short", f"what is {a} plus {b}") for a, b in _SHORT_QUESTIONS]
+
+
+def medium_phrases() -> list[Phrase]:
+    return [build_phrase("medium", text) for text in _GREETINGS]
+
+
+def long_phrase() -> Phrase:
+    return build_phrase("long", "tell me a story", 1.0)
+
+
+WORKLOADS = ("mixed", "compare", "short")
+
+
+def script(workload: str, session_index: int) -> list[Phrase]:
+    """The phrases a caller cycles through. `mixed` (the sweep): one-sentence and two-sentence
+    replies alternating; `compare`: short, medium and a long reply that the caller interrupts
+    after a second; `short`: one-sentence replies only."""
+    shorts, mediums = short_phrases(), medium_phrases()
+    k = session_index
+    if workload == "mixed":
+        pairs = [(shorts[(k + i) % len(shorts)], mediums[(k + i) % len(mediums)]) for i in range(8)]
+        ordered = [p for pair in pairs for p in pair]
+        return ordered if k % 2 == 0 else ordered[1:] + ordered[:1]
+    if workload == "compare":
+        return [shorts[k % len(shorts)], mediums[k % len(mediums)], long_phrase()]
+    if workload == "short":
+        return [shorts[(k + i) % len(shorts)] for i in range(len(shorts))]
+    raise ValueError(f"unknown workload {workload!r}; use one of {', '.join(WORKLOADS)}")
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TurnOutcome:
+    """What a caller observed of one turn (all times are time.monotonic())."""
+
+    kind: str
+    outcome: str = "open"  # completed | interrupted | failed | timeout
+    user_text: str = ""
+    agent_text: str = ""
+    final_agent_text: str = ""
+    heard_text: str = ""
+    speech_end_at: float | None = None
+    started_at: float | None = None  # TurnStarted arrived
+    sentence_at: float | None = None  # the agent text completing the first sentence arrived
+    last_text_at: float | None = None
+    first_audio_at: float | None = None
+    audio: bytearray = field(default_factory=bytearray)
+    audio_bytes: int = 0
+    chunks: int = 0
+    late_chunks: int = 0
+    max_late_s: float = 0.0
+    stage_s: dict[str, float] = field(default_factory=dict)  # as the server reported them
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ttfa_s(self) -> float | None:
+        if self.speech_end_at is None or self.first_audio_at is None:
+            return None
+        return self.first_audio_at - self.speech_end_at
+
+    def record_chunk(self, size: int, now: float, keep_audio: bool, audio: bytes) -> None:
+        """A chunk of reply audio; late if playback that began with the first chunk has
+        already reached it (the caller would hear a gap)."""
+        if self.first_audio_at is None:
+            self.first_audio_at = now
+        else:
+            late = now - (self.first_audio_at + self.audio_bytes / BYTES_PER_SECOND)
+            if late > 0:
+                self.late_chunks += 1
+                self.max_late_s = max(self.max_late_s, late)
+        self.audio_bytes += size
+        self.chunks += 1
+        if keep_audio:
+            self.audio += audio
+
+    def legs_s(self) -> dict[str, float]:
+        """Where the added latency accrued, from the caller's clock and the server's stage times:
+        end of speech -> TurnStarted beyond STT finalisation; TurnStarted -> text completing the
+        first sentence beyond the LLM's time to it; that text -> first audio beyond TTS's time
+        to first audio. The legs add up to the caller-seen added latency."""
+        stages = self.stage_s
+        sentence_at = self.sentence_at or self.last_text_at
+        if (
+            self.speech_end_at is None
+            or self.started_at is None
+            or sentence_at is None
+            or self.first_audio_at is None
+            or "llm_first_sentence" not in stages
+        ):
+            return {}
+        return {
+            "stt_leg": self.started_at - self.speech_end_at - stages["stt"],
+            "llm_leg": sentence_at - self.started_at - stages["llm_first_sentence"],
+            "tts_leg": self.first_audio_at - sentence_at - stages["tts"],
+        }
+
+    @property
+    def playback_end(self) -> float | None:
+        if self.first_audio_at is None:
+            return None
+        return self.first_audio_at + self.audio_bytes / BYTES_PER_SECOND
+
+
+def decode_reply(audio: bytes) -> str:
+    """The text the reply audio speaks (the segments join into one utterance)."""
+    if not audio:
+        return ""
+    samples = audio_code.bytes_to_pcm16(audio[: len(audio) - len(audio) % 2])
+    return " ".join(audio_code.decode_utterances(samples, SAMPLE_RATE))
+
+
+def check_turn(phrase: Phrase, turn: TurnOutcome, *, replies_expected: bool, check_audio: bool) -> None:
+    """Appends to turn.problems whatever differs from what the stubs must produce."""
+    problems = turn.problems
+    if turn.user_text != phrase.expected_user:
+        problems.append(f"transcript {turn.user_text!r} != spoken {phrase.expected_user!r}")
+    if not replies_expected:
+        return
+    expected = phrase.expected_reply
+    if turn.outcome == "completed":
+        if turn.agent_text != expected or turn.final_agent_text != expected:
+            problems.append(f"reply {turn.agent_text!r} != expected {expected!r}")
+        if check_audio:
+            heard = decode_reply(bytes(turn.audio))
+            if heard != audio_code.normalize_text(expected):
+                problems.append(f"reply audio says {heard!r}, expected {expected!r}")
+    elif turn.outcome == "interrupted":
+        if phrase.barge_in_after_s is None:
+            problems.append("turn interrupted although the caller did not speak over it")
+        if not expected.startswith(turn.agent_text) or not expected.startswith(turn.heard_text):
+            problems.append(f"interrupted reply {turn.agent_text!r} is not a prefix of {expected!r}")
+        if check_audio:
+            heard = decode_reply(bytes(turn.audio))
+            # The cut may fall inside a tone burst: only the last symbol may differ.
+            if heard and not audio_code.normalize_text(expected).startswith(heard[:-1]):
+                problems.append(f"interrupted reply audio says {heard!r}, not a prefix of {expected!r}")
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100) of values, or None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
