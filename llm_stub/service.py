@@ -15,7 +15,7 @@ from llm_stub import replies, validation
 from voice.v1 import language_model_pb2, language_model_pb2_grpc
 from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
-from voicepipe.latency import LatencyProfile
+from voicepipe.latency import LatencyProfile, sleep_until
 from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, Registration
 
@@ -43,9 +43,7 @@ class TokenPacer:
         self._interval = 1 / profile.llm_tokens_per_second if profile.llm_tokens_per_second > 0 else 0.0
 
     async def wait_for(self, index: int) -> None:
-        delay = self._first + index * self._interval - time.monotonic()
-        if delay > 0:  # the instant profile never sleeps
-            await asyncio.sleep(delay)
+        await sleep_until(self._first + index * self._interval)
 
 
 class LanguageModelServicer(language_model_pb2_grpc.LanguageModelServiceServicer):

@@ -23,7 +23,7 @@ from voicepipe import audio_code
 from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
-from voicepipe.latency import LatencyProfile
+from voicepipe.latency import LatencyProfile, sleep_until
 from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, Registration
 from voicepipe.stage import read_config
@@ -141,9 +141,7 @@ class PendingFinal:
 
     async def wait_until_due(self) -> None:
         """Waits out the simulated processing, then stamps the finalization time."""
-        delay = self.due - time.monotonic()
-        if delay > 0:  # the instant profile never sleeps
-            await asyncio.sleep(delay)
+        await sleep_until(self.due)
         finalization_s = time.monotonic() - self.speech_ended_at
         self.final.result.finalization_time.CopyFrom(_duration(finalization_s))
         log.debug(

@@ -29,7 +29,7 @@ from voicepipe import audio_code
 from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
-from voicepipe.latency import LatencyProfile
+from voicepipe.latency import LatencyProfile, sleep_until
 from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, Registration
 from voicepipe.stage import read_config
@@ -211,9 +211,7 @@ class Pacer:
     async def wait(self, start: float, offset_s: float) -> None:
         """Until the audio at `offset_s` into a segment that starts at `start` has been produced."""
         ready = start + (offset_s / self._realtime_factor if self._realtime_factor else 0.0)
-        delay = ready - time.monotonic()
-        if delay > 0:  # simulated engine work; the instant profile never sleeps
-            await asyncio.sleep(delay)
+        await sleep_until(ready)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

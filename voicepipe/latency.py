@@ -9,6 +9,8 @@ processing), the LLM's first token comes at ~250 ms and then ~40 tokens/s, TTS f
 from __future__ import annotations
 
 import argparse
+import asyncio
+import time
 from dataclasses import dataclass, replace
 
 from voicepipe.config import FlagParser
@@ -60,3 +62,11 @@ def from_args(args: argparse.Namespace, stage: str) -> LatencyProfile:
         if value is not None:
             profile = replace(profile, **{field: value})
     return profile
+
+
+async def sleep_until(deadline: float) -> None:
+    """Simulated engine work: returns once time.monotonic() >= deadline (never early, though
+    uvloop's millisecond timers can fire up to a millisecond before the time asked for). The
+    instant profile's deadlines are already past, so it never sleeps."""
+    while (remaining := deadline - time.monotonic()) > 0:  # noqa: ASYNC110 - a timer, not polling
+        await asyncio.sleep(remaining)

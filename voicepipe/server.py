@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -185,7 +186,10 @@ async def serve_until_signal(service: GrpcService) -> None:
         await service.stop()
 
 
-def run(main: Coroutine[Any, Any, None], service: str, log_level: str) -> None:
-    """Process entry point: JSON logging, then the event loop."""
-    configure_logging(service, log_level)
-    asyncio.run(main)
+def run(main: Coroutine[Any, Any, None], service: str, settings: ServerSettings) -> None:
+    """Process entry point: JSON logging, then the event loop (asyncio's or uvloop)."""
+    configure_logging(service, settings.log_level)
+    if settings.event_loop == "uvloop":
+        uvloop.run(main)
+    else:
+        asyncio.run(main)

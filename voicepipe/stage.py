@@ -35,7 +35,7 @@ def run_stage(args: argparse.Namespace, stage: str, build_service: BuildService)
         )
         await serve_until_signal(service)
 
-    run(serve(), f"{stage}_stub", args.log_level)
+    run(serve(), f"{stage}_stub", ServerSettings.from_args(args))
 
 
 async def read_config(requests: AsyncIterator[Any], data_field: str, data_name: str) -> Any:
