@@ -33,7 +33,7 @@ test: install
 	$(PY) -m pytest -q
 
 chaos: install
-	$(PY) -m pytest -q -m chaos
+	$(PY) -m pytest -q -s -m chaos  # -s: the scenarios print their figures
 
 lint: install
 	$(PY) -m ruff check .
