@@ -81,7 +81,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_flags()
-    run(serve(args), "orchestrator", args.log_level)
+    run(serve(args), "orchestrator", ServerSettings.from_args(args))
 
 
 if __name__ == "__main__":
