@@ -65,7 +65,9 @@ RETRY_SERVICE_CONFIG = json.dumps(
 
 # A Watch is re-opened this often even when nothing happens, so no call lives without a deadline.
 HEALTH_WATCH_DEADLINE_S = 300.0
+HEALTH_RETRY_MIN_S = 0.02
 HEALTH_RETRY_MAX_S = 0.25
+HEALTH_FAILURES_DOWN = 3
 
 
 class Upstream:
@@ -135,14 +137,16 @@ class Upstream:
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     failures += 1
-                    # One broken Watch is a broken connection (a reset, a GOAWAY); the stage is
-                    # down only if a new Watch cannot be established either.
-                    if failures >= 2:
+                    # A broken Watch is usually a broken connection (a reset, a GOAWAY) to a
+                    # stage that is fine: the stage is down when the channel cannot connect
+                    # (TRANSIENT_FAILURE: refused, unreachable) or Watches keep failing.
+                    unreachable = self.channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+                    if unreachable or failures >= HEALTH_FAILURES_DOWN:
                         await self._set_serving(False, f"health watch failed: {error.code().name}")
             finally:
                 call.cancel()
-            if failures >= 2:
-                await asyncio.sleep(min(0.05 * 2 ** (failures - 2), HEALTH_RETRY_MAX_S))
+            if failures:
+                await asyncio.sleep(min(HEALTH_RETRY_MIN_S * 2 ** (failures - 1), HEALTH_RETRY_MAX_S))
 
     async def _watch_connectivity(self) -> None:
         state = self.channel.get_state(try_to_connect=True)
