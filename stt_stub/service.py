@@ -24,9 +24,8 @@ from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
 from voicepipe.latency import LatencyProfile, sleep_until
-from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, Registration
-from voicepipe.stage import read_config
+from voicepipe.stage import open_stream
 
 log = logging.getLogger(__name__)
 
@@ -287,15 +286,7 @@ class SpeechToTextServicer(speech_to_text_pb2_grpc.SpeechToTextServiceServicer):
         self, request_iterator: AsyncIterator[pb.TranscribeRequest], context: TranscribeContext
     ) -> AsyncIterator[pb.TranscribeResponse]:
         requests = aiter(request_iterator)
-        try:
-            config: pb.TranscriptionConfig = await read_config(requests, "audio", "audio")
-            # grpc.aio runs each call in its own task (the reader task inherits a copy), so these
-            # ids stay with this call's log lines.
-            bind_correlation(config.correlation.session_id, config.correlation.turn_id)
-            settings = parse_config(config)
-        except InvalidInput as exc:
-            log.info("rejected call", extra={"reason": str(exc)})
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        settings = await open_stream(requests, context, "audio", "audio", parse_config)
         log.info(
             "transcription started",
             extra={

@@ -4,16 +4,23 @@ profile, fault knobs), the process bootstrap, and reading the config that opens 
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
+
+import grpc
 
 from voicepipe import latency
 from voicepipe.audio_format import InvalidInput
 from voicepipe.config import FlagParser, ServerSettings
 from voicepipe.faults import FaultSettings
 from voicepipe.latency import LatencyProfile
+from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, run, serve_until_signal
 
+log = logging.getLogger(__name__)
+
+Settings = TypeVar("Settings")
 BuildService = Callable[[ServerSettings, LatencyProfile, FaultSettings], GrpcService]
 
 
@@ -36,6 +43,26 @@ def run_stage(args: argparse.Namespace, stage: str, build_service: BuildService)
         await serve_until_signal(service)
 
     run(serve(), f"{stage}_stub", ServerSettings.from_args(args))
+
+
+async def open_stream(
+    requests: AsyncIterator[Any],
+    context: grpc.aio.ServicerContext[Any, Any],
+    data_field: str,
+    data_name: str,
+    parse: Callable[[Any], Settings],
+) -> Settings:
+    """Reads the config that opens a stream, tags the call's log lines with its correlation ids
+    and validates it with `parse`; a bad start ends the call with INVALID_ARGUMENT and the reason.
+    (grpc.aio runs each call in its own task, so the ids stay with this call.)"""
+    try:
+        config = await read_config(requests, data_field, data_name)
+        bind_correlation(config.correlation.session_id, config.correlation.turn_id)
+        return parse(config)
+    except InvalidInput as error:
+        log.info("rejected call", extra={"reason": str(error)})
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        raise  # abort() has raised already; this keeps type checkers informed
 
 
 async def read_config(requests: AsyncIterator[Any], data_field: str, data_name: str) -> Any:
