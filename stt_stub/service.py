@@ -25,7 +25,7 @@ from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
 from voicepipe.latency import LatencyProfile, sleep_until
 from voicepipe.server import GrpcService, Registration
-from voicepipe.stage import open_stream
+from voicepipe.stage import open_stream, reject
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class SpeechToTextServicer(speech_to_text_pb2_grpc.SpeechToTextServiceServicer):
         try:
             while (item := await outbox.get()) is not None:
                 if isinstance(item, _Failure):
-                    await self._fail(item.error, context)
+                    await reject(item.error, context)
                 elif isinstance(item, PendingFinal):
                     await item.wait_until_due()
                     yield item.final
@@ -325,13 +325,6 @@ class SpeechToTextServicer(speech_to_text_pb2_grpc.SpeechToTextServiceServicer):
                 "audio_s": round(stream.decoder.to_seconds(stream.decoder.samples_consumed), 3),
             },
         )
-
-    @staticmethod
-    async def _fail(error: Exception, context: TranscribeContext) -> None:
-        if isinstance(error, InvalidInput):
-            log.info("rejected request", extra={"reason": str(error)})
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        raise error
 
 
 def build_service(settings: ServerSettings, profile: LatencyProfile, faults: FaultSettings) -> GrpcService:

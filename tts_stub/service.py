@@ -31,7 +31,7 @@ from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
 from voicepipe.latency import LatencyProfile, sleep_until
 from voicepipe.server import GrpcService, Registration
-from voicepipe.stage import open_stream
+from voicepipe.stage import open_stream, reject
 
 log = logging.getLogger(__name__)
 
@@ -326,13 +326,8 @@ class TextToSpeechServicer(text_to_speech_pb2_grpc.TextToSpeechServiceServicer):
     @staticmethod
     async def _check(reader: SegmentReader, context: SynthesizeContext) -> None:
         """Ends the call at once if the reader found a bad request."""
-        error = reader.failure
-        if error is None:
-            return
-        if isinstance(error, InvalidInput):
-            log.info("rejected request", extra={"reason": str(error)})
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        raise error
+        if reader.failure is not None:
+            await reject(reader.failure, context)
 
 
 def build_service(settings: ServerSettings, profile: LatencyProfile, faults: FaultSettings) -> GrpcService:

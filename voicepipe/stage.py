@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -60,9 +60,15 @@ async def open_stream(
         bind_correlation(config.correlation.session_id, config.correlation.turn_id)
         return parse(config)
     except InvalidInput as error:
-        log.info("rejected call", extra={"reason": str(error)})
+        await reject(error, context)
+
+
+async def reject(error: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    """Ends the call: INVALID_ARGUMENT with the reason for bad input; anything else re-raised."""
+    if isinstance(error, InvalidInput):
+        log.info("rejected request", extra={"reason": str(error)})
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        raise  # abort() has raised already; this keeps type checkers informed
+    raise error
 
 
 async def read_config(requests: AsyncIterator[Any], data_field: str, data_name: str) -> Any:
