@@ -9,10 +9,10 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import duration_pb2
 
 from llm_stub import replies, validation
 from voice.v1 import language_model_pb2, language_model_pb2_grpc
+from voicepipe import durations
 from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
 from voicepipe.latency import LatencyProfile, sleep_until
@@ -26,12 +26,6 @@ SERVICE_NAME = language_model_pb2.DESCRIPTOR.services_by_name["LanguageModelServ
 GenerateContext = grpc.aio.ServicerContext[
     language_model_pb2.GenerateRequest, language_model_pb2.GenerateResponse
 ]
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(round(seconds * 1e9))
-    return duration
 
 
 class TokenPacer:
@@ -79,7 +73,9 @@ class LanguageModelServicer(language_model_pb2_grpc.LanguageModelServiceServicer
                 if index == 0:
                     first_token_s = last_token_s
                 yield language_model_pb2.GenerateResponse(
-                    delta=language_model_pb2.TextDelta(text=token, elapsed=_duration(last_token_s)),
+                    delta=language_model_pb2.TextDelta(
+                        text=token, elapsed=durations.from_seconds(last_token_s)
+                    ),
                     correlation=request.correlation,
                 )
                 sent += 1
@@ -104,8 +100,8 @@ class LanguageModelServicer(language_model_pb2_grpc.LanguageModelServiceServicer
                     prompt_tokens=sum(replies.count_words(m.text) for m in messages),
                     completion_tokens=len(tokens),
                 ),
-                time_to_first_token=_duration(first_token_s),
-                total_time=_duration(last_token_s),
+                time_to_first_token=durations.from_seconds(first_token_s),
+                total_time=durations.from_seconds(last_token_s),
             ),
             correlation=request.correlation,
         )

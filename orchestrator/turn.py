@@ -47,6 +47,7 @@ from voice.v1 import (
 )
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.audio_format import PcmFormat
+from voicepipe.durations import from_seconds, to_seconds
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,6 @@ class StageFailed(Exception):
         self.stage = stage
         self.code = code
         self.message = message
-
-
-def seconds(duration: Duration) -> float:
-    return duration.ToNanoseconds() / 1e9
-
-
-def duration(value_s: float) -> Duration:
-    result = Duration()
-    result.FromNanoseconds(int(value_s * 1e9))
-    return result
 
 
 @dataclass(slots=True)
@@ -306,7 +297,7 @@ class Turn:
             self.playback_started_at = now
         elif (wait := self.playback_started_at + offset_s - self.settings.audio_lead_s - now) > 0:
             await asyncio.sleep(wait)
-        offset = duration(offset_s)
+        offset = from_seconds(offset_s)
         self.reply_audio_bytes += len(audio)
         event = pb.ConverseResponse(
             reply_audio=pb.ReplyAudio(audio=audio, audio_offset=offset), correlation=self.correlation
@@ -365,7 +356,7 @@ class Turn:
                 turn_completed=pb.TurnCompleted(
                     agent_text=self.reply_text,
                     latency=latency,
-                    reply_audio_duration=duration(
+                    reply_audio_duration=from_seconds(
                         self.reply_audio_bytes
                         / (
                             self.settings.output_format.bytes_per_sample
@@ -379,24 +370,24 @@ class Turn:
         return Deferred(build)
 
     def _latency(self) -> pb.LatencyBreakdown:
-        stt = seconds(self.stt_finalization)
-        first_sentence = seconds(self.llm_first_sentence) if self.llm_first_sentence else 0.0
-        tts = seconds(self.tts_first_audio) if self.tts_first_audio else 0.0
+        stt = to_seconds(self.stt_finalization)
+        first_sentence = to_seconds(self.llm_first_sentence) if self.llm_first_sentence else 0.0
+        tts = to_seconds(self.tts_first_audio) if self.tts_first_audio else 0.0
         latency = pb.LatencyBreakdown(
             stt_finalization=self.stt_finalization,
             llm_time_to_first_token=self.llm_ttft,
-            llm_time_to_first_sentence=duration(first_sentence),
-            tts_time_to_first_audio=duration(tts),
+            llm_time_to_first_sentence=from_seconds(first_sentence),
+            tts_time_to_first_audio=from_seconds(tts),
         )
         STAGE_LATENCY_SECONDS.labels("stt", "finalization").observe(stt)
-        STAGE_LATENCY_SECONDS.labels("llm", "first_token").observe(seconds(self.llm_ttft))
+        STAGE_LATENCY_SECONDS.labels("llm", "first_token").observe(to_seconds(self.llm_ttft))
         STAGE_LATENCY_SECONDS.labels("llm", "first_sentence").observe(first_sentence)
         STAGE_LATENCY_SECONDS.labels("tts", "first_audio").observe(tts)
         if self.first_audio_at is not None:
             ttfa = self.first_audio_at - self.speech_ended_at
             added = ttfa - stt - first_sentence - tts
-            latency.time_to_first_audio.CopyFrom(duration(ttfa))
-            latency.orchestrator_added.CopyFrom(duration(added))
+            latency.time_to_first_audio.CopyFrom(from_seconds(ttfa))
+            latency.orchestrator_added.CopyFrom(from_seconds(added))
             TTFA_SECONDS.observe(ttfa)
             ORCHESTRATOR_ADDED_SECONDS.observe(added)
         return latency

@@ -16,10 +16,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import duration_pb2
 
 from voice.v1 import common_pb2, speech_to_text_pb2, speech_to_text_pb2_grpc
-from voicepipe import audio_code
+from voicepipe import audio_code, durations
 from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
@@ -92,19 +91,6 @@ def parse_config(config: pb.TranscriptionConfig) -> StreamSettings:
     )
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(round(seconds * 1e9))
-    return duration
-
-
-def _offset(samples: int, rate: int) -> duration_pb2.Duration:
-    """A stream position as a duration, exact to the nanosecond (no float rounding)."""
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(samples * 1_000_000_000 // rate)
-    return duration
-
-
 class ArrivalLog:
     """When recent audio messages arrived, keyed by the stream position where each ends, to find
     when the audio holding a given sample was received (finalization_time starts there)."""
@@ -142,7 +128,7 @@ class PendingFinal:
         """Waits out the simulated processing, then stamps the finalization time."""
         await sleep_until(self.due)
         finalization_s = time.monotonic() - self.speech_ended_at
-        self.final.result.finalization_time.CopyFrom(_duration(finalization_s))
+        self.final.result.finalization_time.CopyFrom(durations.from_seconds(finalization_s))
         log.debug(
             "final result",
             extra={
@@ -169,7 +155,9 @@ class ResponseMapper:
 
     def _speech_event(self, kind: pb.SpeechEventType.ValueType, samples: int) -> pb.TranscribeResponse:
         event = pb.SpeechEvent(
-            type=kind, audio_offset=_offset(samples, self._rate), utterance_index=self.utterance_index
+            type=kind,
+            audio_offset=durations.from_samples(samples, self._rate),
+            utterance_index=self.utterance_index,
         )
         return pb.TranscribeResponse(speech_event=event, correlation=self._settings.correlation)
 
@@ -185,8 +173,8 @@ class ResponseMapper:
                     interim = pb.TranscriptionResult(
                         transcript=event.text_so_far,
                         stability=INTERIM_STABILITY,
-                        audio_start_offset=_offset(event.start_samples, self._rate),
-                        audio_end_offset=_offset(event.end_samples, self._rate),
+                        audio_start_offset=durations.from_samples(event.start_samples, self._rate),
+                        audio_end_offset=durations.from_samples(event.end_samples, self._rate),
                         utterance_index=self.utterance_index,
                     )
                     out.append(self._result(interim))
@@ -201,8 +189,8 @@ class ResponseMapper:
             is_final=True,
             stability=1.0,
             confidence=FINAL_CONFIDENCE,
-            audio_start_offset=_offset(event.start_samples, self._rate),
-            audio_end_offset=_offset(event.end_samples, self._rate),
+            audio_start_offset=durations.from_samples(event.start_samples, self._rate),
+            audio_end_offset=durations.from_samples(event.end_samples, self._rate),
             utterance_index=self.utterance_index,
         )
         return PendingFinal(

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import numpy.typing as npt
-from google.protobuf import duration_pb2
 
 from voice.v1 import common_pb2, text_to_speech_pb2, text_to_speech_pb2_grpc
-from voicepipe import audio_code
+from voicepipe import audio_code, durations
 from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.config import ServerSettings
 from voicepipe.faults import FaultSettings
@@ -186,7 +185,7 @@ class SegmentAudio:
             segment_id=segment_id,
             text_start=chunk.text_start,
             text_end=chunk.text_end,
-            audio_offset=_offset(chunk.start, self.sample_rate),
+            audio_offset=durations.from_samples(chunk.start, self.sample_rate),
         )
 
 
@@ -211,19 +210,6 @@ class Pacer:
         """Until the audio at `offset_s` into a segment that starts at `start` has been produced."""
         ready = start + (offset_s / self._realtime_factor if self._realtime_factor else 0.0)
         await sleep_until(ready)
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(round(seconds * 1e9))
-    return duration
-
-
-def _offset(samples: int, rate: int) -> duration_pb2.Duration:
-    """A sample count as a duration, exact to the nanosecond (no float rounding)."""
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(samples * 1_000_000_000 // rate)
-    return duration
 
 
 @dataclass(frozen=True)
@@ -300,7 +286,7 @@ class TextToSpeechServicer(text_to_speech_pb2_grpc.TextToSpeechServiceServicer):
                     message = audio.message(chunk, item.segment.segment_id)
                     if index == 0:
                         ttfa_s = time.monotonic() - item.due
-                        message.time_to_first_audio.CopyFrom(_duration(ttfa_s))
+                        message.time_to_first_audio.CopyFrom(durations.from_seconds(ttfa_s))
                         log.debug(
                             "segment audio started",
                             extra={"segment_id": item.segment.segment_id, "ttfa_ms": round(ttfa_s * 1000, 1)},
@@ -309,7 +295,8 @@ class TextToSpeechServicer(text_to_speech_pb2_grpc.TextToSpeechServiceServicer):
                 segments += 1
                 yield pb.SynthesizeResponse(
                     segment_complete=pb.SegmentComplete(
-                        segment_id=item.segment.segment_id, audio_duration=_offset(audio.samples, rate)
+                        segment_id=item.segment.segment_id,
+                        audio_duration=durations.from_samples(audio.samples, rate),
                     ),
                     correlation=settings.correlation,
                 )
