@@ -18,6 +18,7 @@ from voicepipe.faults import FaultSettings
 from voicepipe.latency import LatencyProfile, sleep_until
 from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, Registration
+from voicepipe.stage import accept
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class LanguageModelServicer(language_model_pb2_grpc.LanguageModelServiceServicer
         except validation.InvalidRequest as exc:
             log.info("rejected request", extra={"reason": str(exc)})
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await accept(context)
 
         tokens = replies.tokenize(replies.reply(messages))
         finish = language_model_pb2.FINISH_REASON_STOP

@@ -73,6 +73,7 @@ class Conversation:
         self._turn: Turn | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._turn_requests: asyncio.Queue[_TurnRequest | None] = asyncio.Queue(MAX_QUEUED_TURNS + 1)
+        self._runner_idle = False  # the turn runner waits for a request; nothing is being played
         self._stt = SpeechRecognitionLink(
             upstreams.stt,
             input_format,
@@ -180,6 +181,10 @@ class Conversation:
         )
 
     async def _on_final(self, final: FinalTranscript) -> None:
+        # The turn first: when the conversation is idle its Generate request leaves now, ahead of
+        # this event to the client.
+        if final.text.strip():
+            self._queue_turn(_TurnRequest(final.text, final.speech_ended_at, final.finalization))
         await self.output.put(
             pb.ConverseResponse(
                 user_transcript=pb.UserTranscript(
@@ -188,8 +193,6 @@ class Conversation:
                 correlation=self._correlation(),
             )
         )
-        if final.text.strip():
-            self._queue_turn(_TurnRequest(final.text, final.speech_ended_at, final.finalization))
 
     async def _on_stt_error(self, code: str, message: str) -> None:
         await self._error(pb.STAGE_STT, code, message, "")
@@ -206,6 +209,10 @@ class Conversation:
     # --- turns ---------------------------------------------------------------------------------
 
     def _queue_turn(self, request: _TurnRequest) -> None:
+        if self._runner_idle and self._turn_requests.empty():
+            # Nothing is playing or waiting: the turn starts now (see Turn.open_generation).
+            request.turn = self._new_turn(request)
+            request.turn.open_generation()
         try:
             self._turn_requests.put_nowait(request)
         except asyncio.QueueFull:
@@ -218,8 +225,28 @@ class Conversation:
 
     async def _run_turns(self) -> None:
         """One turn at a time, in order; barge-in cancels the one playing (see _interrupt)."""
-        while (request := await self._turn_requests.get()) is not None:
-            turn = await self._begin_turn(request)
+        try:
+            while True:
+                self._runner_idle = True
+                request = await self._turn_requests.get()
+                self._runner_idle = False
+                if request is None:
+                    return
+                await self._play_turn(request)
+        finally:
+            self._runner_idle = False
+            while not self._turn_requests.empty():  # the session ended with turns waiting
+                if (waiting := self._turn_requests.get_nowait()) is not None and waiting.turn:
+                    waiting.turn.close()
+
+    async def _play_turn(self, request: _TurnRequest) -> None:
+        turn = request.turn or self._new_turn(request)
+        try:
+            await self.output.put(
+                pb.ConverseResponse(
+                    turn_started=pb.TurnStarted(user_text=request.text), correlation=turn.correlation
+                )
+            )
             token = turn_id_var.set(turn.turn_id)
             task = asyncio.create_task(turn.run(), name=f"session-{self.session_id}-turn-{turn.turn_id}")
             turn_id_var.reset(token)
@@ -230,9 +257,11 @@ class Conversation:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 self._turn_task = None
-            await self._end_turn(turn, task)
+        finally:
+            turn.close()
+        await self._end_turn(turn, task)
 
-    async def _begin_turn(self, request: _TurnRequest) -> Turn:
+    def _new_turn(self, request: _TurnRequest) -> Turn:
         self._turn_count += 1
         turn_id = str(self._turn_count)
         self.history.append(
@@ -248,11 +277,6 @@ class Conversation:
             speech_ended_at=request.speech_ended_at,
             stt_finalization=request.stt_finalization,
             deadline=min(time.monotonic() + self.limits.turn_budget_s, self._session_deadline),
-        )
-        await self.output.put(
-            pb.ConverseResponse(
-                turn_started=pb.TurnStarted(user_text=request.text), correlation=turn.correlation
-            )
         )
         return turn
 
@@ -295,8 +319,9 @@ class Conversation:
         task.cancel()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _TurnRequest:
     text: str
     speech_ended_at: float  # monotonic time the user stopped speaking (or the text arrived)
     stt_finalization: Duration
+    turn: Turn | None = None  # already started, when it arrived while the conversation was idle

@@ -10,6 +10,7 @@ only if the new text starts with exactly what was already delivered (determinist
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -110,6 +111,7 @@ class Turn:
     last_llm_elapsed: Duration = field(default_factory=Duration)
     _segments: list[_Segment] = field(default_factory=list)
     _segment_queue: asyncio.Queue[_Segment | None] = field(default_factory=lambda: asyncio.Queue(256))
+    _opened_llm_call: Any = None  # see open_generation()
 
     @property
     def heard_text(self) -> str:
@@ -125,6 +127,21 @@ class Turn:
             raise StageFailed(pb.STAGE_UNSPECIFIED, "DEADLINE_EXCEEDED", "turn ran out of time")
         return remaining
 
+    def open_generation(self) -> None:
+        """Sends the Generate request now, before the turn's task runs, so that it leaves ahead
+        of the events the conversation queues for the client (the LLM is on the critical path,
+        they are not). The turn's first attempt takes the call; close() cancels it if none did."""
+        # If the breaker is open or time is up, the first attempt meets it again and reports it.
+        with contextlib.suppress(BreakerOpen, StageFailed):
+            self._opened_llm_call = self._llm_call()
+
+    def close(self) -> None:
+        """Cancels a Generate call opened for a turn that never ran."""
+        call, self._opened_llm_call = self._opened_llm_call, None
+        if call is not None:
+            call.cancel()
+            self.upstreams.llm.calls_in_flight.dec()
+
     async def run(self) -> None:
         """Raises StageFailed when a stage fails for good; cancelled on barge-in."""
         llm = asyncio.create_task(self._generate(), name=f"turn-{self.turn_id}-llm")
@@ -135,24 +152,32 @@ class Turn:
             for task in (llm, tts):
                 task.cancel()
             await asyncio.gather(llm, tts, return_exceptions=True)
+            self.close()
 
     # --- LLM -------------------------------------------------------------------------------
+
+    def _llm_call(self) -> Any:
+        """A new Generate call; the caller cancels it and decrements calls_in_flight."""
+        self.upstreams.llm.breaker.check()
+        stub = language_model_pb2_grpc.LanguageModelServiceStub(self.upstreams.llm.channel)
+        call = stub.Generate(
+            language_model_pb2.GenerateRequest(messages=self.messages, correlation=self.correlation),
+            timeout=self._timeout(),
+            metadata=self.metadata,
+            wait_for_ready=True,
+        )
+        self.upstreams.llm.calls_in_flight.inc()
+        return call
 
     async def _generate(self) -> None:
         delivered = ""  # text already handed to the client and to TTS
         chunker = SentenceChunker()
-        stub = language_model_pb2_grpc.LanguageModelServiceStub(self.upstreams.llm.channel)
-        request = language_model_pb2.GenerateRequest(messages=self.messages, correlation=self.correlation)
         started = time.monotonic()
 
         async def attempt_once() -> None:
             nonlocal delivered
             received = ""
-            self.upstreams.llm.breaker.check()
-            call: Any = stub.Generate(
-                request, timeout=self._timeout(), metadata=self.metadata, wait_for_ready=True
-            )
-            self.upstreams.llm.calls_in_flight.inc()
+            call, self._opened_llm_call = self._opened_llm_call or self._llm_call(), None
             try:
                 async for response in call:
                     if response.HasField("complete"):
@@ -193,13 +218,14 @@ class Turn:
 
     async def _deliver_text(self, text: str, chunker: SentenceChunker, elapsed: Duration) -> None:
         self.reply_text += text
-        await self.output.put(
-            pb.ConverseResponse(agent_text=pb.AgentText(text=text), correlation=self.correlation)
-        )
+        # TTS first: its first audio is on the critical path, the text event to the client is not.
         for sentence in chunker.push(text):
             if self.llm_first_sentence is None:
                 self.llm_first_sentence = elapsed
             await self._queue_segment(sentence)
+        await self.output.put(
+            pb.ConverseResponse(agent_text=pb.AgentText(text=text), correlation=self.correlation)
+        )
 
     async def _queue_segment(self, text: str) -> None:
         if self.llm_first_sentence is None:  # the reply is one unterminated sentence

@@ -53,14 +53,23 @@ async def open_stream(
     parse: Callable[[Any], Settings],
 ) -> Settings:
     """Reads the config that opens a stream, tags the call's log lines with its correlation ids
-    and validates it with `parse`; a bad start ends the call with INVALID_ARGUMENT and the reason.
+    and validates it with `parse`; a bad start ends the call with INVALID_ARGUMENT and the reason,
+    a good one is accepted at once (see accept()).
     (grpc.aio runs each call in its own task, so the ids stay with this call.)"""
     try:
         config = await read_config(requests, data_field, data_name)
         bind_correlation(config.correlation.session_id, config.correlation.turn_id)
-        return parse(config)
+        settings = parse(config)
     except InvalidInput as error:
         await reject(error, context)
+    await accept(context)
+    return settings
+
+
+async def accept(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Sends the response headers as soon as a call is accepted, so that they do not ride with
+    (and delay) the first result, which is what the caller is waiting for."""
+    await context.send_initial_metadata(())
 
 
 async def reject(error: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
