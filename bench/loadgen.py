@@ -30,6 +30,7 @@ import grpc
 
 from bench import http_baseline
 from bench.workload import (
+    ADDED_PARTS,
     FORMAT,
     FRAME_S,
     REACTION_S,
@@ -40,7 +41,6 @@ from bench.workload import (
     script,
     short_phrases,
 )
-from orchestrator.sentences import SentenceChunker
 from voice.v1 import voice_agent_pb2 as pb
 from voice.v1 import voice_agent_pb2_grpc
 from voicepipe import audio_code
@@ -239,7 +239,6 @@ class StreamingCaller:
 
     async def _read(self, call: Any) -> None:
         by_id: dict[str, TurnOutcome] = {}
-        chunkers: dict[str, SentenceChunker] = {}
         keep_audio = self.config.check_audio
         async for response in call:
             kind = response.WhichOneof("event")
@@ -252,13 +251,7 @@ class StreamingCaller:
                 turn.record_chunk(len(audio), time.monotonic(), keep_audio, audio)
             elif kind == "agent_text":
                 if (turn := by_id.get(response.correlation.turn_id)) is not None:
-                    now = time.monotonic()
-                    text = response.agent_text.text
-                    turn.agent_text += text
-                    turn.last_text_at = now
-                    chunker = chunkers.get(response.correlation.turn_id)
-                    if turn.sentence_at is None and chunker is not None and chunker.push(text):
-                        turn.sentence_at = now
+                    turn.agent_text += response.agent_text.text
             elif kind == "turn_started":
                 if not self._awaiting:
                     self.problems.append(
@@ -266,11 +259,8 @@ class StreamingCaller:
                     )
                     continue
                 turn = self._awaiting.popleft()
-                turn.started_at = time.monotonic()
                 turn.user_text = response.turn_started.user_text
                 by_id[response.correlation.turn_id] = turn
-                # The orchestrator's own rule for the first sentence, to time its arrival.
-                chunkers[response.correlation.turn_id] = SentenceChunker()
             elif kind == "user_transcript" and self.relay and response.user_transcript.is_final:
                 if self._awaiting:
                     turn = self._awaiting.popleft()
@@ -311,6 +301,7 @@ class StreamingCaller:
             "tts": _seconds(latency.tts_time_to_first_audio),
             "server_ttfa": _seconds(latency.time_to_first_audio),
             "orchestrator_added": _seconds(latency.orchestrator_added),
+            **{part: _seconds(getattr(latency, part)) for part in ADDED_PARTS},
         }
 
 
@@ -445,8 +436,6 @@ def _turn_record(phrase: Phrase, turn: TurnOutcome, config: LoadConfig) -> dict[
         "problems": turn.problems,
     }
     for name, value in turn.stage_s.items():
-        record[f"{name}_ms"] = value * 1000
-    for name, value in turn.legs_s().items():
         record[f"{name}_ms"] = value * 1000
     if turn.ttfa_s is not None and turn.stage_s:
         stage_sum = turn.stage_s["stt"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.summary import CAPACITY_P99_ADDED_MS, StepResult
+from bench.workload import ADDED_PARTS
 
 if TYPE_CHECKING:
     from bench.plan import Run
@@ -273,9 +274,7 @@ def _single_rows(steps: Sequence[StepResult]) -> list[list[str]]:
                 _ms(step.added_ms.get("p50"), 2),
                 _ms(step.added_ms.get("p99"), 2),
                 _ms(step.client_added_ms.get("p50"), 2),
-                _ms(step.legs_ms.get("stt_leg"), 2),
-                _ms(step.legs_ms.get("llm_leg"), 2),
-                _ms(step.legs_ms.get("tts_leg"), 2),
+                *(_ms(step.added_parts_ms.get(part), 2) for part in ADDED_PARTS),
                 _ms(step.stage_ms.get("stt"), 0),
                 _ms(step.stage_ms.get("llm_first_sentence"), 0),
                 _ms(step.stage_ms.get("tts"), 0),
@@ -294,9 +293,10 @@ SINGLE_HEADER = [
     "added p50",
     "added p99",
     "client-seen added p50",
-    "of which STT leg",
-    "LLM leg",
-    "TTS leg",
+    "of added: STT round trip",
+    "LLM round trip",
+    "TTS round trip",
+    "orchestrator processing",
     "STT final",
     "LLM 1st sentence",
     "TTS 1st audio",

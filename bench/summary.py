@@ -6,7 +6,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.workload import percentile
+from bench.workload import ADDED_PARTS, percentile
 
 # Capacity: p99 orchestrator-added latency at most this, no late reply audio, no errors.
 CAPACITY_P99_ADDED_MS = 25.0
@@ -53,7 +53,8 @@ class StepResult:
     lag_max_ms: float
     statuses: dict[str, int]
     stage_ms: dict[str, float | None] = field(default_factory=dict)
-    legs_ms: dict[str, float | None] = field(default_factory=dict)  # medians; see TurnOutcome.legs_s
+    # Medians of the server's split of the added latency (workload.ADDED_PARTS).
+    added_parts_ms: dict[str, float | None] = field(default_factory=dict)
     others_before: float = float("nan")  # other programs' load (cores) just before the window
 
     @property
@@ -149,8 +150,8 @@ def summarize(
             name: percentile([t[f"{name}_ms"] for t in completed if f"{name}_ms" in t], 50)
             for name in stage_names
         },
-        legs_ms={
-            leg: percentile([t[f"{leg}_ms"] for t in completed if f"{leg}_ms" in t], 50)
-            for leg in ("stt_leg", "llm_leg", "tts_leg")
+        added_parts_ms={
+            part: percentile([t[f"{part}_ms"] for t in completed if f"{part}_ms" in t], 50)
+            for part in ADDED_PARTS
         },
     )

@@ -21,6 +21,8 @@ FRAME_S = FRAME_MS / 1000
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
 FRAME_BYTES = FRAME_SAMPLES * FORMAT.bytes_per_sample
 BYTES_PER_SECOND = SAMPLE_RATE * FORMAT.bytes_per_sample
+# The server's split of the orchestrator-added latency (LatencyBreakdown), recorded per turn.
+ADDED_PARTS = ("stt_round_trip", "llm_round_trip", "tts_round_trip", "orchestrator_processing")
 SILENCE_FRAME = bytes(FRAME_BYTES)
 # After the reply has played, the caller takes this long to start speaking again.
 REACTION_S = 0.3
@@ -126,9 +128,6 @@ class TurnOutcome:
     final_agent_text: str = ""
     heard_text: str = ""
     speech_end_at: float | None = None
-    started_at: float | None = None  # TurnStarted arrived
-    sentence_at: float | None = None  # the agent text completing the first sentence arrived
-    last_text_at: float | None = None
     first_audio_at: float | None = None
     audio: bytearray = field(default_factory=bytearray)
     audio_bytes: int = 0
@@ -158,27 +157,6 @@ class TurnOutcome:
         self.chunks += 1
         if keep_audio:
             self.audio += audio
-
-    def legs_s(self) -> dict[str, float]:
-        """Where the added latency accrued, from the caller's clock and the server's stage times:
-        end of speech -> TurnStarted beyond STT finalisation; TurnStarted -> text completing the
-        first sentence beyond the LLM's time to it; that text -> first audio beyond TTS's time
-        to first audio. The legs add up to the caller-seen added latency."""
-        stages = self.stage_s
-        sentence_at = self.sentence_at or self.last_text_at
-        if (
-            self.speech_end_at is None
-            or self.started_at is None
-            or sentence_at is None
-            or self.first_audio_at is None
-            or "llm_first_sentence" not in stages
-        ):
-            return {}
-        return {
-            "stt_leg": self.started_at - self.speech_end_at - stages["stt"],
-            "llm_leg": sentence_at - self.started_at - stages["llm_first_sentence"],
-            "tts_leg": self.first_audio_at - sentence_at - stages["tts"],
-        }
 
     @property
     def playback_end(self) -> float | None:

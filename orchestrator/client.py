@@ -240,14 +240,17 @@ class VoiceClient:
 # --- command line ----------------------------------------------------------------------------
 
 
-def _ms(duration: Any) -> str:
-    return f"{duration.ToNanoseconds() / 1e6:8.1f}"
+def _ms(duration: Any, decimals: int = 1) -> str:
+    return f"{duration.ToNanoseconds() / 1e6:8.{decimals}f}"
 
 
 def latency_table(turns: Sequence[TurnRecord]) -> str:
+    """One row per turn; the last four columns split "orch added": each stage's round trip beyond
+    its own time, and the orchestrator's own processing."""
     header = (
         f"{'turn':>4} {'outcome':<11} {'client TTFA':>11} {'server TTFA':>11} {'STT final':>9}"
-        f" {'LLM 1st tok':>11} {'LLM 1st sent':>12} {'TTS 1st aud':>11} {'orch added':>10}   (ms)"
+        f" {'LLM 1st tok':>11} {'LLM 1st sent':>12} {'TTS 1st aud':>11} {'orch added':>10}"
+        f" {'= STT rt':>8} {'+ LLM rt':>8} {'+ TTS rt':>8} {'+ own':>8}   (ms)"
     )
     rows = [header]
     for turn in turns:
@@ -258,7 +261,9 @@ def latency_table(turns: Sequence[TurnRecord]) -> str:
                 f"{turn.turn_id:>4} {turn.outcome:<11} {ttfa} {_ms(lat.time_to_first_audio):>11} "
                 f"{_ms(lat.stt_finalization):>9} {_ms(lat.llm_time_to_first_token):>11} "
                 f"{_ms(lat.llm_time_to_first_sentence):>12} {_ms(lat.tts_time_to_first_audio):>11} "
-                f"{_ms(lat.orchestrator_added):>10}"
+                f"{_ms(lat.orchestrator_added):>10} {_ms(lat.stt_round_trip, 2)} "
+                f"{_ms(lat.llm_round_trip, 2)} {_ms(lat.tts_round_trip, 2)} "
+                f"{_ms(lat.orchestrator_processing, 2)}"
             )
         else:
             rows.append(f"{turn.turn_id:>4} {turn.outcome:<11} {ttfa}")

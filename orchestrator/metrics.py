@@ -21,6 +21,13 @@ ORCHESTRATOR_ADDED_SECONDS = Histogram(
     "TTFA minus the stages' own reported times: the latency the orchestrator added.",
     buckets=_LATENCY_BUCKETS,
 )
+ORCHESTRATOR_ADDED_PARTS_SECONDS = Histogram(
+    "voicepipe_orchestrator_added_parts_seconds",
+    "Where the orchestrator-added latency went: each stage's round trip beyond the stage's own"
+    " time (network, gRPC, the stage server), and the orchestrator's own processing.",
+    ("part",),
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
 STAGE_LATENCY_SECONDS = Histogram(
     "voicepipe_stage_latency_seconds",
     "Each stage's reported latency per turn: STT finalisation, LLM first token and first"

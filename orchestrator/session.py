@@ -146,7 +146,8 @@ class Conversation:
                             f"text turn must be 1 to {MAX_TEXT_CHARS} characters, got {len(text)}"
                         )
                     # A typed turn waits for the turn being played (speech interrupts it instead).
-                    self._queue_turn(_TurnRequest(text, time.monotonic(), Duration()))
+                    arrived = time.monotonic()
+                    self._queue_turn(_TurnRequest(text, arrived, Duration(), arrived))
                 elif kind == "control":
                     if request.control.type != pb.CONTROL_TYPE_END_OF_INPUT:
                         raise InvalidInput(
@@ -184,7 +185,9 @@ class Conversation:
         # The turn first: when the conversation is idle its Generate request leaves now, ahead of
         # this event to the client.
         if final.text.strip():
-            self._queue_turn(_TurnRequest(final.text, final.speech_ended_at, final.finalization))
+            self._queue_turn(
+                _TurnRequest(final.text, final.speech_ended_at, final.finalization, final.received_at)
+            )
         await self.output.put(
             pb.ConverseResponse(
                 user_transcript=pb.UserTranscript(
@@ -276,6 +279,7 @@ class Conversation:
             output=self.output,
             speech_ended_at=request.speech_ended_at,
             stt_finalization=request.stt_finalization,
+            transcript_received_at=request.transcript_received_at,
             deadline=min(time.monotonic() + self.limits.turn_budget_s, self._session_deadline),
         )
         return turn
@@ -324,4 +328,5 @@ class _TurnRequest:
     text: str
     speech_ended_at: float  # monotonic time the user stopped speaking (or the text arrived)
     stt_finalization: Duration
+    transcript_received_at: float  # when the final transcript arrived (a text turn: speech_ended_at)
     turn: Turn | None = None  # already started, when it arrived while the conversation was idle

@@ -61,6 +61,7 @@ class FinalTranscript:
     end: Duration
     finalization: Duration
     speech_ended_at: float  # monotonic arrival time of the audio in which speech ended
+    received_at: float  # monotonic time the final result arrived from STT
 
 
 @dataclass(slots=True)
@@ -282,12 +283,15 @@ class SpeechRecognitionLink:
         if not result.is_final:
             await self._on_transcript(result.transcript, start, end)
             return
+        received_at = time.monotonic()
         end_sample = base_sample + _samples(result.audio_end_offset, rate)
         speech_ended_at = self.buffer.arrival_of(max(0, end_sample - 1))
         self.buffer.trim_before(end_sample, sent_seq=self._sent_seq)
         self._utterance_open = False
         await self._on_final(
-            FinalTranscript(result.transcript, start, end, result.finalization_time, speech_ended_at)
+            FinalTranscript(
+                result.transcript, start, end, result.finalization_time, speech_ended_at, received_at
+            )
         )
 
 

@@ -29,6 +29,7 @@ from tenacity import (
 
 from orchestrator.breaker import BreakerOpen
 from orchestrator.metrics import (
+    ORCHESTRATOR_ADDED_PARTS_SECONDS,
     ORCHESTRATOR_ADDED_SECONDS,
     RESUMPTIONS,
     STAGE_ERRORS,
@@ -98,6 +99,7 @@ class Turn:
     output: SessionOutput
     speech_ended_at: float
     stt_finalization: Duration
+    transcript_received_at: float
     deadline: float
     reply_text: str = ""
     heard_chars: int = 0
@@ -112,6 +114,12 @@ class Turn:
     _segments: list[_Segment] = field(default_factory=list)
     _segment_queue: asyncio.Queue[_Segment | None] = field(default_factory=lambda: asyncio.Queue(256))
     _opened_llm_call: Any = None  # see open_generation()
+    # Moments on the critical path (monotonic), for the round trips in the latency breakdown.
+    _llm_call_started_at: float = 0.0
+    _last_delta_at: float = 0.0
+    _first_sentence_at: float | None = None
+    _first_segment_sent_at: float | None = None
+    _first_audio_received_at: float | None = None
 
     @property
     def heard_text(self) -> str:
@@ -159,6 +167,7 @@ class Turn:
     def _llm_call(self) -> Any:
         """A new Generate call; the caller cancels it and decrements calls_in_flight."""
         self.upstreams.llm.breaker.check()
+        self._llm_call_started_at = time.monotonic()
         stub = language_model_pb2_grpc.LanguageModelServiceStub(self.upstreams.llm.channel)
         call = stub.Generate(
             language_model_pb2.GenerateRequest(messages=self.messages, correlation=self.correlation),
@@ -217,6 +226,7 @@ class Turn:
         log.debug("llm done", extra={"chars": len(self.reply_text), "s": time.monotonic() - started})
 
     async def _deliver_text(self, text: str, chunker: SentenceChunker, elapsed: Duration) -> None:
+        self._last_delta_at = time.monotonic()
         self.reply_text += text
         # TTS first: its first audio is on the critical path, the text event to the client is not.
         for sentence in chunker.push(text):
@@ -230,6 +240,8 @@ class Turn:
     async def _queue_segment(self, text: str) -> None:
         if self.llm_first_sentence is None:  # the reply is one unterminated sentence
             self.llm_first_sentence = self.last_llm_elapsed
+        if self._first_sentence_at is None:
+            self._first_sentence_at = self._last_delta_at
         reply_start = sum(len(s.text) for s in self._segments)
         segment = _Segment(len(self._segments) + 1, text, reply_start)
         self._segments.append(segment)
@@ -269,6 +281,8 @@ class Turn:
                         text_done = True
                         break
                     taken_segments.append(segment)
+                    if self._first_segment_sent_at is None:
+                        self._first_segment_sent_at = time.monotonic()
                     await call.write(self._segment_request(segment))
                 await call.done_writing()
 
@@ -315,6 +329,7 @@ class Turn:
             audio = audio[skip:]
         if self.tts_first_audio is None and chunk.HasField("time_to_first_audio"):
             self.tts_first_audio = chunk.time_to_first_audio
+            self._first_audio_received_at = time.monotonic()
         segment.forwarded_bytes += len(audio)
         heard_until = segment.reply_start + chunk.text_end
         offset_s = self.reply_audio_bytes / (fmt.bytes_per_sample * fmt.sample_rate)
@@ -416,4 +431,27 @@ class Turn:
             latency.orchestrator_added.CopyFrom(from_seconds(added))
             TTFA_SECONDS.observe(ttfa)
             ORCHESTRATOR_ADDED_SECONDS.observe(added)
+            self._split_added(latency, added, stt, first_sentence, tts)
         return latency
+
+    def _split_added(
+        self, latency: pb.LatencyBreakdown, added: float, stt: float, first_sentence: float, tts: float
+    ) -> None:
+        """Fills in where orchestrator_added went: each stage's round trip and the rest."""
+        parts = {
+            "stt_round_trip": self.transcript_received_at - self.speech_ended_at - stt,
+            "llm_round_trip": (
+                self._first_sentence_at - self._llm_call_started_at - first_sentence
+                if self._first_sentence_at is not None
+                else 0.0
+            ),
+            "tts_round_trip": (
+                self._first_audio_received_at - self._first_segment_sent_at - tts
+                if self._first_audio_received_at is not None and self._first_segment_sent_at is not None
+                else 0.0
+            ),
+        }
+        parts["orchestrator_processing"] = added - sum(parts.values())
+        for name, seconds in parts.items():
+            getattr(latency, name).CopyFrom(from_seconds(seconds))
+            ORCHESTRATOR_ADDED_PARTS_SECONDS.labels(name).observe(seconds)

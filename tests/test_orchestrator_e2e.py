@@ -77,7 +77,8 @@ def audio_seconds(audio: bytes, fmt: PcmFormat) -> float:
 
 
 def assert_sane_latency(latency: pb.LatencyBreakdown, *, spoken: bool) -> None:
-    """Every figure is there and non-negative, and orchestrator_added is what is left of TTFA."""
+    """Every figure is there and non-negative, orchestrator_added is what is left of TTFA, and
+    its parts (the stages' round trips and the orchestrator's processing) add up to it."""
     figures = {
         name: seconds(getattr(latency, name))
         for name in (
@@ -87,15 +88,23 @@ def assert_sane_latency(latency: pb.LatencyBreakdown, *, spoken: bool) -> None:
             "tts_time_to_first_audio",
             "time_to_first_audio",
             "orchestrator_added",
+            "stt_round_trip",
+            "llm_round_trip",
+            "tts_round_trip",
+            "orchestrator_processing",
         )
     }
     assert all(value >= 0 for value in figures.values()), figures
     assert figures["time_to_first_audio"] > 0, figures
     assert figures["llm_time_to_first_sentence"] >= figures["llm_time_to_first_token"], figures
+    # Each stage's round trip is a real exchange over a socket; a text turn has no STT.
+    assert figures["llm_round_trip"] > 0 and figures["tts_round_trip"] > 0, figures
     if spoken:
-        assert figures["stt_finalization"] > 0, figures
+        assert figures["stt_finalization"] > 0 and figures["stt_round_trip"] > 0, figures
     else:
-        assert figures["stt_finalization"] == 0, figures
+        assert figures["stt_finalization"] == 0 and figures["stt_round_trip"] == 0, figures
+    parts = ("stt_round_trip", "llm_round_trip", "tts_round_trip", "orchestrator_processing")
+    assert sum(figures[p] for p in parts) == pytest.approx(figures["orchestrator_added"], abs=1e-6), figures
     rest = (
         figures["time_to_first_audio"]
         - figures["stt_finalization"]
@@ -241,6 +250,9 @@ async def test_metrics_describe_the_turns(stack: LocalStack) -> None:
         "tts": await read_metric(
             port, "voicepipe_stage_latency_seconds_count", stage="tts", figure="first_audio"
         ),
+        "processing": await read_metric(
+            port, "voicepipe_orchestrator_added_parts_seconds_count", part="orchestrator_processing"
+        ),
     }
     async with open_channel(orchestrator_of(stack).target) as channel:
         caller = await Caller(channel).open()
@@ -252,6 +264,12 @@ async def test_metrics_describe_the_turns(stack: LocalStack) -> None:
     assert await read_metric(port, "voicepipe_turns_total", outcome="completed") == before["completed"] + 1
     assert await read_metric(port, "voicepipe_ttfa_seconds_count") == before["ttfa"] + 1
     assert await read_metric(port, "voicepipe_orchestrator_added_seconds_count") == before["added"] + 1
+    assert (
+        await read_metric(
+            port, "voicepipe_orchestrator_added_parts_seconds_count", part="orchestrator_processing"
+        )
+        == before["processing"] + 1
+    )
     assert (
         await read_metric(port, "voicepipe_stage_latency_seconds_count", stage="llm", figure="first_sentence")
         == before["llm"] + 1
