@@ -1,0 +1,143 @@
+"""Side by side: the same workload against stacks that differ in one setting, in one run.
+
+    python -m bench.variants event-loops   the orchestrator (and the stages) on uvloop or asyncio
+    python -m bench.variants grpc-io       gRPC core's I/O: EventEngine (default) or the older iomgr
+
+Each round starts one stack per variant and measures one N=1 run of the `compare` workload on
+each; rounds alternate the variants so that a quiet or a busy spell of the machine falls on all of
+them. A last round measures one N=60 step of `mixed` per variant for CPU and the latency tail.
+Environment variables of a variant apply to every process: the stack and the load generators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from bench.__main__ import ORCHESTRATOR_FLAGS
+from bench.runner import Design, measure
+from bench.summary import StepResult
+from bench.workload import ADDED_PARTS
+from orchestrator.stack import start_stack
+
+ROUNDS = 4
+SINGLE_WINDOW_S = 16.0
+LOADED_SESSIONS = 60
+LOADED_WINDOW_S = 15.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    orchestrator_flags: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _stage_loops(loop: str) -> dict[str, str]:
+    return {f"VOICEPIPE_{stage}_EVENT_LOOP": loop for stage in ("STT", "LLM", "TTS")}
+
+
+# gRPC core experiments that move a channel's and a server's sockets from the EventEngine back to
+# the iomgr poller (grpcio 1.85; see GRPC_EXPERIMENTS in gRPC's environment_variables.md).
+IOMGR = "-event_engine_client,-event_engine_listener"
+
+COMPARISONS = {
+    "event-loops": (
+        Variant("asyncio (everything)", ("--event-loop", "asyncio"), _stage_loops("asyncio")),
+        Variant("uvloop (orchestrator)", ("--event-loop", "uvloop"), _stage_loops("asyncio")),
+        Variant("uvloop (everything, the default)", ("--event-loop", "uvloop"), _stage_loops("uvloop")),
+    ),
+    "grpc-io": (
+        Variant("EventEngine (grpcio default)"),
+        Variant("iomgr (GRPC_EXPERIMENTS)", env={"GRPC_EXPERIMENTS": IOMGR}),
+    ),
+}
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+async def _measure(variant: Variant, sessions: int, seed: int) -> StepResult:
+    with _environment(variant.env):
+        flags = [*ORCHESTRATOR_FLAGS, *variant.orchestrator_flags]
+        stack = await start_stack("realistic", ephemeral=True, orchestrator_flags=flags)
+        try:
+            assert stack.orchestrator is not None
+            design = Design(
+                "voicepipe", stack.orchestrator.target, stack.orchestrator, list(stack.stages.values())
+            )
+            if sessions == 1:
+                return await measure(
+                    design,
+                    1,
+                    workload="compare",
+                    window_s=SINGLE_WINDOW_S,
+                    label="single",
+                    seed=seed,
+                    phase_spread_s=0.5,
+                )
+            return await measure(
+                design, sessions, workload="mixed", window_s=LOADED_WINDOW_S, label=f"n{sessions}"
+            )
+        finally:
+            stack.stop()
+
+
+def _ms(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("comparison", choices=tuple(COMPARISONS))
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    args = parser.parse_args()
+    variants = COMPARISONS[args.comparison]
+    singles: dict[str, list[StepResult]] = {v.name: [] for v in variants}
+    for round_index in range(args.rounds):
+        for variant in variants:
+            step = await _measure(variant, 1, seed=round_index + 1)
+            singles[variant.name].append(step)
+            added = step.added_ms["p50"] or 0.0
+            print(f"round {round_index + 1} {variant.name}: added p50 {added:.2f} ms", flush=True)
+    loaded = {v.name: await _measure(v, LOADED_SESSIONS, seed=1) for v in variants}
+
+    parts = " | ".join(part.replace("_", " ") for part in ADDED_PARTS)
+    print(
+        f"\n| variant | N=1 added p50 per run | median | {parts} |"
+        f" N={LOADED_SESSIONS} added p50 / p99 | orchestrator CPU at N={LOADED_SESSIONS} |"
+    )
+    print("|---|---|---|" + "---|" * len(ADDED_PARTS) + "---|---|")
+    for variant in variants:
+        steps = singles[variant.name]
+        p50s = [s.added_ms["p50"] or 0.0 for s in steps]
+        split = " | ".join(
+            f"{statistics.median(s.added_parts_ms[part] or 0.0 for s in steps):.2f}" for part in ADDED_PARTS
+        )
+        under_load = loaded[variant.name]
+        print(
+            f"| {variant.name} | {_ms(p50s)} ms | {statistics.median(p50s):.2f} ms | {split} |"
+            f" {under_load.added_ms['p50'] or 0:.2f} / {under_load.added_ms['p99'] or 0:.2f} ms |"
+            f" {under_load.cpu.server:.3f} cores |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
