@@ -191,6 +191,9 @@ class Turn:
                 async for response in call:
                     if response.HasField("complete"):
                         self.llm_ttft = response.complete.time_to_first_token
+                        # No more text: the last sentence goes to TTS now, not after the call's
+                        # status arrives (for a one-sentence reply that is the first audio).
+                        await self._flush_text(chunker)
                         continue
                     received += response.delta.text
                     if len(received) <= len(delivered):
@@ -219,9 +222,7 @@ class Turn:
                 self.upstreams.llm.calls_in_flight.dec()
 
         await self._with_retries("llm", pb.STAGE_LLM, attempt_once)
-        rest = chunker.flush()
-        if rest.strip():
-            await self._queue_segment(rest)
+        await self._flush_text(chunker)  # a stream that ended without GenerationComplete
         await self._segment_queue.put(None)
         log.debug("llm done", extra={"chars": len(self.reply_text), "s": time.monotonic() - started})
 
@@ -236,6 +237,11 @@ class Turn:
         await self.output.put(
             pb.ConverseResponse(agent_text=pb.AgentText(text=text), correlation=self.correlation)
         )
+
+    async def _flush_text(self, chunker: SentenceChunker) -> None:
+        rest = chunker.flush()
+        if rest.strip():
+            await self._queue_segment(rest)
 
     async def _queue_segment(self, text: str) -> None:
         if self.llm_first_sentence is None:  # the reply is one unterminated sentence

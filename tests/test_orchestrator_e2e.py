@@ -664,3 +664,23 @@ async def test_health_follows_the_upstreams() -> None:
                 await caller.type("What is 2 plus 3?")
                 turn = await caller.turn_ended("1")
         assert turn.agent_text == "2 plus 3 is 5."
+
+
+async def test_the_last_sentence_is_spoken_when_generation_completes_not_when_the_call_ends() -> None:
+    """The reply's last sentence has no whitespace after it, so only GenerationComplete says it
+    is finished. Here the LLM sends its 5 tokens and GenerationComplete, then holds the call open:
+    the caller still hears the whole reply, and the turn then fails on the LLM's deadline."""
+    llm_flags = ["--fault-stall-after", "6", "--fault-calls", "1"]
+    async with (
+        instant_stack(stage_flags={"llm": llm_flags}, orchestrator_flags=["--turn-timeout", "1.5"]) as stack,
+        open_channel(orchestrator_of(stack).target) as channel,
+    ):
+        client = VoiceClient(
+            channel, input_format=PCM_16K, output_format=PCM_16K, realtime=False, timeout_s=30
+        )
+        async with client:
+            turn = await client.type("What is 6 times 7?")
+            assert await client.finish() == OK
+    assert turn.agent_text == "6 times 7 is 42."
+    assert heard(bytes(turn.audio), PCM_16K) == ["6 times 7 is 42."]
+    assert [(e.stage, e.code) for e in turn.errors] == [(pb.STAGE_LLM, "DEADLINE_EXCEEDED")]

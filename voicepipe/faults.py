@@ -2,7 +2,8 @@
 
 They act on a stage's own RPCs (never on health or reflection):
 - `--fault-fail-first N`: the first N calls fail with UNAVAILABLE before any response;
-- `--fault-stall-after K`: after K responses the call sends nothing more until cancelled;
+- `--fault-stall-after K`: after K responses the call sends nothing more, not even its status,
+  until cancelled;
 - `--fault-break-after K`: after K responses the call fails with UNAVAILABLE;
 - `--fault-calls M`: stall/break only the first M calls after the failed ones (0: every call).
 """
@@ -95,12 +96,16 @@ class FaultInjector(grpc.aio.ServerInterceptor):
                 log.warning("fault: failing call", extra={"call": call_number})
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"fault injection: call {call_number} fails")
             sent = 0
+
+            async def stall_here() -> None:
+                if injected and sent == settings.stall_after:
+                    log.warning("fault: stalling call", extra={"call": call_number, "after": sent})
+                    await asyncio.Event().wait()  # until the client cancels or the deadline passes
+
             # aclosing: a cancelled call closes the handler's generator now, not at GC time.
             async with contextlib.aclosing(behavior(request, context)) as responses:
                 async for response in responses:
-                    if injected and sent == settings.stall_after:
-                        log.warning("fault: stalling call", extra={"call": call_number, "after": sent})
-                        await asyncio.Event().wait()  # until the client cancels or the deadline passes
+                    await stall_here()
                     if injected and sent == settings.break_after:
                         log.warning("fault: breaking call", extra={"call": call_number, "after": sent})
                         await context.abort(
@@ -109,6 +114,7 @@ class FaultInjector(grpc.aio.ServerInterceptor):
                         )
                     sent += 1
                     yield response
+            await stall_here()  # K was every response: the call does not end either
 
         factory = (
             grpc.stream_stream_rpc_method_handler
