@@ -14,8 +14,8 @@ way. Each figure is the median of `SAMPLES` (a bounded loop), after the given ga
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -28,8 +28,12 @@ from voice.v1 import language_model_pb2 as llm_pb
 from voice.v1 import language_model_pb2_grpc as llm_grpc
 from voice.v1 import speech_to_text_pb2 as stt_pb
 from voice.v1 import speech_to_text_pb2_grpc as stt_grpc
+from voicepipe.logs import configure_logging
 from voicepipe.metrics import ServerMetricsInterceptor
-from voicepipe.processes import PROJECT_ROOT
+from voicepipe.processes import ServiceProcess
+from voicepipe.server import wait_for_shutdown_signal
+
+log = logging.getLogger(__name__)
 
 SAMPLES = {0.01: 200, 0.5: 30}  # gap before each sample (s): samples
 WARMUP_CALLS = 30
@@ -59,9 +63,9 @@ async def serve() -> None:
     stt_grpc.add_SpeechToTextServiceServicer_to_server(StampingStt(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    print(port, flush=True)
+    log.info("ready", extra={"port": port})
     try:
-        await server.wait_for_termination()
+        await wait_for_shutdown_signal()
     finally:
         await server.stop(0)
 
@@ -111,18 +115,14 @@ async def measure(port: int) -> None:
 
 def main() -> None:
     if sys.argv[1:] == ["--serve"]:
+        configure_logging("hops", "info")
         uvloop.run(serve())
         return
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bench.hops", "--serve"], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True
-    )
+    server = ServiceProcess("bench.hops", ["--serve"])
     try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        uvloop.run(measure(port))
+        uvloop.run(measure(server.port))
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop()
 
 
 if __name__ == "__main__":

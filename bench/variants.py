@@ -15,9 +15,8 @@ import argparse
 import asyncio
 import os
 import statistics
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from unittest import mock
 
 from bench.__main__ import ORCHESTRATOR_FLAGS
 from bench.runner import Design, measure
@@ -59,22 +58,8 @@ COMPARISONS = {
 }
 
 
-@contextmanager
-def _environment(env: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 async def _measure(variant: Variant, sessions: int, seed: int) -> StepResult:
-    with _environment(variant.env):
+    with mock.patch.dict(os.environ, variant.env):
         flags = [*ORCHESTRATOR_FLAGS, *variant.orchestrator_flags]
         stack = await start_stack("realistic", ephemeral=True, orchestrator_flags=flags)
         try:

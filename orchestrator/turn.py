@@ -144,7 +144,8 @@ class Turn:
             self._opened_llm_call = self._llm_call()
 
     def close(self) -> None:
-        """Cancels a Generate call opened for a turn that never ran."""
+        """Cancels a Generate call opened for a turn whose first attempt never took it (the turn
+        was never run, or was cancelled before its LLM task started); the turn's owner calls it."""
         call, self._opened_llm_call = self._opened_llm_call, None
         if call is not None:
             call.cancel()
@@ -160,7 +161,6 @@ class Turn:
             for task in (llm, tts):
                 task.cancel()
             await asyncio.gather(llm, tts, return_exceptions=True)
-            self.close()
 
     # --- LLM -------------------------------------------------------------------------------
 
