@@ -42,6 +42,7 @@ COPY orchestrator/ orchestrator/
 COPY stt_stub/ stt_stub/
 COPY llm_stub/ llm_stub/
 COPY tts_stub/ tts_stub/
+COPY stubs/ stubs/
 # Not editable: the runtime stage copies /opt/venv alone, without /src.
 RUN /opt/venv/bin/pip install .
 

@@ -6,13 +6,13 @@ HTTP/1.1), for the benchmark alone.
     python -m bench.http_baseline --role stt|llm|tts --port 0
     python -m bench.http_baseline --role orchestrator --stt H:P --llm H:P --tts H:P --port 0
 
-The stages take exactly the times of the stubs' `realistic` profile (voicepipe.latency), where
+The stages take exactly the times of the stubs' `realistic` profile (stubs.latency), where
 the work is the same: STT answers `stt_processing_ms` after it has the whole audio (the caller's
 own voice-activity detector already waited the end-of-utterance silence, as the streaming STT
 does), the LLM answers with its whole reply when its last token would have been streamed
 (first token + tokens / tokens_per_second), TTS answers with the whole audio when its last
 chunk would have been streamed (first audio + duration / realtime_factor). Replies and audio
-are the stubs' own (llm_stub.replies, the stub audio code), so every answer can be checked.
+are the stubs' own (stubs.replies, the stub audio code), so every answer can be checked.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from llm_stub import replies
-from voicepipe import audio_code
-from voicepipe.latency import PROFILES, LatencyProfile
+from stubs import audio_code, replies
+from stubs.latency import PROFILES, LatencyProfile
 from voicepipe.logs import configure_logging
 from voicepipe.server import wait_for_shutdown_signal
 

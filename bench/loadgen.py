@@ -41,9 +41,9 @@ from bench.workload import (
     script,
     short_phrases,
 )
+from stubs import audio_code
 from voice.v1 import voice_agent_pb2 as pb
 from voice.v1 import voice_agent_pb2_grpc
-from voicepipe import audio_code
 
 # Every loop below ends by these bounds, whatever the target does.
 CLOSE_TIMEOUT_S = 30.0

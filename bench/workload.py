@@ -9,9 +9,8 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from llm_stub import replies
+from stubs import audio_code, replies
 from voice.v1 import common_pb2
-from voicepipe import audio_code
 from voicepipe.audio_format import PcmFormat
 
 SAMPLE_RATE = 16_000

@@ -1,2 +1,2 @@
 """The LLM stage stub: LanguageModelService.Generate with deterministic, documented replies
-(see `llm_stub.replies`) streamed token by token at the pace of a latency profile."""
+(see `stubs.replies`) streamed token by token at the pace of a latency profile."""

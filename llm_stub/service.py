@@ -1,4 +1,4 @@
-"""LanguageModelService.Generate: streams the deterministic reply of `llm_stub.replies` token by
+"""LanguageModelService.Generate: streams the deterministic reply of `stubs.replies` token by
 token, paced by the latency profile."""
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llm_stub import replies, validation
+from llm_stub import validation
+from stubs import replies
+from stubs.faults import FaultSettings
+from stubs.latency import LatencyProfile, sleep_until
 from voice.v1 import language_model_pb2, language_model_pb2_grpc
 from voicepipe import durations
 from voicepipe.config import ServerSettings
-from voicepipe.faults import FaultSettings
-from voicepipe.latency import LatencyProfile, sleep_until
 from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, Registration
-from voicepipe.stage import accept
+from voicepipe.stub_entry import accept
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,5 @@ def build_service(settings: ServerSettings, profile: LatencyProfile, faults: Fau
         full_name=SERVICE_NAME,
         add_to_server=language_model_pb2_grpc.add_LanguageModelServiceServicer_to_server,
         servicer=LanguageModelServicer(profile),
-        fault_methods=("Generate",),
     )
-    return GrpcService("llm_stub", settings, [registration], faults)
+    return GrpcService("llm_stub", settings, [registration], faults.interceptors())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from llm_stub.replies import Message, Speaker
+from stubs.replies import Message, Speaker
 from voice.v1 import language_model_pb2
 
 MAX_MESSAGES = 1000

@@ -21,9 +21,9 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from stubs import audio_code
 from voice.v1 import common_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
-from voicepipe import audio_code
 from voicepipe.audio_format import PcmFormat
 
 FRAME_MS = 20

@@ -1,2 +1,2 @@
 """The STT stage stub: SpeechToTextService.Transcribe, which hears the stub audio code
-(`voicepipe.audio_code`) and streams speech events and transcripts back."""
+(`stubs.audio_code`) and streams speech events and transcripts back."""

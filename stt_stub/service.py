@@ -17,14 +17,15 @@ from dataclasses import dataclass
 
 import grpc
 
+from stubs import audio_code
+from stubs.faults import FaultSettings
+from stubs.latency import LatencyProfile, sleep_until
 from voice.v1 import common_pb2, speech_to_text_pb2, speech_to_text_pb2_grpc
-from voicepipe import audio_code, durations
+from voicepipe import durations
 from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.config import ServerSettings
-from voicepipe.faults import FaultSettings
-from voicepipe.latency import LatencyProfile, sleep_until
 from voicepipe.server import GrpcService, Registration
-from voicepipe.stage import open_stream, reject
+from voicepipe.stub_entry import open_stream, reject
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,5 @@ def build_service(settings: ServerSettings, profile: LatencyProfile, faults: Fau
         full_name=SERVICE_NAME,
         add_to_server=speech_to_text_pb2_grpc.add_SpeechToTextServiceServicer_to_server,
         servicer=SpeechToTextServicer(profile),
-        fault_methods=("Transcribe",),
     )
-    return GrpcService("stt_stub", settings, [registration], faults)
+    return GrpcService("stt_stub", settings, [registration], faults.interceptors())

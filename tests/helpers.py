@@ -17,7 +17,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from voicepipe import audio_code, keepalive
+from stubs import audio_code
+from voicepipe import keepalive
 from voicepipe.audio_format import PcmFormat
 from voicepipe.processes import ServiceProcess, stage_args
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from orchestrator.stack import LocalStack, start_stack
+from stubs import audio_code
 from voice.v1 import common_pb2, language_model_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
-from voicepipe import audio_code
 from voicepipe.audio_format import PcmFormat
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args

@@ -1,4 +1,4 @@
-"""Tests of the stub audio code (voicepipe.audio_code): exact round trips under every transport
+"""Tests of the stub audio code (stubs.audio_code): exact round trips under every transport
 condition the system allows, chunk independence, event order and offsets, G.711 mu-law."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from voicepipe import audio_code as ac
+from stubs import audio_code as ac
 
 RATES = [8000, 11025, 16000, 22050, 44100, 48000]
 TEXTS = [

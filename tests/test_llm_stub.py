@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from llm_stub import replies
-from llm_stub.replies import Message, Speaker
 from llm_stub.service import SERVICE_NAME
+from stubs import replies
+from stubs.replies import Message, Speaker
 from tests.conftest import StartService
 from tests.helpers import (
     assert_drains_on_sigterm,

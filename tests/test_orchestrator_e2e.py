@@ -15,9 +15,10 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2
 
-from llm_stub.replies import STORY
 from orchestrator.client import VoiceClient
 from orchestrator.stack import LocalStack
+from stubs.audio_code import normalize_text
+from stubs.replies import STORY
 from tests.helpers import (
     NOT_SERVING,
     SERVING,
@@ -41,7 +42,6 @@ from tests.stack_fixtures import (
 )
 from voice.v1 import common_pb2, language_model_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
-from voicepipe.audio_code import normalize_text
 from voicepipe.audio_format import PcmFormat
 from voicepipe.processes import ServiceProcess
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from google.protobuf import duration_pb2
 
+from stubs import audio_code
 from tests.conftest import StartService
 from tests.helpers import (
     CALL_TIMEOUT_S,
@@ -34,7 +35,6 @@ from tests.helpers import (
 )
 from tts_stub.service import SERVICE_NAME
 from voice.v1 import common_pb2, text_to_speech_pb2, text_to_speech_pb2_grpc
-from voicepipe import audio_code
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
 from voicepipe.processes import ServiceProcess
 

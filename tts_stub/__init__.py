@@ -1,2 +1,2 @@
 """The TTS stage stub: TextToSpeechService.Synthesize, which speaks text in the stub audio code
-(`voicepipe.audio_code`) and streams the audio back in chunks tagged with the text they speak."""
+(`stubs.audio_code`) and streams the audio back in chunks tagged with the text they speak."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tts_stub.service import build_service
-from voicepipe.stage import parse_stage_args, run_stage
+from voicepipe.stub_entry import parse_stage_args, run_stage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,14 +23,15 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from stubs import audio_code
+from stubs.faults import FaultSettings
+from stubs.latency import LatencyProfile, sleep_until
 from voice.v1 import common_pb2, text_to_speech_pb2, text_to_speech_pb2_grpc
-from voicepipe import audio_code, durations
+from voicepipe import durations
 from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.config import ServerSettings
-from voicepipe.faults import FaultSettings
-from voicepipe.latency import LatencyProfile, sleep_until
 from voicepipe.server import GrpcService, Registration
-from voicepipe.stage import open_stream, reject
+from voicepipe.stub_entry import open_stream, reject
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +324,5 @@ def build_service(settings: ServerSettings, profile: LatencyProfile, faults: Fau
         full_name=SERVICE_NAME,
         add_to_server=text_to_speech_pb2_grpc.add_TextToSpeechServiceServicer_to_server,
         servicer=TextToSpeechServicer(profile),
-        fault_methods=("Synthesize",),
     )
-    return GrpcService("tts_stub", settings, [registration], faults)
+    return GrpcService("tts_stub", settings, [registration], faults.interceptors())

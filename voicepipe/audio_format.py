@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from voice.v1 import common_pb2
-from voicepipe import audio_code
+from voicepipe import pcm
 
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 48_000
@@ -55,13 +55,13 @@ class PcmFormat:
     def decode(self, data: bytes) -> npt.NDArray[np.int16]:
         """Audio bytes in this format -> int16 samples. Call check_message first."""
         if self.encoding == LINEAR16:
-            return audio_code.bytes_to_pcm16(data)
-        return audio_code.mulaw_decode(data)
+            return pcm.bytes_to_pcm16(data)
+        return pcm.mulaw_decode(data)
 
     def encode(self, samples: npt.NDArray[np.int16]) -> bytes:
         if self.encoding == LINEAR16:
-            return audio_code.pcm16_to_bytes(samples)
-        return audio_code.mulaw_encode(samples)
+            return pcm.pcm16_to_bytes(samples)
+        return pcm.mulaw_encode(samples)
 
     def check_message(self, data: bytes) -> None:
         """Rejects an audio message that is empty, too large, or not whole samples."""

@@ -17,7 +17,6 @@ from grpc_reflection.v1alpha import reflection
 
 from voicepipe import keepalive
 from voicepipe.config import ServerSettings
-from voicepipe.faults import FaultInjector, FaultSettings
 from voicepipe.logs import configure_logging
 from voicepipe.metrics import ServerMetricsInterceptor, start_metrics_endpoint, watch_event_loop
 
@@ -83,8 +82,6 @@ class Registration:
     full_name: str
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     servicer: object
-    # Streaming methods (like "Transcribe") that the fault knobs act on.
-    fault_methods: tuple[str, ...] = ()
 
 
 class GrpcService:
@@ -99,19 +96,14 @@ class GrpcService:
         name: str,
         settings: ServerSettings,
         registrations: Sequence[Registration],
-        faults: FaultSettings | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
-        faults = faults or FaultSettings()
+        """`interceptors` run inside the runtime's own (metrics first), around every handler."""
         self.name = name
         self.settings = settings
         self.registrations = tuple(registrations)
-        interceptors: list[grpc.aio.ServerInterceptor] = [ServerMetricsInterceptor()]
-        if faults.enabled:
-            methods = frozenset(f"/{r.full_name}/{m}" for r in registrations for m in r.fault_methods)
-            interceptors.append(FaultInjector(faults, methods))
-            log.warning("fault injection enabled", extra={"faults": repr(faults)})
         self.server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[ServerMetricsInterceptor(), *interceptors],
             options=keepalive.server_options(
                 settings.max_connection_age_s, settings.max_connection_age_grace_s
             ),

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_stub import replies
 from orchestrator.client import TurnRecord, VoiceClient
 from orchestrator.turn import TTS_DEADLINE_GRACE_S
+from stubs import audio_code, replies
 from tests.chaos.fault_proxy import FaultProxy
 from tests.helpers import (
     NOT_SERVING,
@@ -33,7 +33,6 @@ from tests.helpers import (
     wait_for_metric,
 )
 from voice.v1 import common_pb2
-from voicepipe import audio_code
 from voicepipe.audio_format import PcmFormat
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args

@@ -10,11 +10,11 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from voicepipe import latency
+from stubs import latency
+from stubs.faults import FaultSettings
+from stubs.latency import LatencyProfile
 from voicepipe.audio_format import InvalidInput
 from voicepipe.config import FlagParser, ServerSettings
-from voicepipe.faults import FaultSettings
-from voicepipe.latency import LatencyProfile
 from voicepipe.logs import bind_correlation
 from voicepipe.server import GrpcService, run, serve_until_signal
 

@@ -117,10 +117,12 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Final, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
+
+from voicepipe.pcm import as_int16, bytes_to_pcm16, mulaw_decode, mulaw_encode, pcm16_to_bytes
 
 __all__ = [
     "DEFAULT_END_OF_UTTERANCE_SILENCE_MS",
@@ -234,21 +236,6 @@ def frame_samples(sample_rate: int) -> int:
 def gain_from_db(decibels: float) -> float:
     """Linear amplitude factor for a gain in dB (for ``encode(..., gain=...)``)."""
     return float(10.0 ** (decibels / 20.0))
-
-
-def _as_int16(samples: npt.ArrayLike, what: str) -> Int16Array:
-    """A 1-D int16 view of ``samples``; other integer dtypes are clipped to the int16 range."""
-    array: npt.NDArray[Any] = np.asarray(samples)
-    if array.ndim != 1:
-        raise ValueError(f"{what} must be a 1-D array of mono samples, got shape {array.shape}")
-    if array.dtype == np.int16:
-        return array.astype(np.int16, copy=False)
-    if array.dtype.kind in "iu":
-        clipped: npt.NDArray[Any] = np.minimum(array, 32767)
-        if array.dtype.kind == "i":
-            clipped = np.maximum(clipped, -32768)
-        return clipped.astype(np.int16)
-    raise TypeError(f"{what} must hold int16 samples, not {array.dtype}")
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -380,54 +367,6 @@ def encode(
 
 
 # --- wire formats ----------------------------------------------------------------------------
-
-
-def pcm16_to_bytes(samples: npt.ArrayLike) -> bytes:
-    """int16 samples -> LINEAR16 bytes (signed 16-bit little-endian)."""
-    return _as_int16(samples, "samples").astype("<i2", copy=False).tobytes()
-
-
-def bytes_to_pcm16(data: bytes) -> Int16Array:
-    """LINEAR16 bytes (signed 16-bit little-endian) -> int16 samples (a new, writable array)."""
-    if len(data) % 2:
-        raise ValueError(f"LINEAR16 data must have an even byte count, got {len(data)}")
-    return np.frombuffer(data, dtype="<i2").astype(np.int16)
-
-
-_MULAW_BIAS: Final = 0x84
-_MULAW_CLIP: Final = 32635
-# exponent = index of the highest set bit of (biased magnitude >> 7), 0..7
-_MULAW_EXPONENT: Final[Int32Array] = np.array(
-    [max(0, i.bit_length() - 1) for i in range(256)], dtype=np.int32
-)
-
-
-def _mulaw_decode_table() -> Int16Array:
-    codes = ~np.arange(256, dtype=np.int32) & 0xFF
-    exponent = (codes >> 4) & 0x07
-    mantissa = codes & 0x0F
-    magnitude = (((mantissa << 3) + _MULAW_BIAS) << exponent) - _MULAW_BIAS
-    return np.where(codes & 0x80, -magnitude, magnitude).astype(np.int16)
-
-
-_MULAW_DECODE: Final = _mulaw_decode_table()
-
-
-def mulaw_encode(samples: npt.ArrayLike) -> bytes:
-    """int16 samples -> G.711 mu-law bytes (the classic Sun g711.c mapping: 0 -> 0xFF,
-    -1 -> 0x7F, 32767 -> 0x80, -32768 -> 0x00)."""
-    x: Int32Array = _as_int16(samples, "samples").astype(np.int32)
-    sign: Int32Array = np.where(x < 0, 0x80, 0).astype(np.int32)
-    magnitude: Int32Array = np.minimum(np.abs(x), _MULAW_CLIP) + _MULAW_BIAS
-    exponent: Int32Array = _MULAW_EXPONENT[magnitude >> 7]
-    mantissa: Int32Array = (magnitude >> (exponent + 3)) & 0x0F
-    code: Int32Array = ~(sign | (exponent << 4) | mantissa) & 0xFF
-    return code.astype(np.uint8).tobytes()
-
-
-def mulaw_decode(data: bytes) -> Int16Array:
-    """G.711 mu-law bytes -> int16 samples (0xFF and 0x7F -> 0, 0x80 -> 32124, 0x00 -> -32124)."""
-    return _MULAW_DECODE[np.frombuffer(data, dtype=np.uint8)]
 
 
 # --- decoder events --------------------------------------------------------------------------
@@ -600,7 +539,7 @@ class SpeechDecoder:
         """Adds int16 samples to the stream; returns the events they complete, in order."""
         if self._finished:
             raise RuntimeError("feed() after finish()")
-        chunk = _as_int16(samples, "samples")
+        chunk = as_int16(samples, "samples")
         if chunk.size == 0:
             return []
         self._consumed += chunk.size

@@ -1,6 +1,7 @@
 """Fault knobs for tests and chaos runs; all off unless a flag turns them on.
 
-They act on a stage's own RPCs (never on health or reflection):
+They act on a server's own streaming RPCs (never on health or reflection), as an interceptor
+any server can be given (`FaultSettings.interceptors()`):
 - `--fault-fail-first N`: the first N calls fail with UNAVAILABLE before any response;
 - `--fault-stall-after K`: after K responses the call sends nothing more, not even its status,
   until cancelled;
@@ -36,6 +37,13 @@ class FaultSettings:
     def enabled(self) -> bool:
         return self.fail_first > 0 or self.stall_after >= 0 or self.break_after >= 0
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The fault interceptor when a knob is on, else none."""
+        if not self.enabled:
+            return []
+        log.warning("fault injection enabled", extra={"faults": repr(self)})
+        return [FaultInjector(self)]
+
     @staticmethod
     def add_flags(flags: FlagParser) -> None:
         flags.add(
@@ -68,12 +76,15 @@ class FaultSettings:
         return cls(args.fault_fail_first, args.fault_stall_after, args.fault_break_after, args.fault_calls)
 
 
-class FaultInjector(grpc.aio.ServerInterceptor):
-    """Applies FaultSettings to the streaming RPCs named in `methods` ("/pkg.Service/Method")."""
+# Services the knobs leave alone: probes and tools must keep working under injected faults.
+UNTOUCHED_SERVICES = ("/grpc.health.v1.", "/grpc.reflection.")
 
-    def __init__(self, settings: FaultSettings, methods: frozenset[str]) -> None:
+
+class FaultInjector(grpc.aio.ServerInterceptor):
+    """Applies FaultSettings to the server's streaming RPCs (health and reflection excepted)."""
+
+    def __init__(self, settings: FaultSettings) -> None:
         self._settings = settings
-        self._methods = methods
         self._calls = 0
 
     async def intercept_service(
@@ -82,9 +93,13 @@ class FaultInjector(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         original = await continuation(handler_call_details)
-        if original is None or handler_call_details.method not in self._methods:
-            return original
         handler: Any = original
+        if (
+            handler is None
+            or not handler.response_streaming
+            or handler_call_details.method.startswith(UNTOUCHED_SERVICES)
+        ):
+            return original
         behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
         settings = self._settings
         self._calls += 1
