@@ -12,10 +12,19 @@ BUF := npx --yes @bufbuild/buf@1.75.0
 
 install: $(INSTALLED) $(GENERATED)
 
+# llama-cpp-python compiles llama.cpp from source. Portable: a native build (-march=native) can
+# use instructions the CPU advertises but a VM does not enable (AMX here: SIGILL at run time).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "installing (the first install compiles llama.cpp: ~6 min on 2 cores, then cached; log in $(VENV)/install.log)"
+	set -o pipefail; CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -v -e '.[dev,llm-openai]' 2>&1 \
+		| tee $(VENV)/install.log \
+		| awk -F'[][/]' '/^ *\[[0-9]+\/[0-9]+\] / { if ($$2 % 20 == 0 || $$2 == $$3) { \
+			print "  compiling llama.cpp: " $$2 "/" $$3; fflush() } }' \
+		|| { tail -30 $(VENV)/install.log; exit 1; }
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.
