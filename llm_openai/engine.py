@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Self, cast
 
+import grpc
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 from llm_openai.errors import backend_error
 from voicepipe.config import FlagParser
+from voicepipe.stage import StageError
 from voicepipe.stage.llm import Finished, Generation, LanguageEngine
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,7 @@ class OpenAIEngine(LanguageEngine):
             )
         except openai.OpenAIError as error:
             raise backend_error(error, self.endpoint.base_url) from None
-        finish: Literal["stop", "length"] = "stop"
+        finish: Literal["stop", "length"] | None = None
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
         try:
@@ -195,6 +197,14 @@ class OpenAIEngine(LanguageEngine):
             # Also when the caller went away: closing the response closes the HTTP stream,
             # which is how the backend learns to stop generating.
             await stream.close()
+        if finish is None:
+            # llama-cpp-python, for one, ends the stream this way when generation fails (a
+            # conversation longer than its context, for example): not a finished reply.
+            raise StageError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the language model backend at {self.endpoint.base_url} ended the stream without"
+                " finishing the reply (no finish_reason); its log says why",
+            )
         yield Finished(finish, prompt_tokens, completion_tokens)
 
     async def unreachable(self) -> str | None:
