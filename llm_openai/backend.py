@@ -89,10 +89,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 async def wait_until_answering(url: str, api_key: str, timeout_s: float) -> None:
-    client = openai.AsyncOpenAI(base_url=url, api_key=api_key or NO_API_KEY, max_retries=0)
+    client = openai.AsyncOpenAI(base_url=url, api_key=api_key or NO_API_KEY, max_retries=0, timeout=timeout_s)
     try:
         async with asyncio.timeout(timeout_s):
-            while (reason := await models_unreachable(client, url, timeout_s)) is not None:
+            while (reason := await models_unreachable(client, url)) is not None:
                 log.debug("waiting for the server", extra={"reason": reason})
                 await asyncio.sleep(0.05)
     finally:

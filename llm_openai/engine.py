@@ -208,8 +208,10 @@ class OpenAIEngine(LanguageEngine):
         yield Finished(finish, prompt_tokens, completion_tokens)
 
     async def unreachable(self) -> str | None:
-        """Why the backend does not answer, or None when it does."""
-        return await models_unreachable(self._client, self.endpoint.base_url, self.endpoint.connect_timeout_s)
+        """Why the backend does not answer, or None when it does. A backend busy generating may
+        answer late (llama-cpp-python serves /models only between generations), so the check
+        waits as long as a reply may take to start: a backend that is down refuses at once."""
+        return await models_unreachable(self._client, self.endpoint.base_url)
 
     async def health(self) -> AsyncGenerator[bool, None]:
         """True while the backend answers, False while it does not: checked every interval,
@@ -225,10 +227,11 @@ class OpenAIEngine(LanguageEngine):
             await asyncio.sleep(self.endpoint.health_interval_s)
 
 
-async def models_unreachable(client: openai.AsyncOpenAI, base_url: str, timeout_s: float) -> str | None:
-    """Why GET {base_url}/models fails (no key in it), or None when the backend answers."""
+async def models_unreachable(client: openai.AsyncOpenAI, base_url: str) -> str | None:
+    """Why GET {base_url}/models fails within the client's timeouts (no key in the reason), or
+    None when the backend answers."""
     try:
-        await client.models.list(timeout=timeout_s)
+        await client.models.list()
     except openai.OpenAIError as error:
         return backend_error(error, base_url).message
     return None

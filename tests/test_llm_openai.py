@@ -23,6 +23,7 @@ from llm_openai.engine import SPEECH_SYSTEM_PROMPT, Endpoint, OpenAIEngine, Repl
 from llm_openai.errors import backend_error
 from tests.helpers import NOT_SERVING, SERVING, open_channel, running, wait_for_log, watch_health
 from voice.v1 import common_pb2, language_model_pb2, language_model_pb2_grpc
+from voicepipe.aio import cancel_and_wait
 from voicepipe.processes import ServiceProcess
 from voicepipe.stage.llm import SERVICE_NAME, Generation, Message
 
@@ -175,6 +176,32 @@ async def test_cancelling_the_call_stops_the_backend_generating(
     await generate(stub, request((pb.ROLE_USER, "Say hi."), max_tokens=2))
     assert time.monotonic() - asked < 1495 / rate / 2
     await wait_for_log(stage, lambda e: e.get("event") == "generation cancelled")
+
+
+async def test_the_stage_stays_serving_while_the_backend_is_busy_generating(
+    stub: Stub, stage: ServiceProcess
+) -> None:
+    # The backend answers its model list only between generations: a long reply must not make
+    # the stage look down (the orchestrator would stop sending it turns).
+    async with open_channel(stage.target) as channel:
+        watch = watch_health(channel, SERVICE_NAME, timeout_s=4 * GENERATE_TIMEOUT_S)
+        assert await next_status(watch) == SERVING
+        statuses: list[int] = []
+
+        async def follow() -> None:
+            while True:
+                statuses.append(await next_status(watch))
+
+        follower = asyncio.create_task(follow(), name="health-follower")
+        try:
+            # Several seconds of generation at this backend's pace, many health checks' worth.
+            long_reply = request((pb.ROLE_USER, "Count from 1 to 2000, separated by commas."), max_tokens=500)
+            _, responses = await generate(stub, long_reply)
+            assert responses[-1].complete.usage.completion_tokens == 500
+        finally:
+            await cancel_and_wait(follower)
+            watch.cancel()
+        assert statuses == []
 
 
 async def test_a_conversation_too_long_for_the_model_is_an_error_not_an_empty_reply(stub: Stub) -> None:
