@@ -139,6 +139,16 @@ async def test_the_history_reaches_the_model(stub: Stub) -> None:
     assert "Zorblax" not in without
 
 
+async def test_a_greedy_reply_repeats_exactly(stub: Stub) -> None:
+    # What the orchestrator's resumption relies on with this backend: regenerated after a broken
+    # stream, a reply at temperature 0 (the contract's default) starts with what was delivered.
+    asked = request((pb.ROLE_USER, "Tell me about the ocean."), max_tokens=48)
+    first, _ = await generate(stub, asked)
+    await generate(stub, request((pb.ROLE_USER, "Something else entirely."), max_tokens=8))
+    again, _ = await generate(stub, asked)
+    assert first == again and len(first) > 40
+
+
 def test_the_speech_prompt_is_added_only_when_the_conversation_has_no_system_message() -> None:
     engine = OpenAIEngine(
         Endpoint("http://127.0.0.1:9/v1", "m", "none", 1, 1, 1), ReplySettings(SPEECH_SYSTEM_PROMPT, 0, 0)
