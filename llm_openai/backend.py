@@ -6,8 +6,9 @@ with `--base-url` instead; nothing here is needed then.
     python -m llm_openai.backend [--port 8080] [--model PATH] [--n-ctx 2048]
 
 As a process of its own it binds its port (0: the OS chooses), loads the model, waits until
-`GET /v1/models` answers and logs a "ready" line with the port, as every voicepipe service
-does, so `start()` (tests, the stack, benchmarks) manages it with ServiceProcess.
+`GET /v1/models` answers, generates one token to warm up, and logs a "ready" line with the port,
+as every voicepipe service does, so `start()` (tests, the stack, benchmarks) manages it with
+ServiceProcess.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import multiprocessing
 import socket
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -88,13 +90,22 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def wait_until_answering(url: str, api_key: str, timeout_s: float) -> None:
-    client = openai.AsyncOpenAI(base_url=url, api_key=api_key or NO_API_KEY, max_retries=0, timeout=timeout_s)
+async def wait_until_answering(url: str, args: argparse.Namespace) -> None:
+    """Returns once the server answers and has generated a token: the first generation after a
+    load pays for faulting the model in (~7 s measured here), which no user turn should."""
+    client = openai.AsyncOpenAI(
+        base_url=url, api_key=args.api_key or NO_API_KEY, max_retries=0, timeout=READY_TIMEOUT_S
+    )
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(READY_TIMEOUT_S):
             while (reason := await models_unreachable(client, url)) is not None:
                 log.debug("waiting for the server", extra={"reason": reason})
                 await asyncio.sleep(0.05)
+            started = time.monotonic()
+            await client.chat.completions.create(
+                model=args.model_alias, messages=[{"role": "user", "content": "Hello"}], max_tokens=1
+            )
+            log.info("warmed up", extra={"s": round(time.monotonic() - started, 3)})
     finally:
         await client.close()
 
@@ -131,7 +142,7 @@ async def serve(args: argparse.Namespace) -> None:
     serving = asyncio.create_task(server.serve(sockets=[sock]), name="llm-backend-http")
     try:
         url = f"http://{args.host}:{port}/v1"
-        await wait_until_answering(url, args.api_key, READY_TIMEOUT_S)
+        await wait_until_answering(url, args)
         log.info("ready", extra={"host": args.host, "port": port, "model": model, "n_ctx": args.n_ctx})
         await serving  # uvicorn ends on SIGTERM/SIGINT
     finally:
