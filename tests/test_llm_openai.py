@@ -55,8 +55,9 @@ def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def stage_flags(url: str, key_file: Path, *extra: str) -> list[str]:
-    return ["--base-url", url, "--api-key-file", str(key_file), "--health-interval", "0.1", *extra]
+def stage_flags(url: str, key_file: Path | None, *extra: str) -> list[str]:
+    key = ["--api-key-file", str(key_file)] if key_file else []
+    return ["--base-url", url, *key, "--health-interval", "0.1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -279,13 +280,12 @@ async def test_a_base_url_without_the_api_path_is_failed_precondition(
 
 
 async def test_a_refused_api_key_is_unauthenticated_and_no_key_is_ever_logged(
-    llama: ServiceProcess, stage: ServiceProcess, tmp_path: Path
+    llama: ServiceProcess, stage: ServiceProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wrong_key = "sk-wrong-fedcba9876543210"
-    wrong_file = tmp_path / "wrong-key"
-    wrong_file.write_text(wrong_key)
+    monkeypatch.setenv("VOICEPIPE_LLM_API_KEY", wrong_key)  # the other way to give a key
     with running(
-        "llm_openai", *stage_flags(backend.base_url(llama), wrong_file, "--log-level", "debug")
+        "llm_openai", *stage_flags(backend.base_url(llama), None, "--log-level", "debug")
     ) as refused:
         async with open_channel(refused.target) as channel:
             stub: Stub = language_model_pb2_grpc.LanguageModelServiceStub(channel)
