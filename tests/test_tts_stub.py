@@ -290,6 +290,14 @@ async def test_accepts_the_longest_segment(tts: ServiceProcess) -> None:
     assert output.chunks[-1].text_end == 4096
 
 
+async def test_list_voices_says_any_name_is_accepted(tts: ServiceProcess) -> None:
+    async with open_channel(tts.target) as channel:
+        stub = text_to_speech_pb2_grpc.TextToSpeechServiceStub(channel)
+        voices = await stub.ListVoices(pb.ListVoicesRequest(), timeout=CALL_TIMEOUT_S)
+    assert voices.accepts_any_name
+    assert [voice.name for voice in voices.voices] == ["default"]
+
+
 async def test_rejections_are_counted_in_metrics(tts: ServiceProcess) -> None:
     labels = {"grpc_method": "Synthesize", "grpc_code": "INVALID_ARGUMENT"}
     before = await read_metric(tts.metrics_port, "grpc_server_handled_total", **labels)

@@ -31,6 +31,7 @@ from voicepipe import durations
 from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.config import ServerSettings
 from voicepipe.server import GrpcService, Registration
+from voicepipe.stage.tts import VoiceInfo, VoiceList
 from voicepipe.stub_entry import open_stream, reject
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,11 @@ SEGMENT_TRAILING_SILENCE_MS = audio_code.WORD_GAP_MS
 # A sentence renders in well under a millisecond, the longest segment at 48 kHz in about 0.15 s:
 # segments longer than this render on a worker thread so other calls' audio is not held up.
 RENDER_IN_THREAD_CHARS = 512
+# Every voice name is accepted and speaks the same audio code.
+STUB_VOICES = VoiceList(
+    voices=(VoiceInfo(name="default", description="any name: every voice speaks the stub audio code"),),
+    accepts_any_name=True,
+)
 
 
 @dataclass(frozen=True)
@@ -310,6 +316,13 @@ class TextToSpeechServicer(text_to_speech_pb2_grpc.TextToSpeechServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader_task
         log.info("synthesis ended", extra={"segments": segments})
+
+    async def ListVoices(
+        self,
+        request: pb.ListVoicesRequest,
+        context: grpc.aio.ServicerContext[pb.ListVoicesRequest, pb.ListVoicesResponse],
+    ) -> pb.ListVoicesResponse:
+        return STUB_VOICES.to_proto()
 
     @staticmethod
     async def _check(reader: SegmentReader, context: SynthesizeContext) -> None:
