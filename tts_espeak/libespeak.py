@@ -116,9 +116,14 @@ def _languages(raw: ctypes._Pointer[ctypes.c_char]) -> tuple[str, ...]:
 
 
 class Espeak:
-    """libespeak-ng, initialised for synchronous synthesis into a callback."""
+    """libespeak-ng, initialised for synchronous synthesis into a callback. The library is one
+    global state, so a second instance while one is open is refused."""
+
+    _open = False
 
     def __init__(self) -> None:
+        if Espeak._open:
+            raise RuntimeError("libespeak-ng is already in use in this process; share its Espeak")
         self.data_path = Path(espeakng_loader.get_data_path())
         self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib = self._lib
@@ -155,6 +160,7 @@ class Espeak:
         self._error: BaseException | None = None
         self._callback = _SynthCallback(self._on_audio)  # held: the library keeps only the pointer
         lib.espeak_SetSynthCallback(self._callback)
+        Espeak._open = True
 
     def voices(self) -> list[VoiceFile]:
         entries = self._lib.espeak_ListVoices(None)
@@ -225,3 +231,4 @@ class Espeak:
 
     def close(self) -> None:
         self._lib.espeak_Terminate()
+        Espeak._open = False

@@ -50,6 +50,7 @@ _PATTERN: Final = re.compile(
     r"|(?P<money>(?P<currency>[$€£¥])[ \t]?(?P<amount>\d[\d,]*(?:\.\d+)?)"
     r"(?:[ \t]?(?P<scale>thousand|million|billion|trillion|[kKmMbB]n?)\b)?)"
     r"|(?P<arrow>->|=>)"
+    r"|(?P<strike>~~)"
     r"|(?P<number_sign>#(?=\d))",
     re.MULTILINE,
 )
@@ -125,7 +126,7 @@ def _normalize_into(out: _Builder, text: str, start: int, end: int) -> None:
             out.say("to", origin)
         elif match["number_sign"] is not None:
             out.say("number", origin)
-        else:  # fence, rule, block markup: dropped
+        else:  # fence, rule, block markup, strike-through: dropped
             out.say("", origin)
         position = match.end()
     _copy_plain(out, text, position, end)
