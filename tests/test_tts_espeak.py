@@ -4,8 +4,7 @@ word-aligned character ranges, streaming, voices, and bad input."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import cast
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest

@@ -5,7 +5,7 @@ synthesis callback as espeak produces it."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Self
 
 from tts_espeak.alignment import WordAligner
@@ -75,7 +75,9 @@ class EspeakEngine(VoiceEngine):
     async def list_voices(self) -> VoiceList:
         return self._voices.listing()
 
-    async def synthesize(self, settings: SynthesisSettings, segment: Segment) -> AsyncIterator[SpeechAudio]:
+    async def synthesize(
+        self, settings: SynthesisSettings, segment: Segment
+    ) -> AsyncGenerator[SpeechAudio, None]:
         voice = self._voices.resolve(settings.voice or self.default_voice)
         text = normalize(segment.text)
 
