@@ -41,9 +41,13 @@ lint: install
 	$(PY) -m mypy .
 	$(BUF) lint protos
 
-# The four services on their default ports, stopped together by Ctrl-C.
+# The four services on their default ports, stopped together by Ctrl-C; each role runs its stub
+# unless told otherwise: `make up STT=whisper LLM=openai TTS=espeak`.
+STT ?= stub
+LLM ?= stub
+TTS ?= stub
 up: install
-	$(PY) -m orchestrator.stack
+	$(PY) -m orchestrator.stack --stt $(STT) --llm $(LLM) --tts $(TTS)
 
 demo: install
 	$(PY) -m orchestrator.demo
