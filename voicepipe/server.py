@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from voicepipe import keepalive
 from voicepipe.config import ServerSettings
+from voicepipe.decoding import RequestDecodingInterceptor
 from voicepipe.logs import configure_logging
 from voicepipe.metrics import ServerMetricsInterceptor, start_metrics_endpoint, watch_event_loop
 
@@ -98,12 +99,13 @@ class GrpcService:
         registrations: Sequence[Registration],
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
-        """`interceptors` run inside the runtime's own (metrics first), around every handler."""
+        """`interceptors` run inside the runtime's own (metrics, then request parsing), around
+        every handler: they see parsed requests."""
         self.name = name
         self.settings = settings
         self.registrations = tuple(registrations)
         self.server = grpc.aio.server(
-            interceptors=[ServerMetricsInterceptor(), *interceptors],
+            interceptors=[ServerMetricsInterceptor(), RequestDecodingInterceptor(), *interceptors],
             options=keepalive.server_options(
                 settings.max_connection_age_s, settings.max_connection_age_grace_s
             ),
