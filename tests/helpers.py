@@ -7,13 +7,15 @@ import asyncio
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,7 +73,9 @@ class CallOutcome(Generic[Resp]):
         return self.responses
 
 
-async def collect(call: grpc.aio.StreamStreamCall[Req, Resp]) -> CallOutcome[Resp]:
+async def collect(
+    call: grpc.aio.StreamStreamCall[Req, Resp] | grpc.aio.UnaryStreamCall[Req, Resp],
+) -> CallOutcome[Resp]:
     """Reads a call to its end; a failure is returned, not raised."""
     responses: list[Resp] = []
     try:
@@ -104,6 +108,33 @@ async def exchange(
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
         pass  # the call has ended; collect() reports how
     return await collect(call)
+
+
+def method_descriptor(path: str) -> MethodDescriptor:
+    """The descriptor of a method given as "/package.Service/Method" (its proto module imported)."""
+    _, service, method = path.split("/")
+    return descriptor_pool.Default().FindMethodByName(f"{service}.{method}")
+
+
+async def call_raw(
+    channel: grpc.aio.Channel, path: str, messages: Sequence[bytes], *, half_close: bool = True
+) -> CallOutcome[bytes]:
+    """Calls any method with request messages as bytes (no serializer: they go on the wire as
+    they are, valid or not) and collects the responses as bytes. A unary request is the one
+    message given; see exchange() for half_close."""
+    method = method_descriptor(path)
+    if method.client_streaming:
+        return await exchange(channel.stream_stream(path), messages, half_close=half_close)
+    (message,) = messages
+    if method.server_streaming:
+        streaming: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+        return await collect(streaming(message, timeout=CALL_TIMEOUT_S))
+    unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+    try:
+        response = await unary(message, timeout=CALL_TIMEOUT_S)
+    except grpc.aio.AioRpcError as error:
+        return CallOutcome([], error.code(), error.details() or "")
+    return CallOutcome([response], grpc.StatusCode.OK, "")
 
 
 async def read_message(call: grpc.aio.StreamStreamCall[Req, Resp], kind: type[Resp]) -> Resp:

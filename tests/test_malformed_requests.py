@@ -6,7 +6,6 @@ counts it, and keeps serving."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -14,18 +13,19 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from orchestrator.stack import LocalStack
 from tests.helpers import (
-    CALL_TIMEOUT_S,
     SERVING,
+    call_raw,
     health_status,
+    method_descriptor,
     open_channel,
     read_metric,
     wait_for_log,
     wait_for_metric,
 )
 from tests.stack_fixtures import instant_stack
-from voice.v1 import (
+from voice.v1 import (  # each module registers its contract's descriptors
     common_pb2,
-    language_model_pb2,
+    language_model_pb2,  # noqa: F401
     speech_to_text_pb2,
     text_to_speech_pb2,
     voice_agent_pb2,
@@ -37,74 +37,34 @@ GARBAGE = b"\xff\xff\xff\xff"
 PCM16 = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=16_000)
 
 
-@dataclass(frozen=True)
-class Method:
-    """One method as a raw-bytes client sees it: its path, the request type that must be named,
-    whether requests stream, and for a streaming request a valid first message, after which the
-    garbage arrives mid-stream."""
-
-    path: str
-    request_type: str
-    request_streaming: bool
-    response_streaming: bool
-    valid_first: bytes = b""
-
-    @property
-    def service(self) -> str:
-        return self.path.split("/")[1]
-
-    @property
-    def name(self) -> str:
-        return self.path.split("/")[2]
-
-
-HEALTH_CHECK = Method(
-    "/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest", False, False
-)
-HEALTH_WATCH = Method("/grpc.health.v1.Health/Watch", "grpc.health.v1.HealthCheckRequest", False, True)
-REFLECTION = Method(
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-    "grpc.reflection.v1alpha.ServerReflectionRequest",
-    True,
-    True,
-    reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString(),
-)
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 OWN_METHODS = {
-    "orchestrator": Method(
-        "/voice.v1.VoiceAgentService/Converse",
-        "voice.v1.ConverseRequest",
-        True,
-        True,
-        voice_agent_pb2.ConverseRequest(
-            config=voice_agent_pb2.SessionConfig(input_audio_format=PCM16)
-        ).SerializeToString(),
+    "orchestrator": "/voice.v1.VoiceAgentService/Converse",
+    "stt": "/voice.v1.SpeechToTextService/Transcribe",
+    "llm": "/voice.v1.LanguageModelService/Generate",
+    "tts": "/voice.v1.TextToSpeechService/Synthesize",
+}
+# For each streaming request, a valid first message: the garbage then arrives mid-stream.
+VALID_FIRST = {
+    REFLECTION: reflection_pb2.ServerReflectionRequest(list_services=""),
+    OWN_METHODS["orchestrator"]: voice_agent_pb2.ConverseRequest(
+        config=voice_agent_pb2.SessionConfig(input_audio_format=PCM16)
     ),
-    "stt": Method(
-        "/voice.v1.SpeechToTextService/Transcribe",
-        "voice.v1.TranscribeRequest",
-        True,
-        True,
-        speech_to_text_pb2.TranscribeRequest(
-            config=speech_to_text_pb2.TranscriptionConfig(audio_format=PCM16)
-        ).SerializeToString(),
+    OWN_METHODS["stt"]: speech_to_text_pb2.TranscribeRequest(
+        config=speech_to_text_pb2.TranscriptionConfig(audio_format=PCM16)
     ),
-    "llm": Method("/voice.v1.LanguageModelService/Generate", "voice.v1.GenerateRequest", False, True),
-    "tts": Method(
-        "/voice.v1.TextToSpeechService/Synthesize",
-        "voice.v1.SynthesizeRequest",
-        True,
-        True,
-        text_to_speech_pb2.SynthesizeRequest(
-            config=text_to_speech_pb2.SynthesisConfig(audio_format=PCM16)
-        ).SerializeToString(),
+    OWN_METHODS["tts"]: text_to_speech_pb2.SynthesizeRequest(
+        config=text_to_speech_pb2.SynthesisConfig(audio_format=PCM16)
     ),
 }
-# Every server answers its own method, health and reflection; each method kind the servers have.
+# Every server answers its own method, health and reflection: each method kind the servers have.
 CASES = [
-    (server, method, mid_stream)
+    (server, path, first)
     for server, own in OWN_METHODS.items()
-    for method in (own, HEALTH_CHECK, HEALTH_WATCH, REFLECTION)
-    for mid_stream in ((False, True) if method.request_streaming else (False,))
+    for path in (own, HEALTH_CHECK, HEALTH_WATCH, REFLECTION)
+    for first in (None, *([VALID_FIRST[path].SerializeToString()] if path in VALID_FIRST else []))
 ]
 
 
@@ -120,51 +80,42 @@ def server_of(stack: LocalStack, server: str) -> ServiceProcess:
     return process
 
 
-async def send_garbage(channel: grpc.aio.Channel, method: Method, mid_stream: bool) -> grpc.aio.AioRpcError:
-    """Calls `method` with raw bytes; returns the error it ends with."""
-    # No serializers: the bytes go on the wire as they are, and come back as bytes.
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        if not method.request_streaming:
-            if method.response_streaming:
-                async for _ in channel.unary_stream(method.path)(GARBAGE, timeout=CALL_TIMEOUT_S):
-                    pass
-            else:
-                await channel.unary_unary(method.path)(GARBAGE, timeout=CALL_TIMEOUT_S)
-        else:
-            call = channel.stream_stream(method.path)(timeout=CALL_TIMEOUT_S)
-            if mid_stream:
-                await call.write(method.valid_first)
-            # No half-close: the server must end the call on the garbage alone.
-            await call.write(GARBAGE)
-            while await call.read() is not grpc.aio.EOF:
-                pass
-    return raised.value
-
-
 @pytest.mark.parametrize(
-    ("server", "method", "mid_stream"),
+    ("server", "path", "valid_first"),
     CASES,
-    ids=[f"{s}-{m.name}{'-mid-stream' if mid else ''}" for s, m, mid in CASES],
+    ids=[f"{s}-{p.rsplit('/', 1)[1]}{'-mid-stream' if first else ''}" for s, p, first in CASES],
 )
 async def test_malformed_request_is_invalid_argument_naming_the_type(
-    stack: LocalStack, server: str, method: Method, mid_stream: bool
+    stack: LocalStack, server: str, path: str, valid_first: bytes | None
 ) -> None:
     process = server_of(stack, server)
-    labels = {"grpc_service": method.service, "grpc_method": method.name}
+    await assert_malformed_request_rejected(process, path, valid_first)
+
+
+async def assert_malformed_request_rejected(
+    process: ServiceProcess, path: str, valid_first: bytes | None = None
+) -> None:
+    """Garbage (after `valid_first`, if given) gets INVALID_ARGUMENT naming the request type,
+    one warning line and no traceback in the log, a count in /metrics, and health stays SERVING."""
+    _, service, method = path.split("/")
+    request_type = method_descriptor(path).input_type.full_name
+    labels = {"grpc_service": service, "grpc_method": method}
     counted = "voicepipe_server_malformed_messages_total"
     before = await read_metric(process.metrics_port, counted, **labels)
     logged_before = len(process.events())
 
     async with open_channel(process.target) as channel:
-        error = await send_garbage(channel, method, mid_stream)
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
-        assert method.request_type in (error.details() or "")
+        # No half-close: the server must end the call on the garbage alone.
+        messages = [*([valid_first] if valid_first else []), GARBAGE]
+        outcome = await call_raw(channel, path, messages, half_close=False)
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
+        assert request_type in outcome.details
 
         warning = await wait_for_log(
-            process, lambda e: e.get("event") == "malformed request" and e.get("method") == method.path
+            process, lambda e: e.get("event") == "malformed request" and e.get("method") == path
         )
         assert warning["level"] == "warning"
-        assert warning["message_type"] == method.request_type
+        assert warning["message_type"] == request_type
         await wait_for_metric(process.metrics_port, counted, lambda v: v == before + 1, labels=labels)
         assert await health_status(channel, "") == SERVING
 

@@ -106,7 +106,9 @@ def _decoding_handler(handler: Any, type_name: str, path: str) -> grpc.RpcMethod
                 await _reject(error, context)
 
         streaming_factory = (
-            grpc.stream_stream_rpc_method_handler if request_streaming else grpc.unary_stream_rpc_method_handler
+            grpc.stream_stream_rpc_method_handler
+            if request_streaming
+            else grpc.unary_stream_rpc_method_handler
         )
         return streaming_factory(streaming, response_serializer=handler.response_serializer)
 
@@ -135,9 +137,10 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler: Any = await continuation(handler_call_details)
+        original = await continuation(handler_call_details)
+        handler: Any = original
         if handler is None or handler.request_deserializer is None:
-            return handler
+            return original
         path = handler_call_details.method
         type_name = self._type_names.get(path)
         if type_name is None:
