@@ -137,6 +137,22 @@ async def call_raw(
     return CallOutcome([response], grpc.StatusCode.OK, "")
 
 
+async def start_raw(
+    channel: grpc.aio.Channel, path: str, messages: Sequence[bytes]
+) -> grpc.aio.StreamStreamCall[bytes, bytes] | grpc.aio.UnaryStreamCall[bytes, bytes]:
+    """A call of a response-streaming method with its request messages (bytes) written and the
+    stream left open, to be read from."""
+    if not method_descriptor(path).client_streaming:
+        (message,) = messages
+        streaming: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+        return streaming(message, timeout=CALL_TIMEOUT_S)
+    bidi: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
+    call = bidi(timeout=CALL_TIMEOUT_S)
+    for message in messages:
+        await call.write(message)
+    return call
+
+
 async def read_message(call: grpc.aio.StreamStreamCall[Req, Resp], kind: type[Resp]) -> Resp:
     """The next response of a call (a test failure at the end of the stream)."""
     message = await call.read()
@@ -282,6 +298,46 @@ async def assert_drains_on_sigterm(process: ServiceProcess, service: str) -> Non
         assert process.process.poll() is None, "the process exited before clients saw NOT_SERVING"
         watch.cancel()
     assert await asyncio.to_thread(process.wait, WAIT_TIMEOUT_S) == 0
+
+
+# --- malformed requests -------------------------------------------------------------------------
+
+# A field tag with wire type 7, which no protobuf message can contain.
+GARBAGE = b"\xff\xff\xff\xff"
+
+
+async def assert_malformed_request_rejected(
+    process: ServiceProcess, path: str, valid_first: bytes | None = None
+) -> None:
+    """Garbage (after `valid_first`, if given) gets INVALID_ARGUMENT naming the request type,
+    one warning line and no traceback in the log, a count in /metrics, and health stays SERVING."""
+    _, service, method = path.split("/")
+    request_type = method_descriptor(path).input_type.full_name
+    labels = {"grpc_service": service, "grpc_method": method}
+    counted = "voicepipe_server_malformed_messages_total"
+    before = await read_metric(process.metrics_port, counted, **labels)
+    logged_before = len(process.events())
+
+    async with open_channel(process.target) as channel:
+        # No half-close: the server must end the call on the garbage alone.
+        messages = [*([valid_first] if valid_first else []), GARBAGE]
+        outcome = await call_raw(channel, path, messages, half_close=False)
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
+        assert request_type in outcome.details
+
+        warning = await wait_for_log(
+            process, lambda e: e.get("event") == "malformed request" and e.get("method") == path
+        )
+        assert warning["level"] == "warning"
+        assert warning["message_type"] == request_type
+        await wait_for_metric(process.metrics_port, counted, lambda v: v == before + 1, labels=labels)
+        assert await health_status(channel, "") == SERVING
+
+    new_events = process.events()[logged_before:]
+    warnings = [e for e in new_events if e.get("event") == "malformed request"]
+    assert len(warnings) == 1, warnings
+    assert not [e for e in new_events if e["level"] in ("error", "critical") or "exception" in e]
+    assert not [line for line in process.log_lines if "Traceback" in line]
 
 
 # --- audio ------------------------------------------------------------------------------------------

@@ -7,21 +7,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
 from orchestrator.stack import LocalStack
-from tests.helpers import (
-    SERVING,
-    call_raw,
-    health_status,
-    method_descriptor,
-    open_channel,
-    read_metric,
-    wait_for_log,
-    wait_for_metric,
-)
+from tests.helpers import assert_malformed_request_rejected
 from tests.stack_fixtures import instant_stack
 from voice.v1 import (  # each module registers its contract's descriptors
     common_pb2,
@@ -32,8 +22,6 @@ from voice.v1 import (  # each module registers its contract's descriptors
 )
 from voicepipe.processes import ServiceProcess
 
-# A field tag with wire type 7, which no protobuf message can contain.
-GARBAGE = b"\xff\xff\xff\xff"
 PCM16 = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=16_000)
 
 
@@ -90,37 +78,3 @@ async def test_malformed_request_is_invalid_argument_naming_the_type(
 ) -> None:
     process = server_of(stack, server)
     await assert_malformed_request_rejected(process, path, valid_first)
-
-
-async def assert_malformed_request_rejected(
-    process: ServiceProcess, path: str, valid_first: bytes | None = None
-) -> None:
-    """Garbage (after `valid_first`, if given) gets INVALID_ARGUMENT naming the request type,
-    one warning line and no traceback in the log, a count in /metrics, and health stays SERVING."""
-    _, service, method = path.split("/")
-    request_type = method_descriptor(path).input_type.full_name
-    labels = {"grpc_service": service, "grpc_method": method}
-    counted = "voicepipe_server_malformed_messages_total"
-    before = await read_metric(process.metrics_port, counted, **labels)
-    logged_before = len(process.events())
-
-    async with open_channel(process.target) as channel:
-        # No half-close: the server must end the call on the garbage alone.
-        messages = [*([valid_first] if valid_first else []), GARBAGE]
-        outcome = await call_raw(channel, path, messages, half_close=False)
-        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
-        assert request_type in outcome.details
-
-        warning = await wait_for_log(
-            process, lambda e: e.get("event") == "malformed request" and e.get("method") == path
-        )
-        assert warning["level"] == "warning"
-        assert warning["message_type"] == request_type
-        await wait_for_metric(process.metrics_port, counted, lambda v: v == before + 1, labels=labels)
-        assert await health_status(channel, "") == SERVING
-
-    new_events = process.events()[logged_before:]
-    warnings = [e for e in new_events if e.get("event") == "malformed request"]
-    assert len(warnings) == 1, warnings
-    assert not [e for e in new_events if e["level"] in ("error", "critical") or "exception" in e]
-    assert not [line for line in process.log_lines if "Traceback" in line]
