@@ -21,7 +21,7 @@ from tests.helpers import (
 )
 from voice.v1 import common_pb2, language_model_pb2, language_model_pb2_grpc
 from voicepipe.processes import ServiceProcess
-from voicepipe.stage.llm import SERVICE_NAME, Message
+from voicepipe.stage.llm import Message
 
 if TYPE_CHECKING:
     from voice.v1.language_model_pb2_grpc import LanguageModelServiceAsyncStub as Stub

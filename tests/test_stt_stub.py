@@ -29,7 +29,6 @@ from tests.helpers import (
 from voice.v1 import common_pb2, speech_to_text_pb2, speech_to_text_pb2_grpc
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
 from voicepipe.processes import ServiceProcess
-from voicepipe.stage.stt import SERVICE_NAME
 
 pb = speech_to_text_pb2
 PCM16 = PcmFormat(LINEAR16, 16_000)

@@ -30,7 +30,6 @@ from tests.helpers import (
 from voice.v1 import common_pb2, text_to_speech_pb2, text_to_speech_pb2_grpc
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
 from voicepipe.processes import ServiceProcess
-from voicepipe.stage.tts import SERVICE_NAME
 
 pb = text_to_speech_pb2
 PCM16 = PcmFormat(LINEAR16, 16_000)
