@@ -7,7 +7,7 @@ serves, a minimal valid call, and the flags that keep that call busy long enough
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,6 +15,7 @@ import pytest
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
+from stubs import audio_code, replies
 from tests.conftest import StartService
 from tests.helpers import (
     SERVING,
@@ -35,6 +36,7 @@ from voice.v1 import common_pb2, language_model_pb2, speech_to_text_pb2, text_to
 from voicepipe.audio_format import LINEAR16, PcmFormat
 from voicepipe.processes import ServiceProcess, stage_args
 
+PCM16_FORMAT = PcmFormat(LINEAR16, 16_000)
 PCM16 = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=16_000)
 # Each protocol case ends with the request that breaks the contract (see helpers.exchange).
 ProtocolErrors = dict[str, tuple[list[Message], tuple[str, ...]]]
@@ -73,6 +75,9 @@ class StageServer:
     valid: Sequence[Message]
     busy_flags: Sequence[tuple[str, ...]] = ((),)
     flags: tuple[str, ...] = field(default=())
+    fault_knobs: bool = True  # served with the stubs' fault knobs (stubs.faults.FAULT_KNOBS)
+    # What the valid call says, read back from its responses (None: nothing to read it with).
+    says: Callable[[list[bytes]], str] | None = None
 
     def start(self, start_service: StartService, *extra: str) -> ServiceProcess:
         return start_service(self.module, *self.flags, *extra)
@@ -97,7 +102,7 @@ STT_CONFIG = speech_to_text_pb2.TranscribeRequest(
 )
 STT_AUDIO = speech_to_text_pb2.TranscribeRequest(audio=spoken("still here", PcmFormat(LINEAR16, 16_000)))
 TTS_CONFIG = text_to_speech_pb2.SynthesizeRequest(
-    config=text_to_speech_pb2.SynthesisConfig(voice="any", audio_format=PCM16)
+    config=text_to_speech_pb2.SynthesisConfig(audio_format=PCM16)  # every engine's default voice
 )
 TTS_SEGMENT = text_to_speech_pb2.SynthesizeRequest(
     segment=text_to_speech_pb2.TextSegment(segment_id=1, text="Still here.", flush=True)
@@ -113,15 +118,46 @@ LLM = Contract(
     "/voice.v1.LanguageModelService/Generate",
     {"no messages": ([language_model_pb2.GenerateRequest()], ("messages is empty",))},
 )
+ECHO = language_model_pb2.GenerateRequest(
+    messages=[language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_USER, content="one two three")]
+)
 HELLO = language_model_pb2.GenerateRequest(
     messages=[language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_USER, content="hello")]
 )
 
+
+def stt_finals(responses: list[bytes]) -> str:
+    parsed = (speech_to_text_pb2.TranscribeResponse.FromString(r) for r in responses)
+    return " ".join(r.result.transcript for r in parsed if r.result.is_final)
+
+
+def tts_heard(responses: list[bytes]) -> str:
+    parsed = (text_to_speech_pb2.SynthesizeResponse.FromString(r) for r in responses)
+    audio = b"".join(r.audio.audio for r in parsed if r.HasField("audio"))
+    return " ".join(audio_code.decode_utterances(PCM16_FORMAT.decode(audio), PCM16_FORMAT.sample_rate))
+
+
+def llm_text(responses: list[bytes]) -> str:
+    parsed = (language_model_pb2.GenerateResponse.FromString(r) for r in responses)
+    return "".join(r.delta.text for r in parsed if r.HasField("delta"))
+
+
 STAGES = [
     # With 5 s of processing the STT call is also cancelled while a final result is held back.
-    StageServer("stt_stub", STT, [STT_CONFIG, STT_AUDIO], busy_flags=((), ("--processing-ms", "5000"))),
-    StageServer("tts_stub", TTS, [TTS_CONFIG, TTS_SEGMENT], busy_flags=(("--realtime-factor", "1"),)),
-    StageServer("llm_stub", LLM, [HELLO], busy_flags=(("--tokens-per-second", "20"),)),
+    StageServer(
+        "stt_stub",
+        STT,
+        [STT_CONFIG, STT_AUDIO],
+        busy_flags=((), ("--processing-ms", "5000")),
+        says=stt_finals,
+    ),
+    StageServer(
+        "tts_stub", TTS, [TTS_CONFIG, TTS_SEGMENT], busy_flags=(("--realtime-factor", "1"),), says=tts_heard
+    ),
+    StageServer("llm_stub", LLM, [HELLO], busy_flags=(("--tokens-per-second", "20"),), says=llm_text),
+    StageServer("tts_espeak", TTS, [TTS_CONFIG, TTS_SEGMENT], fault_knobs=False),
+    # The SDK's own proof: an engine of a few lines, defined in the tests.
+    StageServer("tests.echo_engine", LLM, [ECHO], busy_flags=(("--word-delay", "0.2"),), says=llm_text),
 ]
 
 
@@ -264,10 +300,18 @@ async def test_cancelled_call_leaves_nothing_behind(
         await assert_returns_to_idle(process, contract.service, contract.method, idle)
 
 
+EXPECTED_SAYS = {
+    "stt_stub": "still here",
+    "tts_stub": "Still here.",
+    "llm_stub": replies.GREETING,
+    "tests.echo_engine": "one two three ",
+}
+
+
 # --- fault knobs ----------------------------------------------------------------------------------
 
 
-@each_stage()
+@pytest.mark.parametrize("stage", [s for s in STAGES if s.fault_knobs], ids=lambda s: s.module)
 async def test_fault_knobs_fail_then_break_then_recover(
     stage: StageServer, start_service: StartService
 ) -> None:
@@ -288,5 +332,7 @@ async def test_fault_knobs_fail_then_break_then_recover(
         assert broken.code == grpc.StatusCode.UNAVAILABLE, (broken.code, broken.details)
         healthy = await call_raw(channel, contract.path, requests)
     assert len(healthy.assert_ok()) > 2
+    if stage.says is not None:  # the recovered call is whole: it says what the call asked for
+        assert stage.says(healthy.responses) == EXPECTED_SAYS[stage.module]
     # The broken call is the healthy one cut short.
     assert without_timings(contract, broken.responses) == without_timings(contract, healthy.responses[:2])
