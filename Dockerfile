@@ -39,6 +39,7 @@ RUN rm -rf voice && mkdir -p voice/v1 \
 
 COPY voicepipe/ voicepipe/
 COPY orchestrator/ orchestrator/
+COPY voicepipe_client/ voicepipe_client/
 COPY stt_stub/ stt_stub/
 COPY llm_stub/ llm_stub/
 COPY tts_stub/ tts_stub/
