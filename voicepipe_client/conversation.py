@@ -105,6 +105,14 @@ class Conversation:
         self.microphone.queue.put(Speech(utterance, turn))
         return turn
 
+    async def speak(self, utterance: Utterance) -> Turn:
+        """say(), returning once every frame of `utterance` has left."""
+        turn = Turn()
+        speech = Speech(utterance, turn)
+        self.microphone.queue.put(speech)
+        await speech.sent.wait()
+        return turn
+
     def play(self, utterance: Utterance) -> Speech:
         """Queues audio that starts no turn the caller waits for (a recording, silence)."""
         speech = Speech(utterance)
