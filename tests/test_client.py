@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator.stack import LocalStack
+from stubs import audio_code
 from stubs.audio_code import normalize_text
 from stubs.replies import STORY
 from tests.stack_fixtures import instant_stack
+from voicepipe import pcm
 from voicepipe.processes import PROJECT_ROOT
 
 CLI = "voicepipe_client"
@@ -98,3 +100,17 @@ async def test_a_typed_and_a_spoken_turn_print_their_text_audio_and_latency(
     table = done.stdout.split("\n\n")[-1].splitlines()
     assert table[0].split()[:3] == ["turn", "outcome", "client"], table
     assert [row.split()[:2] for row in table[1:]] == [["1", "completed"], ["2", "completed"]], table
+
+
+async def test_a_wav_file_is_streamed_and_answered(stack: LocalStack, tmp_path: Path) -> None:
+    question = tmp_path / "question.wav"
+    with wave.open(str(question), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16_000)
+        wav.writeframes(pcm.pcm16_to_bytes(audio_code.encode("What is 2 plus 3?", 16_000)))
+    done = await run_client(stack, tmp_path, "--fast", "--wav", str(question))
+    assert done.returncode == 0, done.stderr
+    assert f"[turn 1] user:  {normalize_text('What is 2 plus 3?')}" in done.stdout, done.stdout
+    assert "[turn 1] agent: 2 plus 3 is 5." in done.stdout, done.stdout
+    assert wav_seconds(tmp_path / "turn-1.wav") > 0.5

@@ -431,7 +431,8 @@ async def test_a_thousand_sessions_leave_nothing_running() -> None:
                     )
                     async with client:
                         if n % 4 == 3:
-                            await client.type("tell me a story")  # then cancel mid-turn
+                            story = await client.type("tell me a story")
+                            await story.started.wait()  # then cancel mid-turn
                             continue
                         turn = await typed(client, "hi")
                         assert turn.outcome == "completed"
