@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stubs import audio_code, replies
+from voicepipe.stage.llm import Message
 from voicepipe_client import PCM_16K, Utterance
 from voicepipe_client.audio import FRAME_S, silent_frame
 
@@ -60,7 +61,7 @@ def reply_audio_seconds(text: str) -> float:
 @functools.lru_cache(maxsize=64)
 def build_phrase(kind: str, text: str, barge_in_after_s: float | None = None) -> Phrase:
     expected_user = audio_code.normalize_text(text)
-    expected_reply = replies.reply([replies.Message(replies.Speaker.USER, expected_user)])
+    expected_reply = replies.reply([Message("user", expected_user)])
     return Phrase(
         kind=kind,
         text=text,

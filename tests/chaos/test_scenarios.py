@@ -36,6 +36,7 @@ from voice.v1 import common_pb2
 from voicepipe.audio_format import PcmFormat
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
+from voicepipe.stage.llm import Message
 from voicepipe_client import Conversation, Microphone, SessionSettings, Turn, Utterance
 
 pytestmark = pytest.mark.chaos
@@ -152,7 +153,7 @@ def decoded_reply(turn: Turn) -> list[str]:
 
 
 def expected_reply(text: str) -> str:
-    return replies.reply([replies.Message(replies.Speaker.USER, text)])
+    return replies.reply([Message("user", text)])
 
 
 def assert_exact_turn(turn: Turn, phrase: str) -> None:
