@@ -20,9 +20,9 @@ from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from stubs import audio_code
-from voicepipe import keepalive
 from voicepipe.audio_format import PcmFormat
 from voicepipe.processes import ServiceProcess, stage_args
+from voicepipe_client import connect
 
 # Every call a test makes is bounded by this deadline.
 CALL_TIMEOUT_S = 10.0
@@ -53,7 +53,7 @@ def running(module: str, *extra: str) -> Iterator[ServiceProcess]:
 @asynccontextmanager
 async def open_channel(target: str) -> AsyncIterator[grpc.aio.Channel]:
     """A channel with the same options the services' own clients use."""
-    async with grpc.aio.insecure_channel(target, options=keepalive.client_options()) as channel:
+    async with connect(target) as channel:
         yield channel
 
 
