@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/voice/v1/*.proto)
 GENERATED := voice/v1/.generated
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: install protos test chaos lint demo up bench bench-short clean
+.PHONY: install protos test chaos lint demo demo-stubs up bench bench-short clean
 
 install: $(INSTALLED) $(GENERATED)
 
@@ -49,8 +49,12 @@ TTS ?= stub
 up: install
 	$(PY) -m orchestrator.stack --stt $(STT) --llm $(LLM) --tts $(TTS)
 
+# A real spoken conversation (Whisper, the local LLM, espeak-ng); demo-stubs: the stub stack.
 demo: install
 	$(PY) -m orchestrator.demo
+
+demo-stubs: install
+	$(PY) -m orchestrator.demo --stubs
 
 bench: install
 	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,bench]'
