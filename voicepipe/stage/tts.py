@@ -55,6 +55,41 @@ class SpeechAudio:
     text_end: int
 
 
+@dataclass(frozen=True)
+class VoiceInfo:
+    """A voice SynthesisConfig.voice may name."""
+
+    name: str  # what to put in SynthesisConfig.voice
+    description: str
+    language_codes: tuple[str, ...] = ()  # BCP-47, most suitable first
+    gender: str = ""  # "male", "female" or "" when unspecified
+
+
+@dataclass(frozen=True)
+class VoiceList:
+    """What ListVoices answers: the voices, the variants any of them may take as "+variant", and
+    whether any name at all is accepted (an engine with a single voice)."""
+
+    voices: tuple[VoiceInfo, ...]
+    variants: tuple[str, ...] = ()
+    accepts_any_name: bool = False
+
+    def to_proto(self) -> text_to_speech_pb2.ListVoicesResponse:
+        return text_to_speech_pb2.ListVoicesResponse(
+            voices=[
+                text_to_speech_pb2.Voice(
+                    name=voice.name,
+                    description=voice.description,
+                    language_codes=voice.language_codes,
+                    gender=voice.gender,
+                )
+                for voice in self.voices
+            ],
+            variants=self.variants,
+            accepts_any_name=self.accepts_any_name,
+        )
+
+
 class VoiceEngine(Engine):
     """A speech synthesiser. One instance per process, shared by every call."""
 
@@ -65,6 +100,13 @@ class VoiceEngine(Engine):
 
     def check(self, settings: SynthesisSettings) -> None:
         """Rejects settings the engine cannot do, such as an unknown voice (raise InvalidInput)."""
+
+    async def list_voices(self) -> VoiceList:
+        """The voices `check` accepts, for ListVoices. The default: one voice, under any name."""
+        return VoiceList(
+            voices=(VoiceInfo(name="default", description="the only voice; any name selects it"),),
+            accepts_any_name=True,
+        )
 
     def synthesize(self, settings: SynthesisSettings, segment: Segment) -> AsyncGenerator[SpeechAudio, None]:
         """Speaks one segment, yielding audio as it is produced (the first piece should leave
@@ -304,6 +346,13 @@ class TextToSpeechServicer(text_to_speech_pb2_grpc.TextToSpeechServiceServicer):
         finally:
             await cancel_and_wait(reader_task)
         log.info("synthesis ended", extra={"segments": segments})
+
+    async def ListVoices(
+        self,
+        request: pb.ListVoicesRequest,
+        context: grpc.aio.ServicerContext[pb.ListVoicesRequest, pb.ListVoicesResponse],
+    ) -> pb.ListVoicesResponse:
+        return (await self._engine.list_voices()).to_proto()
 
     @staticmethod
     def _check(reader: SegmentReader) -> None:
