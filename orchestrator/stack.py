@@ -38,10 +38,16 @@ class LocalStack:
 
     stages: dict[str, ServiceProcess] = field(default_factory=dict)
     orchestrator: ServiceProcess | None = None
+    # The local language model the openai LLM stage talks to, when the stack started one.
+    llm_backend: ServiceProcess | None = None
 
     @property
     def processes(self) -> list[ServiceProcess]:
-        return [*([self.orchestrator] if self.orchestrator else []), *self.stages.values()]
+        return [
+            *([self.orchestrator] if self.orchestrator else []),
+            *self.stages.values(),
+            *([self.llm_backend] if self.llm_backend else []),
+        ]
 
     def stop(self) -> None:
         for process in self.processes:
@@ -66,6 +72,8 @@ async def start_stack(
                 *(["--latency-profile", latency_profile] if module.endswith("_stub") else []),
                 *(stage_flags or {}).get(role, []),
             ]
+            if module == "llm_openai" and "--base-url" not in extra:
+                extra += ["--base-url", await start_llm_backend(stack, ephemeral)]
             stack.stages[role] = await asyncio.to_thread(
                 ServiceProcess,
                 module,
@@ -86,6 +94,15 @@ async def start_stack(
         stack.stop()
         raise
     return stack
+
+
+async def start_llm_backend(stack: LocalStack, ephemeral: bool) -> str:
+    """Starts the bundled local model (llama.cpp's OpenAI-compatible server) and returns its API
+    root; imported here so a stub-only install does not need the engine's packages."""
+    from llm_openai import backend
+
+    stack.llm_backend = await asyncio.to_thread(backend.start, 0 if ephemeral else backend.DEFAULT_PORT)
+    return backend.base_url(stack.llm_backend)
 
 
 async def run(args: argparse.Namespace) -> None:
