@@ -15,7 +15,7 @@ install: $(INSTALLED) $(GENERATED)
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,stt-whisper]'
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.
@@ -49,11 +49,11 @@ demo: install
 	$(PY) -m orchestrator.demo
 
 bench: install
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,stt-whisper,bench]'
 	$(PY) -m bench
 
 bench-short: install
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,stt-whisper,bench]'
 	$(PY) -m bench --short
 
 clean:
