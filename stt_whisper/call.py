@@ -5,8 +5,9 @@ discarded if speech resumes; interims re-decode the growing utterance when the d
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,9 +58,10 @@ class CallAudio:
         return np.frombuffer(bytes(self._data[2 * first : 2 * last]), dtype="<i2").astype(np.int16)
 
     def drop_before(self, sample: int) -> None:
-        if sample > self.base:
-            del self._data[: 2 * (min(sample, self.end) - self.base)]
-            self.base = min(sample, self.end)
+        new_base = min(sample, self.end)
+        if new_base > self.base:
+            del self._data[: 2 * (new_base - self.base)]
+            self.base = new_base
 
 
 @dataclass
@@ -196,12 +198,14 @@ class CallTranscriber:
         )
 
     def _start(self, utterance: Utterance, end: int, name: str) -> Decode:
+        # The audio is taken now: by the time the task runs, later windows may have ended the
+        # utterance and dropped it.
         task = asyncio.create_task(self._decode(utterance, end), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return Decode(task, utterance.audio_from, end)
 
-    async def _decode(self, utterance: Utterance, end: int) -> Hypothesis:
+    def _decode(self, utterance: Utterance, end: int) -> Coroutine[Any, Any, Hypothesis]:
         audio = self._audio.span(utterance.audio_from, end)
         prefix = utterance.agreement.stable_text
-        return await self._shared.decodes.run(self._shared.decoder.decode, audio, self._language, prefix)
+        return self._shared.decodes.run(self._shared.decoder.decode, audio, self._language, prefix)
