@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from stt_whisper.agreement import LocalAgreement
-from stt_whisper.decoder import SAMPLE_RATE, WINDOW_S, Hypothesis, WhisperDecoder
+from stt_whisper.decoder import SAMPLE_RATE, WINDOW_S, Hypothesis
 from stt_whisper.endpoint import Ended, Endpointer, Paused, Resumed, Started
+from stt_whisper.scheduler import DecodeQueue, Urgency
 from stt_whisper.vad import WINDOW, SileroModel, VoiceActivity
 from voicepipe.aio import cancel_and_wait
 from voicepipe.pcm import Samples
@@ -31,10 +32,9 @@ CUT_SEARCH = 10 * SAMPLE_RATE
 
 @dataclass(frozen=True)
 class Shared:
-    """What every call of the process shares: one model, one VAD, their worker threads."""
+    """What every call of the process shares: one model and its queue, one VAD."""
 
-    decoder: WhisperDecoder
-    decodes: BlockingWorker
+    decodes: DecodeQueue
     vad: SileroModel
     vad_runs: BlockingWorker
 
@@ -128,10 +128,13 @@ class CallTranscriber:
         if isinstance(boundary, Paused):
             utterance.paused = True
             utterance.last_pause_cut = position
-            if self._candidate is None or self._candidate.task.done():
-                self._candidate = self._start(utterance, position, "whisper-final")
+            self._cancel(self._interim)
+            self._interim = None
+            self._candidate = self._start(utterance, position, Urgency.FINAL)
         elif isinstance(boundary, Resumed):
             utterance.paused = False
+            self._cancel(self._candidate)
+            self._candidate = None
         elif isinstance(boundary, Ended):
             return [await self._final(boundary.end, boundary.end + WINDOW)]
         if position - utterance.audio_from >= MAX_UTTERANCE:
@@ -151,14 +154,15 @@ class CallTranscriber:
     async def _final(self, speech_end: int, audio_end: int) -> Transcript:
         utterance = self._utterance
         assert utterance is not None
-        candidate = self._candidate
+        candidate, self._candidate = self._candidate, None
+        self._cancel(self._interim)
+        self._interim = None
         if candidate is not None and (candidate.start, candidate.end) == (utterance.audio_from, audio_end):
             hypothesis = await candidate.task
         else:
-            hypothesis = await self._decode(utterance, audio_end)
+            self._cancel(candidate)
+            hypothesis = await self._decode(utterance, audio_end, Urgency.FINAL)
         self._utterance = None
-        self._candidate = None
-        self._interim = None
         self._audio.drop_before(audio_end)
         return Transcript(
             hypothesis.text,
@@ -174,11 +178,11 @@ class CallTranscriber:
             not self._settings.interim_results
             or self._interim is not None
             or position - utterance.interim_at < self._interim_every
-            or self._shared.decodes.admitted > 0
+            or not self._shared.decodes.idle
         ):
             return
         utterance.interim_at = position
-        self._interim = self._start(utterance, position, "whisper-interim")
+        self._interim = self._start(utterance, position, Urgency.INTERIM)
 
     def _interim_result(self) -> Transcript | None:
         interim, utterance = self._interim, self._utterance
@@ -197,15 +201,26 @@ class CallTranscriber:
             text, is_final=False, start=utterance.speech_start, end=interim.end, stability=stable / len(text)
         )
 
-    def _start(self, utterance: Utterance, end: int, name: str) -> Decode:
+    def _start(self, utterance: Utterance, end: int, urgency: Urgency) -> Decode:
         # The audio is taken now: by the time the task runs, later windows may have ended the
         # utterance and dropped it.
-        task = asyncio.create_task(self._decode(utterance, end), name=name)
+        task = asyncio.create_task(
+            self._decode(utterance, end, urgency), name=f"whisper-{urgency.name.lower()}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return Decode(task, utterance.audio_from, end)
 
-    def _decode(self, utterance: Utterance, end: int) -> Coroutine[Any, Any, Hypothesis]:
+    def _decode(self, utterance: Utterance, end: int, urgency: Urgency) -> Coroutine[Any, Any, Hypothesis]:
+        """Interims are asked to continue the words already reported stable; a final is decoded
+        afresh from the whole utterance (it may correct them: it is the better transcript)."""
         audio = self._audio.span(utterance.audio_from, end)
-        prefix = utterance.agreement.stable_text
-        return self._shared.decodes.run(self._shared.decoder.decode, audio, self._language, prefix)
+        prefix = utterance.agreement.stable_text if urgency == Urgency.INTERIM else ""
+        return self._shared.decodes.decode(audio, self._language, prefix, urgency)
+
+    @staticmethod
+    def _cancel(decode: Decode | None) -> None:
+        """A decode nobody will use: dropped from the queue if it has not started. (Its holder
+        forgets it: a cancelled task is only marked cancelled once it has run again.)"""
+        if decode is not None:
+            decode.task.cancel()

@@ -12,6 +12,7 @@ import grpc
 
 from stt_whisper.call import CallTranscriber, Shared
 from stt_whisper.decoder import SAMPLE_RATE, ModelSettings, WhisperDecoder
+from stt_whisper.scheduler import DecodeQueue
 from stt_whisper.vad import SileroModel
 from voicepipe.audio_format import InvalidInput
 from voicepipe.config import FlagParser
@@ -56,22 +57,19 @@ class WhisperEngine(SpeechEngine):
     async def start(self) -> None:
         decoder = await asyncio.to_thread(WhisperDecoder, self.model)
         self._shared = Shared(
-            decoder=decoder,
-            decodes=BlockingWorker(
-                "whisper", workers=self.model.workers, max_queued=_DECODES_PER_CALL * self.max_sessions
-            ),
+            decodes=DecodeQueue(decoder, self.model.workers, _DECODES_PER_CALL * self.max_sessions),
             vad=await asyncio.to_thread(SileroModel),
             vad_runs=BlockingWorker("silero", workers=1, max_queued=self.max_sessions),
         )
 
     async def close(self) -> None:
         if self._shared is not None:
-            self._shared.decodes.close()
+            await self._shared.decodes.close()
             self._shared.vad_runs.close()
 
     @property
     def languages(self) -> list[str]:
-        return self._loaded().decoder.languages
+        return self._loaded().decodes.decoder.languages
 
     def sample_rate(self, settings: TranscriptionSettings) -> int:
         return SAMPLE_RATE

@@ -167,7 +167,6 @@ async def test_interims_arrive_before_the_final_and_stable_prefixes_hold(engine:
         assert prefix.startswith(stable), (stable, interim.text)
         stable = prefix
     assert stable, "nothing was ever reported stable"
-    assert normalise(transcripts[-1].text).startswith(normalise(stable))
     assert normalise(transcripts[-1].text) == recording.reference
 
 

@@ -51,11 +51,6 @@ class BlockingWorker:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self._admitted = 0  # running + queued
 
-    @property
-    def admitted(self) -> int:
-        """Calls running or queued (an engine can skip optional work while any are)."""
-        return self._admitted
-
     def _admit(self) -> None:
         if self._admitted >= self.workers + self.max_queued:
             raise StageError(
