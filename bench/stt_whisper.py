@@ -29,6 +29,7 @@ import numpy as np
 
 from bench import recordings
 from bench.recordings import Recording, normalise
+from stt_whisper.decoder import Hypothesis
 from stt_whisper.engine import WhisperEngine
 from voice.v1 import common_pb2
 from voicepipe.aio import cancel_and_wait
@@ -82,6 +83,25 @@ class Level:
     finalisation_ms: list[float]
     cpu_per_session: float
     errors: int
+    decode_ms: list[float]
+
+
+class DecodeTimes:
+    """Wraps the engine's decoder to time every decode that ran (what bounds finalisation)."""
+
+    def __init__(self, engine: WhisperEngine) -> None:
+        self.ms: list[float] = []
+        decoder = engine._loaded().decodes.decoder
+        decode = decoder.decode
+
+        def timed(audio: Samples, language: str, prefix: str = "") -> Hypothesis:
+            started = time.perf_counter()
+            try:
+                return decode(audio, language, prefix)
+            finally:
+                self.ms.append((time.perf_counter() - started) * 1000)
+
+        decoder.decode = timed  # type: ignore[method-assign]
 
 
 class PacedSession:
@@ -118,12 +138,13 @@ class PacedSession:
         return latencies
 
 
-async def concurrent(engine: WhisperEngine, sessions: int, silence_ms: int) -> Level:
+async def concurrent(engine: WhisperEngine, sessions: int, silence_ms: int, times: DecodeTimes) -> Level:
     played = recordings.all_recordings()
     plans = []
     for index in range(sessions):
         order = played[index % len(played) :] + played[: index % len(played)]
         plans.append(np.concatenate([np.zeros(FRAME * (7 * index % 50), np.int16), *_spaced(order)]))
+    times.ms.clear()
     cpu_before, wall_before = _cpu_s(), time.monotonic()
     results = await asyncio.gather(
         *(PacedSession(audio).run(engine, silence_ms) for audio in plans), return_exceptions=True
@@ -132,7 +153,7 @@ async def concurrent(engine: WhisperEngine, sessions: int, silence_ms: int) -> L
     cpu = _cpu_s() - cpu_before
     latencies = [ms for r in results if isinstance(r, list) for ms in r]
     errors = sum(1 for r in results if isinstance(r, BaseException))
-    return Level(sessions, latencies, cpu / wall / sessions, errors)
+    return Level(sessions, latencies, cpu / wall / sessions, errors, list(times.ms))
 
 
 def _spaced(order: list[Recording]) -> list[Samples]:
@@ -166,13 +187,16 @@ async def main(argv: list[str]) -> None:
                 print(f"  ref: {reference}\n  hyp: {heard}")
         print(f"WER {wer * 100:.1f} % over {len(pairs)} recordings")
         print(f"RTF {real_time_factor(engine):.3f} (median, one whole-recording decode)")
-        print("sessions  finals  final p50 ms  final p95 ms  CPU cores/session  errors  load")
+        print("sessions  finals  final p50 ms  final p95 ms  CPU cores/session  errors  decodes"
+              "  decode p50 ms  load")  # fmt: skip
+        times = DecodeTimes(engine)
         for sessions in (int(n) for n in args.sessions.split(",")):
-            level = await concurrent(engine, sessions, args.silence_ms)
+            level = await concurrent(engine, sessions, args.silence_ms, times)
             p50, p95 = (_percentile(level.finalisation_ms, q) for q in (50, 95))
             print(
                 f"{sessions:8d}  {len(level.finalisation_ms):6d}  {p50:12.0f}  {p95:12.0f}"
-                f"  {level.cpu_per_session:17.3f}  {level.errors:6d}  {os.getloadavg()[0]:.1f}",
+                f"  {level.cpu_per_session:17.3f}  {level.errors:6d}  {len(level.decode_ms):7d}"
+                f"  {_percentile(level.decode_ms, 50):13.0f}  {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
     finally:

@@ -67,12 +67,18 @@ class ModelSettings:
             help="CTranslate2 compute type (auto: int8 on CPU, float16 on CUDA; or int8, int8_float16,"
             " float16, float32, ...)",
         )
-        flags.add("--cpu-threads", type=int, default=0, help="threads per decode on CPU (0: all cores)")
+        flags.add(
+            "--cpu-threads",
+            type=int,
+            default=1,
+            help="threads per decode on CPU (0: CTranslate2's default); with --workers, measured"
+            " best at one thread per worker and a worker per core",
+        )
         flags.add(
             "--workers",
             type=int,
-            default=1,
-            help="decodes that run at once (one model, this many CTranslate2 replicas of its state)",
+            default=2,
+            help="decodes that run at once (one model; CTranslate2 runs this many in parallel)",
         )
         flags.add("--beam-size", type=int, default=1, help="beam size (1: greedy, the fastest)")
         flags.add(
