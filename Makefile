@@ -15,7 +15,7 @@ install: $(INSTALLED) $(GENERATED)
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,stt-whisper]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper]'
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.
@@ -41,19 +41,23 @@ lint: install
 	$(PY) -m mypy .
 	$(BUF) lint protos
 
-# The four services on their default ports, stopped together by Ctrl-C.
+# The four services on their default ports, stopped together by Ctrl-C; each role runs its stub
+# unless told otherwise: `make up STT=whisper LLM=openai TTS=espeak`.
+STT ?= stub
+LLM ?= stub
+TTS ?= stub
 up: install
-	$(PY) -m orchestrator.stack
+	$(PY) -m orchestrator.stack --stt $(STT) --llm $(LLM) --tts $(TTS)
 
 demo: install
 	$(PY) -m orchestrator.demo
 
 bench: install
-	$(PY) -m pip install --quiet -e '.[dev,stt-whisper,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,bench]'
 	$(PY) -m bench
 
 bench-short: install
-	$(PY) -m pip install --quiet -e '.[dev,stt-whisper,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,bench]'
 	$(PY) -m bench --short
 
 clean:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from stubs import audio_code, replies
 from voice.v1 import common_pb2
 from voicepipe.audio_format import PcmFormat
+from voicepipe.stage.llm import Message
 
 SAMPLE_RATE = 16_000
 FORMAT = PcmFormat(common_pb2.AUDIO_ENCODING_LINEAR16, SAMPLE_RATE)
@@ -68,7 +69,7 @@ def build_phrase(kind: str, text: str, barge_in_after_s: float | None = None) ->
     data = FORMAT.encode(rendered.samples)
     frames = tuple(data[i : i + FRAME_BYTES] for i in range(0, len(data), FRAME_BYTES))
     expected_user = audio_code.normalize_text(text)
-    expected_reply = replies.reply([replies.Message(replies.Speaker.USER, expected_user)])
+    expected_reply = replies.reply([Message("user", expected_user)])
     return Phrase(
         kind=kind,
         text=text,

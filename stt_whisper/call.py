@@ -5,7 +5,7 @@ discarded if speech resumes; interims re-decode the growing utterance when the d
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +97,7 @@ class CallTranscriber:
         self._interim: Decode | None = None
         self._tasks: set[asyncio.Task[Hypothesis]] = set()
 
-    async def events(self, audio: AsyncIterator[Samples]) -> AsyncIterator[SpeechEvent]:
+    async def events(self, audio: AsyncIterator[Samples]) -> AsyncGenerator[SpeechEvent, None]:
         try:
             async for samples in audio:
                 self._audio.append(samples)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Self
-
-import grpc
 
 from stt_whisper.call import CallTranscriber, Shared
 from stt_whisper.decoder import SAMPLE_RATE, ModelSettings, WhisperDecoder
@@ -17,32 +16,26 @@ from stt_whisper.vad import SileroModel
 from voicepipe.audio_format import InvalidInput
 from voicepipe.config import FlagParser
 from voicepipe.pcm import Samples
-from voicepipe.stage import StageError
 from voicepipe.stage.blocking import BlockingWorker
 from voicepipe.stage.stt import SpeechEngine, SpeechEvent, TranscriptionSettings
 
-# Decodes one call can have admitted at once: an interim, a final started when speech paused
-# (maybe stale), and a final.
+# Decodes one call can have waiting at once: an interim, a final started when speech paused
+# (maybe stale, until the decoder drops it), and a final.
 _DECODES_PER_CALL = 3
+# The calls the queues are sized for when the server has no session limit (--max-sessions 0).
+_UNLIMITED_CALLS = 64
 
 
 class WhisperEngine(SpeechEngine):
-    def __init__(self, model: ModelSettings, max_sessions: int, interim_interval_ms: int) -> None:
+    def __init__(self, model: ModelSettings, max_calls: int, interim_interval_ms: int) -> None:
         self.model = model
-        self.max_sessions = max_sessions
+        self.max_calls = max_calls or _UNLIMITED_CALLS
         self.interim_interval_ms = interim_interval_ms
         self._shared: Shared | None = None
-        self._sessions = 0
 
     @classmethod
     def add_flags(cls, flags: FlagParser) -> None:
         ModelSettings.add_flags(flags)
-        flags.add(
-            "--max-sessions",
-            type=int,
-            default=16,
-            help="concurrent Transcribe calls; more are refused with RESOURCE_EXHAUSTED",
-        )
         flags.add(
             "--interim-interval-ms",
             type=int,
@@ -52,14 +45,15 @@ class WhisperEngine(SpeechEngine):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
+        # --max-sessions is the server's (the SDK refuses calls beyond it); the queues fit it.
         return cls(ModelSettings.from_args(args), args.max_sessions, args.interim_interval_ms)
 
     async def start(self) -> None:
         decoder = await asyncio.to_thread(WhisperDecoder, self.model)
         self._shared = Shared(
-            decodes=DecodeQueue(decoder, self.model.workers, _DECODES_PER_CALL * self.max_sessions),
+            decodes=DecodeQueue(decoder, self.model.workers, _DECODES_PER_CALL * self.max_calls),
             vad=await asyncio.to_thread(SileroModel),
-            vad_runs=BlockingWorker("silero", workers=1, max_queued=self.max_sessions),
+            vad_runs=BlockingWorker("silero", workers=1, max_queued=self.max_calls),
         )
 
     async def close(self) -> None:
@@ -84,19 +78,11 @@ class WhisperEngine(SpeechEngine):
 
     async def transcribe(
         self, settings: TranscriptionSettings, audio: AsyncIterator[Samples]
-    ) -> AsyncIterator[SpeechEvent]:
-        shared = self._loaded()
-        if self._sessions >= self.max_sessions:
-            raise StageError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this speech stage is at its limit of {self.max_sessions} concurrent calls; retry later",
-            )
-        self._sessions += 1
-        try:
-            async for event in CallTranscriber(shared, settings, self.interim_interval_ms).events(audio):
+    ) -> AsyncGenerator[SpeechEvent, None]:
+        call = CallTranscriber(self._loaded(), settings, self.interim_interval_ms)
+        async with contextlib.aclosing(call.events(audio)) as events:
+            async for event in events:
                 yield event
-        finally:
-            self._sessions -= 1
 
     def _loaded(self) -> Shared:
         if self._shared is None:

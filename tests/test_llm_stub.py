@@ -11,9 +11,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from llm_stub.service import SERVICE_NAME
 from stubs import replies
-from stubs.replies import Message, Speaker
 from tests.conftest import StartService
 from tests.helpers import (
     assert_drains_on_sigterm,
@@ -26,6 +24,7 @@ from tests.helpers import (
 )
 from voice.v1 import common_pb2, language_model_pb2, language_model_pb2_grpc
 from voicepipe.processes import ServiceProcess
+from voicepipe.stage.llm import SERVICE_NAME, Message
 
 if TYPE_CHECKING:
     from voice.v1.language_model_pb2_grpc import LanguageModelServiceAsyncStub as Stub
@@ -41,8 +40,8 @@ def said(*texts: str) -> list[Message]:
     messages: list[Message] = []
     for text in texts:
         if messages:
-            messages.append(Message(Speaker.ASSISTANT, "OK."))
-        messages.append(Message(Speaker.USER, text))
+            messages.append(Message("assistant", "OK."))
+        messages.append(Message("user", text))
     return messages
 
 
@@ -91,10 +90,10 @@ def test_recalls_what_to_remember() -> None:
 
 def test_ignores_names_said_by_the_assistant_or_the_system() -> None:
     conversation = [
-        Message(Speaker.SYSTEM, "my name is System"),
-        Message(Speaker.USER, "hi"),
-        Message(Speaker.ASSISTANT, "Hello! My name is Bot and I was interrup"),
-        Message(Speaker.USER, "what is my name"),
+        Message("system", "my name is System"),
+        Message("user", "hi"),
+        Message("assistant", "Hello! My name is Bot and I was interrup"),
+        Message("user", "what is my name"),
     ]
     assert replies.reply(conversation) == replies.UNKNOWN_NAME
 

@@ -11,7 +11,6 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from stt_stub.service import SERVICE_NAME
 from stubs import audio_code
 from tests.conftest import StartService
 from tests.helpers import (
@@ -37,6 +36,7 @@ from tests.helpers import (
 from voice.v1 import common_pb2, speech_to_text_pb2, speech_to_text_pb2_grpc
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
 from voicepipe.processes import ServiceProcess
+from voicepipe.stage.stt import SERVICE_NAME
 
 pb = speech_to_text_pb2
 PCM16 = PcmFormat(LINEAR16, 16_000)

@@ -33,10 +33,10 @@ from tests.helpers import (
     wait_for_log,
     wait_for_metric,
 )
-from tts_stub.service import SERVICE_NAME
 from voice.v1 import common_pb2, text_to_speech_pb2, text_to_speech_pb2_grpc
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
 from voicepipe.processes import ServiceProcess
+from voicepipe.stage.tts import SERVICE_NAME
 
 pb = text_to_speech_pb2
 PCM16 = PcmFormat(LINEAR16, 16_000)
@@ -288,6 +288,14 @@ async def test_accepts_the_longest_segment(tts: ServiceProcess) -> None:
     outcome = await synthesize(tts, [config(chunk_duration_ms=1000), segment(0, "ab " * 1365 + "a")])
     [output] = by_segment(outcome.assert_ok())
     assert output.chunks[-1].text_end == 4096
+
+
+async def test_list_voices_says_any_name_is_accepted(tts: ServiceProcess) -> None:
+    async with open_channel(tts.target) as channel:
+        stub = text_to_speech_pb2_grpc.TextToSpeechServiceStub(channel)
+        voices = await stub.ListVoices(pb.ListVoicesRequest(), timeout=CALL_TIMEOUT_S)
+    assert voices.accepts_any_name
+    assert [voice.name for voice in voices.voices] == ["default"]
 
 
 async def test_rejections_are_counted_in_metrics(tts: ServiceProcess) -> None:

@@ -36,6 +36,7 @@ from voice.v1 import common_pb2
 from voicepipe.audio_format import PcmFormat
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
+from voicepipe.stage.llm import Message
 
 pytestmark = pytest.mark.chaos
 
@@ -136,7 +137,7 @@ def decoded_reply(turn: TurnRecord) -> list[str]:
 
 
 def expected_reply(text: str) -> str:
-    return replies.reply([replies.Message(replies.Speaker.USER, text)])
+    return replies.reply([Message("user", text)])
 
 
 def assert_exact_turn(turn: TurnRecord, phrase: str) -> None:
