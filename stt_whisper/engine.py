@@ -9,6 +9,8 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Self
 
+import numpy as np
+
 from stt_whisper.call import CallTranscriber, Shared
 from stt_whisper.decoder import SAMPLE_RATE, ModelSettings, WhisperDecoder
 from stt_whisper.scheduler import DecodeQueue
@@ -50,6 +52,8 @@ class WhisperEngine(SpeechEngine):
 
     async def start(self) -> None:
         decoder = await asyncio.to_thread(WhisperDecoder, self.model)
+        # The first decode allocates the model's buffers: done here, not in a caller's final.
+        await asyncio.to_thread(decoder.decode, np.zeros(SAMPLE_RATE, np.int16), decoder.languages[0])
         self._shared = Shared(
             decodes=DecodeQueue(decoder, self.model.workers, _DECODES_PER_CALL * self.max_calls),
             vad=await asyncio.to_thread(SileroModel),
