@@ -9,8 +9,9 @@
   in real time (every session plays all the recordings, in its own order, 1 s of silence apart),
   and the process's CPU per session.
 
-The engine runs in this process (the load generator's own cost is included in the CPU figure
-and is small: pacing frames). Engine flags (--workers, --cpu-threads, --encoder-seconds,
+The engine runs in this process behind its SDK interface, without the gRPC hop (as
+bench.tts_espeak); the load generator's own cost is included in the CPU figure and is small
+(pacing frames). Engine flags (--workers, --cpu-threads, --encoder-seconds,
 --beam-size, --model ...) are passed through."""
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def _percentile(values: list[float], q: float) -> float:
 async def main(argv: list[str]) -> None:
     flags = FlagParser("stt_whisper", __doc__ or "")
     WhisperEngine.add_flags(flags)
+    flags.add("--max-sessions", type=int, default=0, help="what the server's limit would be (sizes queues)")
     flags.add("--sessions", type=str, default="1,2,4,8", help="concurrent real-time sessions")
     flags.add("--silence-ms", type=int, default=200, help="end-of-utterance silence")
     args = flags.parse(argv)
