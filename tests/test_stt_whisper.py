@@ -14,8 +14,10 @@ import pytest
 
 from bench import recordings
 from bench.recordings import Recording, normalise
+from orchestrator.stack import STUBS, start_stack
 from tests.helpers import CallOutcome, collect, exchange, open_channel, running
-from voice.v1 import speech_to_text_pb2, speech_to_text_pb2_grpc
+from tests.stack_fixtures import Caller
+from voice.v1 import speech_to_text_pb2, speech_to_text_pb2_grpc, voice_agent_pb2
 from voicepipe import durations
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
 from voicepipe.pcm import Resampler, Samples
@@ -248,3 +250,24 @@ def test_a_model_that_would_need_a_download_fails_clearly() -> None:
     refused = pytest.raises(RuntimeError, match="never downloads models")
     with refused, running("stt_whisper", "--model", "small.en"):
         pass
+
+
+async def test_a_spoken_turn_through_the_orchestrator() -> None:
+    """The orchestrator with the Whisper stage as its STT (the stub LLM and TTS): a caller's
+    recorded sentence becomes the turn's user text, and the agent answers it."""
+    stack = await start_stack("instant", ephemeral=True, engines={**STUBS, "stt": "whisper"})
+    try:
+        assert stack.orchestrator is not None
+        async with open_channel(stack.orchestrator.target) as channel, Caller(channel) as caller:
+            await caller.open()
+            data = PCM16.encode(padded(recordings.goforward().audio))
+            for offset in range(0, len(data), 640):
+                await caller.send(voice_agent_pb2.ConverseRequest(audio=data[offset : offset + 640]))
+            turn = await caller.turn_ended("1", timeout_s=30)
+            await caller.end_input()
+            assert await caller.ended(timeout_s=30) == (grpc.StatusCode.OK, "")
+        assert [normalise(text) for text in caller.final_transcripts()] == ["go forward ten meters"]
+        assert normalise(turn.user_text) == "go forward ten meters"
+        assert turn.completed is not None and turn.agent_text and turn.audio
+    finally:
+        await asyncio.to_thread(stack.stop)
