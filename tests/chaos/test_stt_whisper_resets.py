@@ -1,0 +1,69 @@
+"""Resumption with a real ear: the orchestrator's link to the Whisper stage is reset again and
+again while a caller speaks recorded sentences in real time; the orchestrator replays the audio no
+final covered, and every transcript is the one the recording gets without resets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from bench import recordings
+from bench.recordings import normalise
+from orchestrator.client import VoiceClient
+from tests.chaos.fault_proxy import FaultProxy
+from tests.helpers import open_channel, read_metric
+from voice.v1 import common_pb2
+from voicepipe.audio_format import PcmFormat
+from voicepipe.healthcheck import wait_until_serving
+from voicepipe.processes import ServiceProcess, stage_args
+
+pytestmark = [
+    pytest.mark.chaos,
+    pytest.mark.skipif(not recordings.available(), reason="needs Debian's pocketsphinx-testdata"),
+]
+
+FMT = PcmFormat(common_pb2.AUDIO_ENCODING_LINEAR16, 16_000)
+
+
+async def test_stt_link_resets_leave_real_transcripts_unchanged() -> None:
+    sentences = [recordings.goforward(), *recordings.librivox()[::4]]  # goforward, 0870, 0930
+    started: list[ServiceProcess] = []
+    proxy: FaultProxy | None = None
+    try:
+        for module in ("stt_whisper", "llm_stub", "tts_stub"):
+            started.append(await asyncio.to_thread(ServiceProcess, module, stage_args(0, 0)))
+        stt, llm, tts = started
+        proxy = FaultProxy(stt.port, seed=11)
+        await proxy.start()
+        targets = [f"--stt={proxy.target}", f"--llm={llm.target}", f"--tts={tts.target}"]
+        orchestrator = await asyncio.to_thread(ServiceProcess, "orchestrator", stage_args(0, 0, *targets))
+        started.append(orchestrator)
+        await wait_until_serving(orchestrator.target, 30)
+        await proxy.reset_every(1.0, jitter_s=0.3)
+        async with open_channel(orchestrator.target) as channel:
+            client = VoiceClient(channel, input_format=FMT, output_format=FMT, realtime=True, timeout_s=120)
+            async with client:
+                for sentence in sentences:
+                    # The sentence, then 1.5 s of silence (which ends its utterance).
+                    audio = np.concatenate([sentence.audio, np.zeros(24_000, np.int16)])
+                    await client.speak_samples(audio, len(sentence.audio))
+                await proxy.stop_resets()
+                assert await client.finish() == grpc.StatusCode.OK
+        resets = proxy.stats.connections_reset
+        resumed = await read_metric(
+            orchestrator.metrics_port, "voicepipe_stage_resumptions_total", stage="stt"
+        )
+    finally:
+        if proxy is not None:
+            await proxy.close()
+        for process in reversed(started):
+            await asyncio.to_thread(process.stop)
+    heard = [normalise(text) for text in client.transcripts if text]
+    assert heard == [s.reference for s in sentences]
+    assert resets > 0 and resumed > 0, (resets, resumed)
+    print(
+        f"\nwhisper under resets: {len(heard)} transcripts exact; {resets} resets, {resumed:.0f} resumptions"
+    )
