@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from orchestrator.client import converse, parse_args
 from orchestrator.stack import start_stack
+from voicepipe_client.cli import converse, parse_args
 
 SCRIPT = [
     "--say", "Hello, my name is Ada.",

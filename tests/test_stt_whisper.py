@@ -17,11 +17,12 @@ from bench.recordings import Recording, normalise
 from orchestrator.stack import STUBS, start_stack
 from tests.helpers import CallOutcome, collect, exchange, open_channel, running
 from tests.stack_fixtures import Caller
-from voice.v1 import speech_to_text_pb2, speech_to_text_pb2_grpc, voice_agent_pb2
+from voice.v1 import speech_to_text_pb2, speech_to_text_pb2_grpc
 from voicepipe import durations
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
 from voicepipe.pcm import Resampler, Samples
 from voicepipe.processes import ServiceProcess
+from voicepipe_client import Utterance
 
 pb = speech_to_text_pb2
 pytestmark = pytest.mark.skipif(
@@ -260,14 +261,14 @@ async def test_a_spoken_turn_through_the_orchestrator() -> None:
         assert stack.orchestrator is not None
         async with open_channel(stack.orchestrator.target) as channel, Caller(channel) as caller:
             await caller.open()
-            data = PCM16.encode(padded(recordings.goforward().audio))
-            for offset in range(0, len(data), 640):
-                await caller.send(voice_agent_pb2.ConverseRequest(audio=data[offset : offset + 640]))
+            await caller.conversation.speak(
+                Utterance.from_samples(padded(recordings.goforward().audio), PCM16)
+            )
             turn = await caller.turn_ended("1", timeout_s=30)
             await caller.end_input()
             assert await caller.ended(timeout_s=30) == (grpc.StatusCode.OK, "")
         assert [normalise(text) for text in caller.final_transcripts()] == ["go forward ten meters"]
         assert normalise(turn.user_text) == "go forward ten meters"
-        assert turn.completed is not None and turn.agent_text and turn.audio
+        assert turn.completed is not None and turn.agent_text and turn.audio_bytes > 0
     finally:
         await asyncio.to_thread(stack.stop)

@@ -12,13 +12,13 @@ import pytest
 
 from bench import recordings
 from bench.recordings import normalise
-from orchestrator.client import VoiceClient
 from tests.chaos.fault_proxy import FaultProxy
 from tests.helpers import open_channel, read_metric
 from voice.v1 import common_pb2
 from voicepipe.audio_format import PcmFormat
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
+from voicepipe_client import Conversation, Microphone, SessionSettings, Utterance
 
 pytestmark = [
     pytest.mark.chaos,
@@ -44,14 +44,18 @@ async def test_stt_link_resets_leave_real_transcripts_unchanged() -> None:
         await wait_until_serving(orchestrator.target, 30)
         await proxy.reset_every(1.0, jitter_s=0.3)
         async with open_channel(orchestrator.target) as channel:
-            client = VoiceClient(channel, input_format=FMT, output_format=FMT, realtime=True, timeout_s=120)
-            async with client:
+            microphone = Microphone(realtime=True)
+            conversation = Conversation(
+                channel, SessionSettings(FMT, FMT), microphone=microphone, timeout_s=120
+            )
+            async with conversation:
                 for sentence in sentences:
                     # The sentence, then 1.5 s of silence (which ends its utterance).
                     audio = np.concatenate([sentence.audio, np.zeros(24_000, np.int16)])
-                    await client.speak_samples(audio, len(sentence.audio))
+                    await conversation.speak(Utterance.from_samples(audio, FMT, len(sentence.audio)))
                 await proxy.stop_resets()
-                assert await client.finish() == grpc.StatusCode.OK
+                assert await conversation.finish() == grpc.StatusCode.OK
+                transcripts = list(conversation.transcripts)
         resets = proxy.stats.connections_reset
         resumed = await read_metric(
             orchestrator.metrics_port, "voicepipe_stage_resumptions_total", stage="stt"
@@ -61,7 +65,7 @@ async def test_stt_link_resets_leave_real_transcripts_unchanged() -> None:
             await proxy.close()
         for process in reversed(started):
             await asyncio.to_thread(process.stop)
-    heard = [normalise(text) for text in client.transcripts if text]
+    heard = [normalise(text) for text in transcripts if text]
     assert heard == [s.reference for s in sentences]
     assert resets > 0 and resumed > 0, (resets, resumed)
     print(
