@@ -58,6 +58,12 @@ def all_recordings() -> list[Recording]:
     return [goforward(), *librivox()]
 
 
+def padded(audio: Samples, before_s: float = 0.5, after_s: float = 1.0) -> Samples:
+    """Silence around speech, as a caller's microphone has it."""
+    before, after = (np.zeros(int(s * SAMPLE_RATE), np.int16) for s in (before_s, after_s))
+    return np.concatenate([before, audio, after])
+
+
 def read_wav(path: Path) -> Samples:
     with wave.open(str(path)) as wav:
         if wav.getframerate() != SAMPLE_RATE or wav.getnchannels() != 1 or wav.getsampwidth() != 2:

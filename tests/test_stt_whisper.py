@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench import recordings
-from bench.recordings import Recording, normalise
+from bench.recordings import Recording, normalise, padded
 from orchestrator.stack import STUBS, start_stack
 from tests.helpers import CallOutcome, collect, exchange, open_channel, running
 from tests.stack_fixtures import Caller
@@ -55,12 +55,6 @@ def config(
             interim_results=interim_results,
             endpointing=pb.EndpointingConfig(end_of_utterance_silence_ms=silence_ms),
         )
-    )
-
-
-def padded(audio: Samples, before_s: float = 0.5, after_s: float = 1.0) -> Samples:
-    return np.concatenate(
-        [np.zeros(int(before_s * RATE), np.int16), audio, np.zeros(int(after_s * RATE), np.int16)]
     )
 
 
