@@ -49,10 +49,20 @@ async def test_stt_link_resets_leave_real_transcripts_unchanged() -> None:
                 channel, SessionSettings(FMT, FMT), microphone=microphone, timeout_s=120
             )
             async with conversation:
+                turns = []
                 for sentence in sentences:
                     # The sentence, then 1.5 s of silence (which ends its utterance).
                     audio = np.concatenate([sentence.audio, np.zeros(24_000, np.int16)])
-                    await conversation.speak(Utterance.from_samples(audio, FMT, len(sentence.audio)))
+                    turns.append(
+                        await conversation.speak(Utterance.from_samples(audio, FMT, len(sentence.audio)))
+                    )
+                # Each sentence starts its turn (its final transcript arrived) while resets go on.
+                for turn in turns:
+                    try:
+                        await asyncio.wait_for(turn.started.wait(), 30)
+                    except TimeoutError:
+                        heard = conversation.transcripts
+                        raise AssertionError(f"a turn never started; heard {heard}") from None
                 await proxy.stop_resets()
                 assert await conversation.finish() == grpc.StatusCode.OK
                 transcripts = list(conversation.transcripts)
