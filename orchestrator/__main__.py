@@ -12,7 +12,7 @@ from voicepipe.config import FlagParser, ServerSettings
 from voicepipe.server import GrpcService, Registration, run, wait_for_shutdown_signal
 
 
-def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags = FlagParser("orchestrator", "Chains STT, LLM and TTS into streaming voice conversations.")
     ServerSettings.add_flags(flags, port=50051, metrics_port=9601)
     flags.add("--stt", type=str, default="127.0.0.1:50052", help="gRPC target of the STT stage")
@@ -80,7 +80,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    args = parse_flags()
+    args = parse_args()
     run(serve(args), "orchestrator", ServerSettings.from_args(args))
 
 

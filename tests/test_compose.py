@@ -1,12 +1,16 @@
-"""docker-compose.yml and the Dockerfile, checked without a Docker engine: the compose file is
-validated and normalised by `docker-compose config`, then held against the shared conventions
-(ports, modules) and against the flag parsers of the services it runs; the container health
-check command is run against real services."""
+"""The compose files and the Dockerfile, checked without a Docker engine: each configuration
+(the stubs: docker-compose.yml; the real engines: docker-compose.real.yml over it) is validated
+and normalised by `docker-compose config`, then held against the shared conventions (ports,
+modules) and against the flag parsers of the services it runs; the container health check
+commands and the Dockerfile's own scripts are run here against real services and files."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -15,76 +19,134 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-import llm_stub.__main__
-import orchestrator.__main__
-import stt_stub.__main__
-import tts_stub.__main__
+from llm_openai import backend
 from tests.conftest import StartService
 from voicepipe import config
 from voicepipe.healthcheck import wait_until_serving
-from voicepipe.processes import PROJECT_ROOT
+from voicepipe.processes import PROJECT_ROOT, ServiceProcess
 
 SHARED_README = PROJECT_ROOT.parent / "shared" / "README.md"
 COMPOSE_TIMEOUT_S = 60
 HEALTHCHECK_TIMEOUT_S = 30
 STAGES = ("stt", "llm", "tts")
+BACKEND = "llm-backend"
 
 ParseFlags = Callable[[list[str] | None], argparse.Namespace]
-# Each service's own flag parser, keyed by its compose service name (which is also the service
-# name in its environment variables: VOICEPIPE_<NAME>_<FLAG>).
-PARSERS: dict[str, ParseFlags] = {
-    "orchestrator": orchestrator.__main__.parse_flags,
-    "stt": stt_stub.__main__.parse_args,
-    "llm": llm_stub.__main__.parse_args,
-    "tts": tts_stub.__main__.parse_args,
-}
 
 
 @dataclass(frozen=True)
-class Convention:
-    """One row of the shared conventions' table of processes and ports."""
+class Ports:
+    """Where a service listens by the shared conventions."""
 
-    module: str
     port: int
-    metrics_port: int
-
-    @property
-    def service(self) -> str:
-        return self.module.removesuffix("_stub")
+    metrics_port: int | None  # None: it has no Prometheus endpoint
 
 
-def read_conventions() -> dict[str, Convention]:
-    """`| STT stub | `python -m stt_stub` | 50052 | 9602 |` -> {"stt": Convention(...)}."""
+def read_conventions() -> tuple[dict[str, str], dict[str, Ports], str]:
+    """From the shared conventions: the module each service of the stub stack runs
+    (`| STT stub | `python -m stt_stub` | 50052 | 9602 |` -> "stt": "stt_stub"), every service's
+    ports (a stage's belong to its role, whichever engine serves it), and the URL at which the
+    LLM stage reaches the local LLM backend."""
     row = re.compile(r"^\|[^|]+\|\s*`python -m (\w+)`\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*$")
-    rows = [match for line in SHARED_README.read_text().splitlines() if (match := row.match(line))]
-    conventions = {c.service: c for c in (Convention(m[1], int(m[2]), int(m[3])) for m in rows)}
-    assert set(conventions) == set(PARSERS), f"{SHARED_README} lists {sorted(conventions)}"
-    return conventions
+    text = SHARED_README.read_text()
+    rows = [match for line in text.splitlines() if (match := row.match(line))]
+    modules = {m[1].removesuffix("_stub"): m[1] for m in rows}
+    ports = {m[1].removesuffix("_stub"): Ports(int(m[2]), int(m[3])) for m in rows}
+    assert set(modules) == {"orchestrator", *STAGES}, f"{SHARED_README} lists {sorted(modules)}"
+    url = re.search(r"the LLM stage reaches it as `(http://[^`]+)`", " ".join(text.split()))
+    assert url, f"{SHARED_README} does not say where the LLM backend listens"
+    backend_port = urlsplit(url[1]).port
+    assert backend_port is not None
+    return modules, {**ports, BACKEND: Ports(backend_port, None)}, url[1]
 
 
-CONVENTIONS = read_conventions()
+STUB_MODULES, PORTS, BACKEND_URL = read_conventions()
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One compose configuration: the files that make it, what each service runs, the image
+    target they all build, and which services wait for which others to be healthy."""
+
+    name: str
+    files: tuple[str, ...]
+    modules: Mapping[str, str]
+    target: str
+    depends_on: Mapping[str, frozenset[str]]
+    # The least start period of the services that load something before they serve.
+    loading_start_period_s: float
+
+
+STUBS = Stack(
+    "stubs",
+    ("docker-compose.yml",),
+    STUB_MODULES,
+    target="runtime",
+    depends_on={"orchestrator": frozenset(STAGES)},
+    loading_start_period_s=5,
+)
+REAL = Stack(
+    "real",
+    ("docker-compose.yml", "docker-compose.real.yml"),
+    {
+        "orchestrator": "orchestrator",
+        "stt": "stt_whisper",
+        "llm": "llm_openai",
+        "tts": "tts_espeak",
+        BACKEND: "llm_openai.backend",
+    },
+    target="real",
+    depends_on={"orchestrator": frozenset(STAGES), "llm": frozenset({BACKEND})},
+    loading_start_period_s=60,
+)
+STACKS = (STUBS, REAL)
+# (stack, compose service) for every service of every stack.
+SERVICES = [
+    pytest.param(stack, name, id=f"{stack.name}-{name}") for stack in STACKS for name in stack.modules
+]
+
+
+@pytest.fixture(params=STACKS, ids=lambda stack: stack.name)
+def stack(request: pytest.FixtureRequest) -> Stack:
+    result: Stack = request.param
+    return result
+
+
+def entry_module(module: str) -> str:
+    """What `python -m <module>` runs: the module, or a package's __main__."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None, f"there is no module {module}"
+    return f"{module}.__main__" if spec.submodule_search_locations else module
+
+
+def parser(module: str) -> ParseFlags:
+    """The flag parser of `python -m <module>` (every entry point calls it parse_args)."""
+    parse: ParseFlags = importlib.import_module(entry_module(module)).parse_args
+    return parse
 
 
 # --- the files under test -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    """The compose model as `docker-compose config` validates and normalises it."""
+@functools.cache
+def compose_config(files: tuple[str, ...]) -> dict[str, Any]:
+    """The compose model as `docker-compose config` validates, merges and normalises it."""
     executable = shutil.which("docker-compose")
     if executable is None:
         pytest.fail("docker-compose is not installed (apt-get install docker-compose; .ci/run does)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
     completed = subprocess.run(
-        [executable, "--file", "docker-compose.yml", "config"],
+        [executable, *(arg for file in files for arg in ("--file", file)), "config"],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,
@@ -92,15 +154,20 @@ def compose() -> dict[str, Any]:
         timeout=COMPOSE_TIMEOUT_S,
         check=False,
     )
-    assert completed.returncode == 0, f"docker-compose config rejected the file:\n{completed.stderr}"
+    assert completed.returncode == 0, f"docker-compose config rejected {files}:\n{completed.stderr}"
     model = yaml.safe_load(completed.stdout)
     assert isinstance(model, dict)
     return model
 
 
+@pytest.fixture
+def compose(stack: Stack) -> dict[str, Any]:
+    return compose_config(stack.files)
+
+
 def service(compose: Mapping[str, Any], name: str) -> dict[str, Any]:
     services = compose["services"]
-    assert name in services, f"docker-compose.yml has no service {name!r}"
+    assert name in services, f"the compose configuration has no service {name!r}"
     result = services[name]
     assert isinstance(result, dict)
     return result
@@ -136,17 +203,41 @@ def dockerfile() -> list[Instruction]:
     ]
 
 
-def runtime_stage() -> list[Instruction]:
-    """The instructions of the last stage: what the image that runs is made of."""
-    instructions = dockerfile()
-    last_from = max(i for i, instruction in enumerate(instructions) if instruction.keyword == "FROM")
-    return instructions[last_from + 1 :]
+def stage_names() -> list[str]:
+    """The Dockerfile's stages in order (`FROM base AS name`)."""
+    return [
+        re.split(r"\s+as\s+", i.arguments, flags=re.IGNORECASE)[-1]
+        for i in dockerfile()
+        if i.keyword == "FROM"
+    ]
 
 
-def image_environment() -> dict[str, str]:
-    """The VOICEPIPE_* variables the runtime image sets with ENV."""
+def stage(name: str) -> list[Instruction]:
+    """The instructions an image built with `--target name` is made of: those of the stage it
+    starts FROM (when that is a stage of this file), then its own."""
+    stages: dict[str, list[Instruction]] = {}
+    current: list[Instruction] | None = None
+    for instruction in dockerfile():
+        if instruction.keyword == "FROM":
+            base, *alias = re.split(r"\s+as\s+", instruction.arguments, flags=re.IGNORECASE)
+            current = stages[alias[0] if alias else base] = [*stages.get(base, [])]
+        elif current is not None:
+            current.append(instruction)
+    assert name in stages, f"the Dockerfile has no stage {name!r}"
+    return stages[name]
+
+
+def run_instruction(target: str, contains: str) -> str:
+    """The arguments of the RUN instruction of stage `target` that contains `contains`."""
+    found = [i.arguments for i in stage(target) if i.keyword == "RUN" and contains in i.arguments]
+    assert len(found) == 1, f"stage {target} has {len(found)} RUN instructions with {contains!r}"
+    return found[0]
+
+
+def image_environment(target: str) -> dict[str, str]:
+    """The VOICEPIPE_* variables image `target` sets with ENV."""
     env: dict[str, str] = {}
-    for instruction in runtime_stage():
+    for instruction in stage(target):
         if instruction.keyword == "ENV":
             for assignment in shlex.split(instruction.arguments):
                 name, _, value = assignment.partition("=")
@@ -164,7 +255,27 @@ def clear_voicepipe_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def variables_read(name: str, monkeypatch: pytest.MonkeyPatch) -> set[str]:
+def command(entry: Any) -> list[str]:
+    return shlex.split(entry) if isinstance(entry, str) else [str(part) for part in entry]
+
+
+def module_and_flags(compose: Mapping[str, Any], name: str) -> tuple[str, list[str]]:
+    """`python -m stt_stub --latency-profile realistic` -> ("stt_stub", ["--latency-profile", ...])."""
+    words = command(service(compose, name).get("command"))
+    assert words[:2] == ["python", "-m"] and len(words) > 2, f"{name} runs {words}, not a module"
+    return words[2], words[3:]
+
+
+def parse_as_in_compose(compose: Mapping[str, Any], name: str) -> argparse.Namespace:
+    """The service's own parser, given the flags of its compose command."""
+    module, flags = module_and_flags(compose, name)
+    try:
+        return parser(module)(flags)
+    except SystemExit:
+        pytest.fail(f"python -m {module} refuses the flags {flags} (its error is above)")
+
+
+def variables_read(compose: Mapping[str, Any], name: str, monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """The environment variable names that service `name`'s flag parser looks up."""
     clear_voicepipe_environment(monkeypatch)
     read: set[str] = set()
@@ -177,25 +288,26 @@ def variables_read(name: str, monkeypatch: pytest.MonkeyPatch) -> set[str]:
 
     with monkeypatch.context() as patch:
         patch.setattr(config, "env_var_name", recording)
-        PARSERS[name]([])
+        parse_as_in_compose(compose, name)
     return read
 
 
-def container_environment(compose: Mapping[str, Any], name: str) -> dict[str, str]:
+def container_environment(stack: Stack, compose: Mapping[str, Any], name: str) -> dict[str, str]:
     """What the service sees in its container: the image's variables, then the compose file's."""
     environment = service(compose, name).get("environment") or {}
     assert isinstance(environment, dict), "environment must be a mapping"
-    return {**image_environment(), **{k: str(v) for k, v in environment.items()}}
+    return {**image_environment(stack.target), **{k: str(v) for k, v in environment.items()}}
 
 
 def settings_in_container(
-    compose: Mapping[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, compose: Mapping[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> argparse.Namespace:
-    """The settings service `name` would run with: its real parser, its container's variables."""
+    """The settings service `name` would run with: its real parser, its container's variables
+    and its compose command's flags."""
     clear_voicepipe_environment(monkeypatch)
-    for variable, value in container_environment(compose, name).items():
+    for variable, value in container_environment(stack, compose, name).items():
         monkeypatch.setenv(variable, value)
-    return PARSERS[name]([])
+    return parse_as_in_compose(compose, name)
 
 
 # --- small parsers for compose values -------------------------------------------------------------
@@ -219,10 +331,6 @@ def published_ports(entry: Any) -> tuple[str, int, int]:
     return ":".join(host_ip), int(published), int(target)
 
 
-def command(entry: Any) -> list[str]:
-    return shlex.split(entry) if isinstance(entry, str) else [str(part) for part in entry]
-
-
 def target_host_port(target: str) -> tuple[str, int]:
     """`dns:///stt:50052` or `stt:50052` -> ("stt", 50052)."""
     address = target.removeprefix("dns:///").removeprefix("dns:")
@@ -230,116 +338,141 @@ def target_host_port(target: str) -> tuple[str, int]:
     return host, int(port)
 
 
-# --- the compose file -----------------------------------------------------------------------------
+# --- the compose files ----------------------------------------------------------------------------
 
 
-def test_compose_runs_exactly_the_four_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == set(PARSERS)
+def test_compose_runs_exactly_the_services_of_the_stack(stack: Stack, compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == set(stack.modules)
 
 
-@pytest.mark.parametrize("name", sorted(PARSERS))
-def test_each_service_runs_its_own_module(compose: dict[str, Any], name: str) -> None:
-    assert command(service(compose, name).get("command")) == ["python", "-m", CONVENTIONS[name].module]
+@pytest.mark.parametrize(("stack", "name"), SERVICES)
+def test_each_service_runs_its_module_with_flags_it_accepts(
+    stack: Stack, compose: dict[str, Any], name: str
+) -> None:
+    module, _ = module_and_flags(compose, name)
+    assert module == stack.modules[name]
+    parse_as_in_compose(compose, name)
 
 
-@pytest.mark.parametrize("name", sorted(PARSERS))
+@pytest.mark.parametrize(("stack", "name"), SERVICES)
 def test_every_variable_set_for_a_service_is_one_it_reads(
     compose: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    read = variables_read(name, monkeypatch)
+    read = variables_read(compose, name, monkeypatch)
     unread = sorted(set(service(compose, name).get("environment") or {}) - read)
     assert unread == [], f"{name} does not read {unread}; it reads {sorted(read)}"
 
 
-def test_every_variable_the_image_sets_is_read_by_some_service(monkeypatch: pytest.MonkeyPatch) -> None:
-    read = set().union(*(variables_read(name, monkeypatch) for name in PARSERS))
-    assert sorted(set(image_environment()) - read) == []
-
-
-@pytest.mark.parametrize("name", sorted(PARSERS))
-def test_service_listens_on_all_interfaces_on_the_conventional_ports(
-    compose: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
+def test_every_variable_the_image_sets_is_read_by_some_service(
+    stack: Stack, compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = settings_in_container(compose, name, monkeypatch)
-    convention = CONVENTIONS[name]
-    assert (settings.host, settings.port, settings.metrics_port) == (
+    read = set().union(*(variables_read(compose, name, monkeypatch) for name in stack.modules))
+    assert sorted(set(image_environment(stack.target)) - read) == []
+
+
+@pytest.mark.parametrize(("stack", "name"), SERVICES)
+def test_service_listens_on_all_interfaces_on_the_conventional_ports(
+    stack: Stack, compose: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_in_container(stack, compose, name, monkeypatch)
+    convention = PORTS[name]
+    assert (settings.host, settings.port, getattr(settings, "metrics_port", None)) == (
         "0.0.0.0",
         convention.port,
         convention.metrics_port,
     )
     published = sorted(published_ports(entry) for entry in service(compose, name).get("ports", []))
-    assert published == sorted(
-        [
-            ("127.0.0.1", convention.port, convention.port),
-            ("127.0.0.1", convention.metrics_port, convention.metrics_port),
-        ]
-    )
+    ports = [port for port in (convention.port, convention.metrics_port) if port is not None]
+    assert published == sorted(("127.0.0.1", port, port) for port in ports)
 
 
 @pytest.mark.parametrize("name", STAGES)
-def test_stages_use_the_realistic_latency_profile(
-    compose: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert settings_in_container(compose, name, monkeypatch).latency_profile == "realistic"
+def test_stub_stages_use_the_realistic_latency_profile(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    compose = compose_config(STUBS.files)
+    assert settings_in_container(STUBS, compose, name, monkeypatch).latency_profile == "realistic"
 
 
 def test_orchestrator_targets_the_stage_services(
-    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    stack: Stack, compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = settings_in_container(compose, "orchestrator", monkeypatch)
+    settings = settings_in_container(stack, compose, "orchestrator", monkeypatch)
     targets = {stage: target_host_port(getattr(settings, stage)) for stage in STAGES}
-    assert targets == {stage: (stage, CONVENTIONS[stage].port) for stage in STAGES}
+    assert targets == {stage: (stage, PORTS[stage].port) for stage in STAGES}
 
 
-def test_orchestrator_starts_after_the_stages_are_healthy(compose: dict[str, Any]) -> None:
-    depends_on = service(compose, "orchestrator").get("depends_on") or {}
+def test_real_llm_stage_reaches_the_backend_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    compose = compose_config(REAL.files)
+    backend_port = settings_in_container(REAL, compose, BACKEND, monkeypatch).port
+    base_url = settings_in_container(REAL, compose, "llm", monkeypatch).base_url
+    assert base_url == urlsplit(BACKEND_URL)._replace(netloc=f"{BACKEND}:{backend_port}").geturl()
+
+
+@pytest.mark.parametrize(("stack", "name"), SERVICES)
+def test_service_starts_once_the_services_it_needs_are_healthy(
+    stack: Stack, compose: dict[str, Any], name: str
+) -> None:
+    depends_on = service(compose, name).get("depends_on") or {}
     assert isinstance(depends_on, dict), "depends_on needs the long form to carry a condition"
-    conditions = {stage: depends_on.get(stage, {}).get("condition") for stage in STAGES}
-    assert conditions == dict.fromkeys(STAGES, "service_healthy")
-    assert set(depends_on) == set(STAGES)
+    conditions = {needed: depends_on[needed].get("condition") for needed in depends_on}
+    assert conditions == dict.fromkeys(stack.depends_on.get(name, ()), "service_healthy")
 
 
-@pytest.mark.parametrize("name", sorted(PARSERS))
+def backend_models_url(code: str) -> str:
+    """The URL the backend's health check (a Python one-liner) asks."""
+    urls = re.findall(r"urlopen\(\s*'([^']+)'", code)
+    assert len(urls) == 1, f"the backend's health check should open one URL: {code}"
+    return str(urls[0])
+
+
+@pytest.mark.parametrize(("stack", "name"), SERVICES)
 def test_health_check_asks_the_service_itself(
-    compose: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, compose: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     healthcheck = service(compose, name).get("healthcheck")
     assert healthcheck, f"{name} has no healthcheck"
     assert not healthcheck.get("disable", False)
-    port = settings_in_container(compose, name, monkeypatch).port
-    assert command(healthcheck["test"]) == [
-        "CMD",
-        "python",
-        "-m",
-        "voicepipe.healthcheck",
-        f"127.0.0.1:{port}",
-    ]
-    # The check's own RPC deadline is 2 s; compose must let it finish, and must not give up on
-    # a service still starting.
+    port = settings_in_container(stack, compose, name, monkeypatch).port
+    test = command(healthcheck["test"])
+    if name == BACKEND:
+        assert test[:3] == ["CMD", "python", "-c"] and len(test) == 4
+        assert backend_models_url(test[3]) == f"http://127.0.0.1:{port}{urlsplit(BACKEND_URL).path}/models"
+    else:
+        assert test == ["CMD", "python", "-m", "voicepipe.healthcheck", f"127.0.0.1:{port}"]
+    # The checks' own deadline is 2 s; compose must let them finish, and must not give up on a
+    # service still starting (a model still loading).
     assert 2 < seconds(healthcheck["timeout"]) < seconds(healthcheck["interval"]) <= 60
     assert 1 <= int(healthcheck["retries"]) <= 10
-    assert seconds(healthcheck["start_period"]) >= 5
+    loads = name != "orchestrator"  # which starts once every stage is healthy
+    assert seconds(healthcheck["start_period"]) >= (stack.loading_start_period_s if loads else 5)
 
 
-@pytest.mark.parametrize("name", sorted(PARSERS))
+@pytest.mark.parametrize(("stack", "name"), SERVICES)
 def test_stop_waits_longer_than_the_shutdown_grace_and_restarts_unless_stopped(
-    compose: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, compose: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     definition = service(compose, name)
-    grace = settings_in_container(compose, name, monkeypatch).shutdown_grace
+    # The LLM backend has no grace flag: its server stops within seconds of SIGTERM.
+    grace = getattr(settings_in_container(stack, compose, name, monkeypatch), "shutdown_grace", 0.0)
     assert seconds(definition.get("stop_grace_period", "10s")) > grace
     assert definition.get("restart") == "unless-stopped"
 
 
-def test_all_services_run_the_image_built_from_this_dockerfile(compose: dict[str, Any]) -> None:
-    for name in PARSERS:
+def test_all_services_run_the_image_built_from_the_stacks_target(
+    stack: Stack, compose: dict[str, Any]
+) -> None:
+    for name in stack.modules:
         build = service(compose, name).get("build")
-        assert build, f"{name} does not build the image"
-        context = build if isinstance(build, str) else build["context"]
-        assert Path(context).resolve() == PROJECT_ROOT.resolve()
-        dockerfile_name = build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile"
-        assert dockerfile_name == "Dockerfile"
-    assert len({service(compose, name).get("image") for name in PARSERS}) == 1
+        assert isinstance(build, dict), f"{name} does not build the image"
+        assert Path(build["context"]).resolve() == PROJECT_ROOT.resolve()
+        assert build.get("dockerfile", "Dockerfile") == "Dockerfile"
+        assert build.get("target") == stack.target, f"{name} builds {build.get('target')}"
+    assert len({service(compose, name).get("image") for name in stack.modules}) == 1
+
+
+def test_each_image_has_a_name_of_its_own_and_docker_build_makes_the_stub_one() -> None:
+    images = {service(compose_config(s.files), "orchestrator").get("image") for s in STACKS}
+    assert len(images) == len(STACKS), "one image name for two targets: each build would replace the other"
+    assert stage_names()[-1] == STUBS.target
 
 
 # --- the Dockerfile -------------------------------------------------------------------------------
@@ -370,10 +503,13 @@ def touched_files(line: str) -> list[str]:
     return [word for word in words[start:end] if not word.startswith("$")]
 
 
+def makefile() -> list[str]:
+    return logical_lines((PROJECT_ROOT / "Makefile").read_text())
+
+
 def test_image_generates_code_with_the_same_protoc_command_as_make_protos() -> None:
-    makefile = logical_lines((PROJECT_ROOT / "Makefile").read_text())
-    make_protoc = next(line for line in makefile if "grpc_tools.protoc" in line)
-    make_touch = next(line for line in makefile if line.startswith("touch voice/"))
+    make_protoc = next(line for line in makefile() if "grpc_tools.protoc" in line)
+    make_touch = next(line for line in makefile() if line.startswith("touch voice/"))
     build_run = next(
         i.arguments for i in dockerfile() if i.keyword == "RUN" and "grpc_tools.protoc" in i.arguments
     )
@@ -388,21 +524,74 @@ def test_image_takes_every_version_from_pyproject() -> None:
     assert re.findall(r"[\w-]+==\s*\d[\w.]*", text) == [], "versions are pinned in pyproject.toml only"
 
 
-def test_image_runs_as_a_non_root_user_and_exposes_the_conventional_ports() -> None:
-    stage = runtime_stage()
-    users = [i.arguments.split(":")[0] for i in stage if i.keyword == "USER"]
+def engine_extras_of_make_install() -> list[str]:
+    """`pip install -v -e '.[dev,tts-espeak,...]'` in the Makefile's install -> the extras but dev."""
+    extras = next(m[1] for line in makefile() if (m := re.search(r"pip install .*-e '\.\[([^]]+)\]'", line)))
+    return [extra for extra in extras.split(",") if extra != "dev"]
+
+
+def test_pins_stage_writes_the_requirement_lists_of_pyproject(tmp_path: Path) -> None:
+    """The pins stage's script, run here on pyproject.toml: the runtime dependencies, the two
+    code generators, and the extras of the engines that `make install` installs."""
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", tmp_path)
+    script = run_instruction("pins", "tomllib")
+    python_first = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", "-c", script], cwd=tmp_path, env=python_first, check=True, timeout=30)
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def written(name: str) -> list[str]:
+        return (tmp_path / name).read_text().split()
+
+    assert written("runtime-requirements.txt") == project["dependencies"]
+    assert [r.split("==")[0] for r in written("codegen-requirements.txt")] == [
+        "grpcio-tools",
+        "mypy-protobuf",
+    ]
+    assert set(written("codegen-requirements.txt")) <= set(extras["dev"])
+    engines = engine_extras_of_make_install()
+    assert sorted(written("engine-requirements.txt")) == sorted(r for e in engines for r in extras[e])
+    install = run_instruction("build-real", "/src[")
+    installed = re.search(r"/src\[([^]]+)\]", install)
+    assert installed and sorted(installed[1].split(",")) == sorted(engines)
+
+
+def test_real_image_compiles_llama_cpp_as_make_install_does() -> None:
+    exported = next(line for line in makefile() if line.startswith("export CMAKE_ARGS"))
+    install = run_instruction("build-real", "engine-requirements.txt")
+    cmake_args = re.search(r'CMAKE_ARGS="([^"]+)"', install)
+    assert cmake_args and cmake_args[1] == exported.partition(":=")[2].strip()
+    assert {"build-essential", "cmake"} <= set(shlex.split(run_instruction("build-real", "apt-get install")))
+
+
+def test_image_runs_as_a_non_root_user_and_exposes_the_ports_of_its_services(stack: Stack) -> None:
+    instructions = stage(stack.target)
+    users = [i.arguments.split(":")[0] for i in instructions if i.keyword == "USER"]
     assert users and users[-1] not in ("root", "0")
     exposed = {
-        int(port.split("/")[0]) for i in stage if i.keyword == "EXPOSE" for port in i.arguments.split()
+        int(port.split("/")[0]) for i in instructions if i.keyword == "EXPOSE" for port in i.arguments.split()
     }
-    assert exposed == {p for c in CONVENTIONS.values() for p in (c.port, c.metrics_port)}
+    ports = {PORTS[name].port for name in stack.modules} | {
+        PORTS[name].metrics_port for name in stack.modules
+    }
+    assert exposed == ports - {None}
 
 
-def test_image_has_no_default_service() -> None:
-    for instruction in runtime_stage():
+def test_image_has_no_default_service(stack: Stack) -> None:
+    for instruction in stage(stack.target):
         if instruction.keyword in ("CMD", "ENTRYPOINT"):
             words = json.loads(instruction.arguments)
             assert "-m" not in words, f"the image should not choose a service: {instruction.arguments}"
+
+
+def test_image_build_imports_every_module_it_runs_and_the_imports_work_here(stack: Stack) -> None:
+    """The build fails when a service of the image cannot load: its import check names every
+    module the stack runs, and passes here."""
+    check = shlex.split(run_instruction(stack.target, 'python -c "import '))
+    assert check[:2] == ["python", "-c"] and len(check) == 3
+    imported = {name.strip() for name in check[2].removeprefix("import ").split(",")}
+    assert sorted({entry_module(module) for module in stack.modules.values()} - imported) == []
+    subprocess.run([sys.executable, "-c", check[2]], cwd=PROJECT_ROOT, check=True, timeout=60)
 
 
 # --- the health check command ---------------------------------------------------------------------
@@ -447,17 +636,40 @@ async def test_orchestrator_is_unhealthy_without_its_stages(
     assert await healthcheck_exit_code(agent.target) == 1
 
 
-async def test_the_compose_configuration_comes_up_healthy(
-    compose: dict[str, Any], start_service: StartService, monkeypatch: pytest.MonkeyPatch
+def backend_healthcheck_exit_code(address: str) -> int:
+    """The real stack's health check of the LLM backend, run here against `address`."""
+    test = command(service(compose_config(REAL.files), BACKEND)["healthcheck"]["test"])
+    in_container = urlsplit(backend_models_url(test[3])).netloc
+    code = test[3].replace(in_container, address)
+    return subprocess.run([sys.executable, "-c", code], timeout=HEALTHCHECK_TIMEOUT_S, check=False).returncode
+
+
+def test_backend_healthcheck_passes_for_a_serving_backend_and_fails_when_nothing_listens(
+    closed_port: int,
 ) -> None:
-    """The four services with their compose variables (the image's host variable left out: the
-    flags keep them on loopback and ephemeral ports), in compose's order: stages, then the
-    orchestrator, whose health check then passes."""
+    llama: ServiceProcess = backend.start(0)
+    try:
+        assert backend_healthcheck_exit_code(llama.target) == 0
+    finally:
+        llama.stop()
+    assert backend_healthcheck_exit_code(f"127.0.0.1:{closed_port}") == 1
+
+
+async def test_the_stub_compose_configuration_comes_up_healthy(
+    start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The four services with their compose variables and flags (the image's host variable left
+    out: the flags keep them on loopback and ephemeral ports), in compose's order: stages, then
+    the orchestrator, whose health check then passes."""
+    compose = compose_config(STUBS.files)
     clear_voicepipe_environment(monkeypatch)
-    for name in PARSERS:
+    for name in STUBS.modules:
         for variable, value in (service(compose, name).get("environment") or {}).items():
             monkeypatch.setenv(variable, str(value))
-    stages = {stage: start_service(CONVENTIONS[stage].module) for stage in STAGES}
+    stages: dict[str, ServiceProcess] = {}
+    for stage in STAGES:
+        module, flags = module_and_flags(compose, stage)
+        stages[stage] = start_service(module, *flags)
     for process in stages.values():
         assert await healthcheck_exit_code(process.target) == 0
     agent = start_service(
