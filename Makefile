@@ -14,7 +14,7 @@ install: $(INSTALLED) $(GENERATED)
 
 # llama-cpp-python compiles llama.cpp from source. Portable: a native build (-march=native) can
 # use instructions the CPU advertises but a VM does not enable (AMX here: SIGILL at run time).
-# Exported: every pip install below builds it the same way.
+# Exported: every pip install below builds it the same way; so does the Dockerfile's target real.
 export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 $(INSTALLED): pyproject.toml
