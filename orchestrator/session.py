@@ -15,8 +15,15 @@ from google.protobuf.duration_pb2 import Duration
 
 from orchestrator.metrics import TURNS
 from orchestrator.output import SessionFailed, SessionOutput
-from orchestrator.stt_link import FinalTranscript, SpeechRecognitionLink
-from orchestrator.turn import StageFailed, Turn, TurnSettings
+from orchestrator.retry import StageFailed
+from orchestrator.stt_link import (
+    FinalTranscript,
+    InterimTranscript,
+    SpeechRecognitionLink,
+    SpeechStarted,
+    SttFailed,
+)
+from orchestrator.turn import Turn, TurnSettings
 from orchestrator.upstreams import Upstreams
 from voice.v1 import common_pb2, language_model_pb2
 from voice.v1 import voice_agent_pb2 as pb
@@ -75,14 +82,7 @@ class Conversation:
         self._turn_requests: asyncio.Queue[_TurnRequest | None] = asyncio.Queue(MAX_QUEUED_TURNS + 1)
         self._runner_idle = False  # the turn runner waits for a request; nothing is being played
         self._stt = SpeechRecognitionLink(
-            upstreams.stt,
-            input_format,
-            common_pb2.Correlation(session_id=session_id),
-            lambda: self._session_deadline,
-            on_speech_started=self._on_speech_started,
-            on_transcript=self._on_interim,
-            on_final=self._on_final,
-            on_error=self._on_stt_error,
+            upstreams.stt, input_format, self._correlation(), self._session_deadline
         )
 
     def _correlation(self, turn_id: str = "") -> common_pb2.Correlation:
@@ -96,9 +96,10 @@ class Conversation:
             )
         )
         stt = self._supervised(self._stt.run(), "stt")
+        listener = self._supervised(self._listen(), "stt-events")
         turns = self._supervised(self._run_turns(), "turns")
-        reader = self._supervised(self._read(requests, stt, turns), "reader")
-        self._tasks = [reader, stt, turns]
+        reader = self._supervised(self._read(requests, listener, turns), "reader")
+        self._tasks = [reader, stt, listener, turns]
         try:
             async for response in self.output.responses():
                 yield response
@@ -130,7 +131,7 @@ class Conversation:
         return asyncio.create_task(supervise(), name=f"session-{self.session_id}-{name}")
 
     async def _read(
-        self, requests: AsyncIterator[Any], stt: asyncio.Task[None], turns: asyncio.Task[None]
+        self, requests: AsyncIterator[Any], listener: asyncio.Task[None], turns: asyncio.Task[None]
     ) -> None:
         """Client input until END_OF_INPUT or half-close; then finish the last turn and end."""
         try:
@@ -159,7 +160,7 @@ class Conversation:
                 else:
                     raise InvalidInput("empty request: set one of config, audio, text or control")
             self._stt.end_input()
-            await stt
+            await listener  # ends after the link's last event
             await self._turn_requests.put(None)
             await turns
             self.output.close()
@@ -168,14 +169,24 @@ class Conversation:
 
     # --- STT events --------------------------------------------------------------------------
 
-    async def _on_speech_started(self) -> None:
-        self._interrupt()
+    async def _listen(self) -> None:
+        """What STT reports: barge-in, transcripts for the client, and the turns they start."""
+        async for event in self._stt.events():
+            match event:
+                case SpeechStarted():
+                    self._interrupt()
+                case InterimTranscript():
+                    await self._transcript(event.text, event.start, event.end, is_final=False)
+                case FinalTranscript():
+                    await self._on_final(event)
+                case SttFailed():
+                    await self._error(pb.STAGE_STT, event.code, event.message, "")
 
-    async def _on_interim(self, text: str, start: Duration, end: Duration) -> None:
+    async def _transcript(self, text: str, start: Duration, end: Duration, *, is_final: bool) -> None:
         await self.output.put(
             pb.ConverseResponse(
                 user_transcript=pb.UserTranscript(
-                    text=text, is_final=False, audio_start_offset=start, audio_end_offset=end
+                    text=text, is_final=is_final, audio_start_offset=start, audio_end_offset=end
                 ),
                 correlation=self._correlation(),
             )
@@ -188,17 +199,7 @@ class Conversation:
             self._queue_turn(
                 _TurnRequest(final.text, final.speech_ended_at, final.finalization, final.received_at)
             )
-        await self.output.put(
-            pb.ConverseResponse(
-                user_transcript=pb.UserTranscript(
-                    text=final.text, is_final=True, audio_start_offset=final.start, audio_end_offset=final.end
-                ),
-                correlation=self._correlation(),
-            )
-        )
-
-    async def _on_stt_error(self, code: str, message: str) -> None:
-        await self._error(pb.STAGE_STT, code, message, "")
+        await self._transcript(final.text, final.start, final.end, is_final=True)
 
     async def _error(self, stage: pb.Stage.ValueType, code: str, message: str, turn_id: str) -> None:
         log.warning("stage error", extra={"stage": pb.Stage.Name(stage), "code": code, "detail": message})

@@ -17,28 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from google.protobuf.duration_pb2 import Duration
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from orchestrator.breaker import BreakerOpen
+from orchestrator.calls import DeadlinePassed, StageCall, call_metadata
 from orchestrator.metrics import (
     ORCHESTRATOR_ADDED_PARTS_SECONDS,
     ORCHESTRATOR_ADDED_SECONDS,
-    RESUMPTIONS,
-    STAGE_ERRORS,
     STAGE_LATENCY_SECONDS,
     TTFA_SECONDS,
 )
 from orchestrator.output import Deferred, SessionOutput
+from orchestrator.retry import StageFailed, resume_turn_stream
 from orchestrator.sentences import SentenceChunker
-from orchestrator.stt_link import is_transient
 from orchestrator.upstreams import Upstreams
 from voice.v1 import (
     common_pb2,
@@ -53,20 +44,9 @@ from voicepipe.durations import from_seconds, to_seconds
 
 log = logging.getLogger(__name__)
 
-STAGE_ATTEMPTS = 5
 # TTS waits on the LLM for text; its deadline is a little later than the LLM's so a stalled LLM
 # is reported as the LLM, not as a TTS that ran out of time waiting for it.
 TTS_DEADLINE_GRACE_S = 1.0
-
-
-class StageFailed(Exception):
-    """A stage failed for good in this turn; reported to the client as an error event."""
-
-    def __init__(self, stage: pb.Stage.ValueType, code: str, message: str) -> None:
-        super().__init__(message)
-        self.stage = stage
-        self.code = code
-        self.message = message
 
 
 @dataclass(slots=True)
@@ -113,7 +93,7 @@ class Turn:
     last_llm_elapsed: Duration = field(default_factory=Duration)
     _segments: list[_Segment] = field(default_factory=list)
     _segment_queue: asyncio.Queue[_Segment | None] = field(default_factory=lambda: asyncio.Queue(256))
-    _opened_llm_call: Any = None  # see open_generation()
+    _opened_llm_call: StageCall | None = None  # see open_generation()
     # Moments on the critical path (monotonic), for the round trips in the latency breakdown.
     _llm_call_started_at: float = 0.0
     _last_delta_at: float = 0.0
@@ -127,20 +107,14 @@ class Turn:
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("x-session-id", self.correlation.session_id), ("x-turn-id", self.correlation.turn_id))
-
-    def _timeout(self, grace_s: float = 0.0) -> float:
-        remaining = self.deadline + grace_s - time.monotonic()
-        if remaining <= 0:
-            raise StageFailed(pb.STAGE_UNSPECIFIED, "DEADLINE_EXCEEDED", "turn ran out of time")
-        return remaining
+        return call_metadata(self.correlation)
 
     def open_generation(self) -> None:
         """Sends the Generate request now, before the turn's task runs, so that it leaves ahead
         of the events the conversation queues for the client (the LLM is on the critical path,
         they are not). The turn's first attempt takes the call; close() cancels it if none did."""
         # If the breaker is open or time is up, the first attempt meets it again and reports it.
-        with contextlib.suppress(BreakerOpen, StageFailed):
+        with contextlib.suppress(BreakerOpen, DeadlinePassed):
             self._opened_llm_call = self._llm_call()
 
     def close(self) -> None:
@@ -148,8 +122,7 @@ class Turn:
         was never run, or was cancelled before its LLM task started); the turn's owner calls it."""
         call, self._opened_llm_call = self._opened_llm_call, None
         if call is not None:
-            call.cancel()
-            self.upstreams.llm.calls_in_flight.dec()
+            call.close()
 
     async def run(self) -> None:
         """Raises StageFailed when a stage fails for good; cancelled on barge-in."""
@@ -164,19 +137,18 @@ class Turn:
 
     # --- LLM -------------------------------------------------------------------------------
 
-    def _llm_call(self) -> Any:
-        """A new Generate call; the caller cancels it and decrements calls_in_flight."""
-        self.upstreams.llm.breaker.check()
-        self._llm_call_started_at = time.monotonic()
-        stub = language_model_pb2_grpc.LanguageModelServiceStub(self.upstreams.llm.channel)
-        call = stub.Generate(
-            language_model_pb2.GenerateRequest(messages=self.messages, correlation=self.correlation),
-            timeout=self._timeout(),
-            metadata=self.metadata,
-            wait_for_ready=True,
-        )
-        self.upstreams.llm.calls_in_flight.inc()
-        return call
+    def _llm_call(self) -> StageCall:
+        def start(timeout: float) -> Any:
+            self._llm_call_started_at = time.monotonic()
+            stub = language_model_pb2_grpc.LanguageModelServiceStub(self.upstreams.llm.channel)
+            return stub.Generate(
+                language_model_pb2.GenerateRequest(messages=self.messages, correlation=self.correlation),
+                timeout=timeout,
+                metadata=self.metadata,
+                wait_for_ready=True,
+            )
+
+        return StageCall.open(self.upstreams.llm, self.deadline, start)
 
     async def _generate(self) -> None:
         delivered = ""  # text already handed to the client and to TTS
@@ -186,9 +158,9 @@ class Turn:
         async def attempt_once() -> None:
             nonlocal delivered
             received = ""
-            call, self._opened_llm_call = self._opened_llm_call or self._llm_call(), None
-            try:
-                async for response in call:
+            opened, self._opened_llm_call = self._opened_llm_call, None
+            async with opened or self._llm_call() as call:
+                async for response in call.rpc:
                     if response.HasField("complete"):
                         self.llm_ttft = response.complete.time_to_first_token
                         # No more text: the last sentence goes to TTS now, not after the call's
@@ -212,16 +184,8 @@ class Turn:
                     new_text = received[len(delivered) :]
                     delivered = received
                     await self._deliver_text(new_text, chunker, response.delta.elapsed)
-                self.upstreams.llm.breaker.record_success()
-            except grpc.aio.AioRpcError as error:
-                STAGE_ERRORS.labels("llm", error.code().name).inc()
-                self.upstreams.llm.breaker.record_failure(error.code())
-                raise
-            finally:
-                call.cancel()
-                self.upstreams.llm.calls_in_flight.dec()
 
-        await self._with_retries("llm", pb.STAGE_LLM, attempt_once)
+        await resume_turn_stream(pb.STAGE_LLM, attempt_once)
         await self._flush_text(chunker)  # a stream that ended without GenerationComplete
         await self._segment_queue.put(None)
         log.debug("llm done", extra={"chars": len(self.reply_text), "s": time.monotonic() - started})
@@ -267,14 +231,11 @@ class Turn:
         text_done = False
         taken_segments: list[_Segment] = []
 
-        async def attempt_once() -> None:
-            self.upstreams.tts.breaker.check()
-            call: Any = stub.Synthesize(
-                timeout=self._timeout(TTS_DEADLINE_GRACE_S), metadata=self.metadata, wait_for_ready=True
-            )
-            self.upstreams.tts.calls_in_flight.inc()
+        def start(timeout: float) -> Any:
+            return stub.Synthesize(timeout=timeout, metadata=self.metadata, wait_for_ready=True)
 
-            async def write() -> None:
+        async def attempt_once() -> None:
+            async def write(call: Any) -> None:
                 nonlocal text_done
                 await call.write(config)
                 # After a resumption: resend what an earlier call took but did not finish speaking.
@@ -292,23 +253,14 @@ class Turn:
                     await call.write(self._segment_request(segment))
                 await call.done_writing()
 
-            writer = asyncio.create_task(write(), name=f"turn-{self.turn_id}-tts-writer")
-            try:
-                async for response in call:
+            deadline = self.deadline + TTS_DEADLINE_GRACE_S
+            async with StageCall.open(self.upstreams.tts, deadline, start) as call:
+                writer = call.start_writer(write(call.rpc), name=f"turn-{self.turn_id}-tts-writer")
+                async for response in call.rpc:
                     await self._handle_audio(response)
                 await writer
-                self.upstreams.tts.breaker.record_success()
-            except grpc.aio.AioRpcError as error:
-                STAGE_ERRORS.labels("tts", error.code().name).inc()
-                self.upstreams.tts.breaker.record_failure(error.code())
-                raise
-            finally:
-                writer.cancel()
-                call.cancel()
-                self.upstreams.tts.calls_in_flight.dec()
-                await asyncio.gather(writer, return_exceptions=True)
 
-        await self._with_retries("tts", pb.STAGE_TTS, attempt_once)
+        await resume_turn_stream(pb.STAGE_TTS, attempt_once)
 
     @staticmethod
     def _segment_request(segment: _Segment) -> text_to_speech_pb2.SynthesizeRequest:
@@ -364,35 +316,7 @@ class Turn:
 
         return build
 
-    # --- retries and results ---------------------------------------------------------------
-
-    async def _with_retries(
-        self, name: str, stage: pb.Stage.ValueType, attempt_once: Callable[[], Any]
-    ) -> None:
-        async def before_sleep(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            reason = error.code().name if isinstance(error, grpc.aio.AioRpcError) else type(error).__name__
-            RESUMPTIONS.labels(name, reason).inc()
-            log.warning(
-                f"{name} stream broken; resuming",
-                extra={"reason": str(error), "attempt": state.attempt_number},
-            )
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda e: is_transient(e) and not isinstance(e, BreakerOpen)),
-            stop=stop_after_attempt(STAGE_ATTEMPTS),
-            wait=wait_exponential_jitter(initial=0.02, max=0.5),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    await attempt_once()
-        except BreakerOpen as error:
-            raise StageFailed(stage, "UNAVAILABLE", str(error)) from error
-        except grpc.aio.AioRpcError as error:
-            raise StageFailed(stage, error.code().name, f"{name}: {error.details()}") from error
+    # --- results ---------------------------------------------------------------------------
 
     def completed_event(self) -> Deferred:
         """TurnCompleted, built when it leaves: by then the first audio has left too."""
