@@ -78,3 +78,7 @@ class StageCall:
         finally:
             self.close()
             await cancel_and_wait(self._writer)
+            if self._writer is not None and not self._writer.cancelled():
+                # A writer that failed did so because the call did; the read loop has raised
+                # the call's error (or the caller awaited the writer's).
+                self._writer.exception()

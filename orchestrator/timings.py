@@ -4,8 +4,6 @@ them when the turn completes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from google.protobuf.duration_pb2 import Duration
 
 from orchestrator.metrics import (
@@ -18,23 +16,27 @@ from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.durations import from_seconds, to_seconds
 
 
-@dataclass(slots=True)
 class TurnTimings:
-    """Monotonic moments (…_at) and the durations the stages reported."""
+    """Monotonic moments (…_at) and the durations the stages reported; each is written by the
+    part of the turn that sees it happen."""
 
-    speech_ended_at: float  # the user stopped speaking (or the text turn arrived)
-    stt_finalization: Duration
-    transcript_received_at: float  # the final transcript arrived (a text turn: speech_ended_at)
-    llm_call_started_at: float = 0.0
-    last_delta_at: float = 0.0
-    first_sentence_at: float | None = None
-    first_segment_sent_at: float | None = None
-    first_audio_received_at: float | None = None
-    first_audio_at: float | None = None  # the first reply audio left for the client
-    llm_ttft: Duration = field(default_factory=Duration)
-    llm_first_sentence: Duration | None = None
-    last_llm_elapsed: Duration = field(default_factory=Duration)
-    tts_first_audio: Duration | None = None
+    def __init__(
+        self, speech_ended_at: float, stt_finalization: Duration, transcript_received_at: float
+    ) -> None:
+        self.speech_ended_at = speech_ended_at  # the user stopped speaking (or the text turn arrived)
+        self.stt_finalization = stt_finalization
+        # The final transcript arrived (a text turn: speech_ended_at).
+        self.transcript_received_at = transcript_received_at
+        self.llm_call_started_at = 0.0
+        self.last_delta_at = 0.0
+        self.first_sentence_at: float | None = None
+        self.first_segment_sent_at: float | None = None
+        self.first_audio_received_at: float | None = None
+        self.first_audio_at: float | None = None  # the first reply audio left for the client
+        self.llm_ttft = Duration()
+        self.llm_first_sentence: Duration | None = None
+        self.last_llm_elapsed = Duration()
+        self.tts_first_audio: Duration | None = None
 
     def breakdown(self) -> pb.LatencyBreakdown:
         """The turn's LatencyBreakdown; observes the latency histograms once per turn."""
