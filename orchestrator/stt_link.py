@@ -212,6 +212,9 @@ class SpeechRecognitionLink:
                 result.transcript, start, end, result.finalization_time, speech_ended_at, received_at
             )
         )
+        # The conversation acts on it (a turn that starts now sends its Generate request) before
+        # this task goes back to reading the call: the LLM is on the critical path, STT is idle.
+        await asyncio.sleep(0)
 
 
 def _samples(offset: Duration, rate: int) -> int:
