@@ -39,6 +39,7 @@ RUN rm -rf voice && mkdir -p voice/v1 \
 
 COPY voicepipe/ voicepipe/
 COPY orchestrator/ orchestrator/
+COPY voicepipe_client/ voicepipe_client/
 COPY stt_stub/ stt_stub/
 COPY llm_stub/ llm_stub/
 COPY tts_stub/ tts_stub/
@@ -64,7 +65,7 @@ WORKDIR /app
 # Numeric, so that a runtime enforcing non-root users can verify it without /etc/passwd.
 USER 10001:10001
 # Fails the build if the installed packages cannot load their generated code.
-RUN python -c "import orchestrator.__main__, stt_stub.__main__, llm_stub.__main__, tts_stub.__main__, voicepipe.healthcheck"
+RUN python -c "import orchestrator.__main__, stt_stub.__main__, llm_stub.__main__, tts_stub.__main__, voicepipe.healthcheck, voicepipe_client.cli"
 
 # gRPC: orchestrator, STT, LLM, TTS; then their Prometheus /metrics endpoints.
 EXPOSE 50051 50052 50053 50054 9601 9602 9603 9604

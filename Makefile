@@ -8,14 +8,24 @@ PROTOS := $(wildcard protos/voice/v1/*.proto)
 GENERATED := voice/v1/.generated
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: install protos test chaos lint demo up bench bench-short clean
+.PHONY: install protos test chaos lint demo demo-stubs up bench bench-short clean
 
 install: $(INSTALLED) $(GENERATED)
+
+# llama-cpp-python compiles llama.cpp from source. Portable: a native build (-march=native) can
+# use instructions the CPU advertises but a VM does not enable (AMX here: SIGILL at run time).
+# Exported: every pip install below builds it the same way.
+export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "installing (the first install compiles llama.cpp: ~6 min on 2 cores, then cached; log in $(VENV)/install.log)"
+	set -o pipefail; $(PY) -m pip install -v -e '.[dev,tts-espeak,stt-whisper,llm-openai]' 2>&1 \
+		| tee $(VENV)/install.log \
+		| awk -F'[][/]' '/^ *\[[0-9]+\/[0-9]+\] / { if ($$2 % 20 == 0 || $$2 == $$3) { \
+			print "  compiling llama.cpp: " $$2 "/" $$3; fflush() } }' \
+		|| { tail -30 $(VENV)/install.log; exit 1; }
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.
@@ -41,19 +51,27 @@ lint: install
 	$(PY) -m mypy .
 	$(BUF) lint protos
 
-# The four services on their default ports, stopped together by Ctrl-C.
+# The four services on their default ports, stopped together by Ctrl-C; each role runs its stub
+# unless told otherwise: `make up STT=whisper LLM=openai TTS=espeak`.
+STT ?= stub
+LLM ?= stub
+TTS ?= stub
 up: install
-	$(PY) -m orchestrator.stack
+	$(PY) -m orchestrator.stack --stt $(STT) --llm $(LLM) --tts $(TTS)
 
+# A real spoken conversation (Whisper, the local LLM, espeak-ng); demo-stubs: the stub stack.
 demo: install
 	$(PY) -m orchestrator.demo
 
+demo-stubs: install
+	$(PY) -m orchestrator.demo --stubs
+
 bench: install
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,bench]'
 	$(PY) -m bench
 
 bench-short: install
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,bench]'
 	$(PY) -m bench --short
 
 clean:

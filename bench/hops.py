@@ -5,7 +5,7 @@ when it had been idle.
 
     python -m bench.hops
 
-A client and a server (both uvloop, the server with the runtime's metrics interceptor, as every
+A client and a server (both uvloop, the server with the runtime's interceptors, as every
 stage has) in two processes on loopback; the server stamps time.monotonic() (one clock for the
 whole machine) when its handler sees the request and sends it back, so each hop is measured one
 way. Each figure is the median of `SAMPLES` (a bounded loop), after the given gap of silence.
@@ -29,9 +29,8 @@ from voice.v1 import language_model_pb2_grpc as llm_grpc
 from voice.v1 import speech_to_text_pb2 as stt_pb
 from voice.v1 import speech_to_text_pb2_grpc as stt_grpc
 from voicepipe.logs import configure_logging
-from voicepipe.metrics import ServerMetricsInterceptor
 from voicepipe.processes import ServiceProcess
-from voicepipe.server import wait_for_shutdown_signal
+from voicepipe.server import runtime_interceptors, wait_for_shutdown_signal
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class StampingStt(stt_grpc.SpeechToTextServiceServicer):
 
 
 async def serve() -> None:
-    server = grpc.aio.server(interceptors=[ServerMetricsInterceptor()])
+    server = grpc.aio.server(interceptors=runtime_interceptors())
     llm_grpc.add_LanguageModelServiceServicer_to_server(StampingLlm(), server)
     stt_grpc.add_SpeechToTextServiceServicer_to_server(StampingStt(), server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -31,6 +31,7 @@ from stubs import audio_code, replies
 from stubs.latency import PROFILES, LatencyProfile
 from voicepipe.logs import configure_logging
 from voicepipe.server import wait_for_shutdown_signal
+from voicepipe.stage.llm import Message
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,7 @@ def stage_routes(role: str, profile: LatencyProfile) -> dict[str, Handler]:
 
     async def generate(request: Json) -> Json:
         received = time.monotonic()
-        speakers = {"user": replies.Speaker.USER, "assistant": replies.Speaker.ASSISTANT}
-        messages = [replies.Message(speakers[m["role"]], m["content"]) for m in request["messages"]]
+        messages = [Message(m["role"], m["content"]) for m in request["messages"]]
         tokens = replies.tokenize(replies.reply(messages))
         interval = 1 / profile.llm_tokens_per_second if profile.llm_tokens_per_second else 0.0
         first = profile.llm_first_token_ms / 1000

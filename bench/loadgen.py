@@ -31,8 +31,8 @@ import grpc
 from bench import http_baseline
 from bench.workload import (
     ADDED_PARTS,
+    BYTES_PER_SECOND,
     FORMAT,
-    FRAME_S,
     REACTION_S,
     SILENCE_FRAME,
     Phrase,
@@ -43,7 +43,17 @@ from bench.workload import (
 )
 from stubs import audio_code
 from voice.v1 import voice_agent_pb2 as pb
-from voice.v1 import voice_agent_pb2_grpc
+from voicepipe_client import (
+    Conversation,
+    Microphone,
+    Pause,
+    SessionSettings,
+    Speech,
+    Turn,
+    TurnAssembler,
+    connect,
+)
+from voicepipe_client.audio import FRAME_S
 
 # Every loop below ends by these bounds, whatever the target does.
 CLOSE_TIMEOUT_S = 30.0
@@ -119,21 +129,16 @@ def _seconds(duration: Any) -> float:
 
 def _channel(target: str) -> grpc.aio.Channel:
     # Each caller is its own client with its own connection, as phones and browsers are.
-    return grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+    return connect(target, own_connection=True)
 
 
-def _config_request() -> pb.ConverseRequest:
-    return pb.ConverseRequest(
-        config=pb.SessionConfig(input_audio_format=FORMAT.to_proto(), output_audio_format=FORMAT.to_proto())
-    )
-
-
-END_OF_INPUT = pb.ConverseRequest(control=pb.ControlMessage(type=pb.CONTROL_TYPE_END_OF_INPUT))
+SESSION = SessionSettings(FORMAT, FORMAT)
 
 
 class StreamingCaller:
-    """One caller on a Converse stream: a microphone that sends a 20 ms frame every 20 ms
-    (silence between phrases), and a reader that times and records every event."""
+    """One caller on a Converse stream: a real-time microphone that sends a 20 ms frame every
+    20 ms (silence between phrases) and asks this caller's script what to say whenever it is
+    silent; the client library's reader times and records every event."""
 
     def __init__(self, config: LoadConfig, index: int, go: float, lag: SendLag, rng: random.Random) -> None:
         self.config = config
@@ -143,73 +148,60 @@ class StreamingCaller:
         self.script = Script(
             script(config.workload, index), go + rng.uniform(0, config.phase_spread_s), self.end_at
         )
-        self.turns: list[tuple[Phrase, TurnOutcome]] = []
-        self.problems: list[str] = []
         self.status = "not started"
-        self._awaiting: collections.deque[TurnOutcome] = collections.deque()
-        self._outstanding: tuple[Phrase, TurnOutcome] | None = None
-        self._relay_turn: TurnOutcome | None = None
-        self._done_at: dict[int, float] = {}
+        self._call_problems: list[str] = []
+        self.assembler = TurnAssembler(
+            FORMAT, keep_audio=config.check_audio, transcripts_start_turns=self.relay
+        )
+        self._spoken: list[tuple[Phrase, Turn]] = []
+        self._speaking: tuple[Phrase, Turn] | None = None
+        self._outstanding: tuple[Phrase, Turn] | None = None
+        self._timed_out: set[Turn] = set()
 
     async def run(self, channel: grpc.aio.Channel | None) -> None:
         assert channel is not None
-        stub: Any = voice_agent_pb2_grpc.VoiceAgentServiceStub(channel)
         deadline = self.end_at - time.monotonic() + self.config.turn_timeout_s + CLOSE_TIMEOUT_S
-        call = stub.Converse(timeout=deadline)
-        reader = asyncio.create_task(self._read(call), name="caller-reader")
+        microphone = Microphone(realtime=True, cue=self.cue, lag=self.lag)
+        conversation = Conversation(
+            channel, SESSION, microphone=microphone, timeout_s=deadline, assembler=self.assembler
+        )
         try:
-            await call.write(_config_request())
-            await self._microphone(call)
-            await call.write(END_OF_INPUT)
-            await call.done_writing()
+            await conversation.open()
+            await conversation.end_input()  # once the script has nothing more to say
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await reader
-            self.status = (await call.code()).name
+                code = await conversation.ended()
+            self.status = code.name
+            if code != grpc.StatusCode.OK:
+                self._call_problems.append(f"call failed: {code.name}: {conversation.details}")
         except grpc.aio.AioRpcError as error:
             self.status = error.code().name
-            self.problems.append(f"call failed: {error.code().name}: {error.details()}")
-        except (TimeoutError, asyncio.InvalidStateError) as error:
+            self._call_problems.append(f"call failed: {error.code().name}: {error.details()}")
+        except TimeoutError as error:
             self.status = "CLIENT_TIMEOUT"
-            self.problems.append(f"call did not end: {error!r}")
+            self._call_problems.append(f"call did not end: {error!r}")
         finally:
-            reader.cancel()
-            call.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await conversation.close()
 
-    async def _microphone(self, call: Any) -> None:
-        start = time.monotonic()
-        frame_no = 0
-        phrase: Phrase | None = None
-        turn: TurnOutcome | None = None
-        position = 0
-        while True:
-            due = start + frame_no * FRAME_S
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            now = time.monotonic()
-            self.lag.record(max(0.0, now - due))
-            if phrase is None:
-                self._settle(now)
-                if self._outstanding is None:
-                    phrase = self.script.next_phrase(now)
-                    if phrase is not None:
-                        turn = TurnOutcome(phrase.kind)
-                        self.turns.append((phrase, turn))
-                        self._awaiting.append(turn)
-                        position = 0
-                    elif now >= self.end_at:
-                        return
-            frame = phrase.frames[position] if phrase is not None else SILENCE_FRAME
-            await call.write(pb.ConverseRequest(audio=frame))
-            if phrase is not None and turn is not None:
-                if position == phrase.speech_end_frame:
-                    turn.speech_end_at = time.monotonic()
-                position += 1
-                if position == len(phrase.frames):
-                    self._outstanding = (phrase, turn)
-                    phrase = None
-            frame_no += 1
+    def cue(self, now: float) -> Speech | Pause:
+        """Asked by the microphone at each frame while it is silent: the next phrase, if the
+        last one's turn is settled and the script says it is time."""
+        if self._speaking is not None:  # the microphone has sent all of it
+            self._outstanding, self._speaking = self._speaking, None
+        self._settle(now)
+        if self._outstanding is None:
+            phrase = self.script.next_phrase(now)
+            if phrase is not None:
+                turn = Turn()
+                self._speaking = (phrase, turn)
+                self._spoken.append(self._speaking)
+                return Speech(phrase.utterance, turn)
+            if now >= self.end_at:
+                return Pause.END
+        return Pause.SILENCE
+
+    def _heard_from(self, turn: Turn) -> float | None:
+        # The relay's answer is the transcript.
+        return turn.started_at if self.relay else turn.first_audio_at
 
     def _settle(self, now: float) -> None:
         """Decides whether the last phrase's turn is over for the caller (answered, failed,
@@ -217,92 +209,82 @@ class StreamingCaller:
         if self._outstanding is None:
             return
         phrase, turn = self._outstanding
-        if turn.outcome in ("completed", "failed", "interrupted"):
-            done_at = self._done_at.get(id(turn), now)
+        heard_from = self._heard_from(turn)
+        if turn.ended:
+            done_at = turn.ended_at or now
             # The relay sends no reply: the caller listens as long as it would to ours.
-            ready = done_at + phrase.reply_s if self.relay else max(done_at, turn.playback_end or done_at)
+            playback_end = turn.playback_end(BYTES_PER_SECOND) or done_at
+            ready = done_at + phrase.reply_s if self.relay else max(done_at, playback_end)
             self.script.next_at = max(self.script.next_at, ready + REACTION_S)
             self._outstanding = None
         elif (
             phrase.barge_in_after_s is not None
-            and turn.first_audio_at is not None
-            and now >= turn.first_audio_at + phrase.barge_in_after_s
+            and heard_from is not None
+            and now >= heard_from + phrase.barge_in_after_s
         ):
             self.script.next_at = now
             self._outstanding = None
-        elif turn.speech_end_at is not None and now > turn.speech_end_at + self.config.turn_timeout_s:
-            turn.outcome = "timeout"
-            turn.problems.append(f"no answer within {self.config.turn_timeout_s:g} s")
+        elif turn.speech_ended_at is not None and now > turn.speech_ended_at + self.config.turn_timeout_s:
+            self._timed_out.add(turn)
             self._outstanding = None
-            if turn in self._awaiting:
-                self._awaiting.remove(turn)
+            self.assembler.give_up(turn)
 
-    async def _read(self, call: Any) -> None:
-        by_id: dict[str, TurnOutcome] = {}
-        keep_audio = self.config.check_audio
-        async for response in call:
-            kind = response.WhichOneof("event")
-            if kind == "reply_audio":
-                turn = by_id.get(response.correlation.turn_id)
-                if turn is None:
-                    self.problems.append("reply audio for a turn that was never started")
-                    continue
-                audio = response.reply_audio.audio
-                turn.record_chunk(len(audio), time.monotonic(), keep_audio, audio)
-            elif kind == "agent_text":
-                if (turn := by_id.get(response.correlation.turn_id)) is not None:
-                    turn.agent_text += response.agent_text.text
-            elif kind == "turn_started":
-                if not self._awaiting:
-                    self.problems.append(
-                        f"turn started without a phrase: {response.turn_started.user_text!r}"
-                    )
-                    continue
-                turn = self._awaiting.popleft()
-                turn.user_text = response.turn_started.user_text
-                by_id[response.correlation.turn_id] = turn
-            elif kind == "user_transcript" and self.relay and response.user_transcript.is_final:
-                if self._awaiting:
-                    turn = self._awaiting.popleft()
-                    turn.user_text = response.user_transcript.text
-                    turn.first_audio_at = time.monotonic()  # the relay's answer is the transcript
-                    self._relay_turn = turn
-            elif kind == "turn_completed":
-                turn = self._relay_turn if self.relay else by_id.get(response.correlation.turn_id)
-                if turn is not None:
-                    self._complete(turn, response.turn_completed)
-            elif kind == "turn_interrupted":
-                if (turn := by_id.get(response.correlation.turn_id)) is not None:
-                    turn.heard_text = response.turn_interrupted.heard_text
-                    turn.outcome = "interrupted"
-                    self._done_at[id(turn)] = time.monotonic()
-            elif kind == "error":
-                error = response.error
-                text = f"{pb.Stage.Name(error.stage)} {error.code}: {error.message}"
-                if (turn := by_id.get(response.correlation.turn_id)) is not None:
-                    turn.outcome = "failed"
-                    turn.problems.append(text)
-                    self._done_at[id(turn)] = time.monotonic()
-                else:
-                    self.problems.append(text)
+    # What the caller saw, read once the call is over (or was cut short).
 
-    def _complete(self, turn: TurnOutcome, completed: pb.TurnCompleted) -> None:
-        latency = completed.latency
-        turn.outcome = "completed"
-        self._done_at[id(turn)] = time.monotonic()
-        if self.relay:  # the relay reports only the STT's finalisation time
-            turn.stage_s = {"stt": _seconds(latency.stt_finalization)}
-            return
-        turn.final_agent_text = completed.agent_text
-        turn.stage_s = {
-            "stt": _seconds(latency.stt_finalization),
-            "llm_first_token": _seconds(latency.llm_time_to_first_token),
-            "llm_first_sentence": _seconds(latency.llm_time_to_first_sentence),
-            "tts": _seconds(latency.tts_time_to_first_audio),
-            "server_ttfa": _seconds(latency.time_to_first_audio),
-            "orchestrator_added": _seconds(latency.orchestrator_added),
-            **{part: _seconds(getattr(latency, part)) for part in ADDED_PARTS},
-        }
+    @property
+    def turns(self) -> list[tuple[Phrase, TurnOutcome]]:
+        return [(phrase, self._outcome(phrase, turn)) for phrase, turn in self._spoken]
+
+    @property
+    def problems(self) -> list[str]:
+        """The call's, and whatever the server sent that fits no phrase."""
+        problems = list(self._call_problems)
+        mine = {turn for _, turn in self._spoken}
+        for turn in self.assembler.turns:
+            if turn not in mine:
+                problems.append(f"turn started without a phrase: {turn.user_text!r}")
+        if self.assembler.stray_events:
+            problems.append(f"{self.assembler.stray_events} events of turns that were never started")
+        return problems + [_error_text(error) for error in self.assembler.session_errors]
+
+    def _outcome(self, phrase: Phrase, turn: Turn) -> TurnOutcome:
+        outcome = TurnOutcome(
+            phrase.kind,
+            outcome=turn.outcome if turn.ended else "timeout" if turn in self._timed_out else "open",
+            user_text=turn.user_text,
+            agent_text=turn.agent_text,
+            heard_text=turn.heard_text or "",
+            speech_end_at=turn.speech_ended_at,
+            first_audio_at=self._heard_from(turn),
+            audio=turn.audio,
+            audio_bytes=turn.audio_bytes,
+            chunks=turn.chunks,
+            late_chunks=turn.late_chunks,
+            max_late_s=turn.max_late_s,
+        )
+        if turn in self._timed_out:
+            outcome.problems.append(f"no answer within {self.config.turn_timeout_s:g} s")
+        outcome.problems += [_error_text(error) for error in turn.errors]
+        if turn.completed is not None:
+            latency = turn.completed.latency
+            if self.relay:  # the relay reports only the STT's finalisation time
+                outcome.stage_s = {"stt": _seconds(latency.stt_finalization)}
+            else:
+                outcome.final_agent_text = turn.completed.agent_text
+                outcome.stage_s = {
+                    "stt": _seconds(latency.stt_finalization),
+                    "llm_first_token": _seconds(latency.llm_time_to_first_token),
+                    "llm_first_sentence": _seconds(latency.llm_time_to_first_sentence),
+                    "tts": _seconds(latency.tts_time_to_first_audio),
+                    "server_ttfa": _seconds(latency.time_to_first_audio),
+                    "orchestrator_added": _seconds(latency.orchestrator_added),
+                    **{part: _seconds(getattr(latency, part)) for part in ADDED_PARTS},
+                }
+        return outcome
+
+
+def _error_text(error: pb.SessionError) -> str:
+    return f"{pb.Stage.Name(error.stage)} {error.code}: {error.message}"
 
 
 class HttpCaller:
@@ -362,7 +344,7 @@ class HttpCaller:
         decoder = audio_code.SpeechDecoder(FORMAT.sample_rate)
         start = time.monotonic()
         captured: list[bytes] = []
-        frames = [*phrase.frames, *([SILENCE_FRAME] * 25)]
+        frames = [*phrase.utterance.frames, *([SILENCE_FRAME] * 25)]
         for k, frame in enumerate(frames):
             due = start + k * FRAME_S
             delay = due - time.monotonic()
@@ -371,7 +353,7 @@ class HttpCaller:
             self.lag.record(max(0.0, time.monotonic() - due))
             captured.append(frame)
             events = decoder.feed(FORMAT.decode(frame))
-            if k == phrase.speech_end_frame:
+            if k == phrase.utterance.speech_end_frame:
                 turn.speech_end_at = time.monotonic()
             if any(isinstance(e, audio_code.UtteranceEnded) for e in events):
                 break
@@ -502,25 +484,23 @@ class _Control:
 
 
 async def _idle_session(channel: grpc.aio.Channel, opened: asyncio.Event, release: asyncio.Event) -> str:
-    stub: Any = voice_agent_pb2_grpc.VoiceAgentServiceStub(channel)
-    call = stub.Converse(timeout=OPEN_TIMEOUT_S + 600)
+    conversation = Conversation(
+        channel, SESSION, microphone=Microphone(realtime=False), timeout_s=OPEN_TIMEOUT_S + 600
+    )
     try:
-        await call.write(_config_request())
-        first = await call.read()
-        if first is grpc.aio.EOF or first.WhichOneof("event") != "session_started":
+        await conversation.open()
+        await conversation.assembler.session_started.wait()
+        if not conversation.assembler.session_id:
             return "NO_SESSION_STARTED"
         opened.set()
         await release.wait()
-        await call.write(END_OF_INPUT)
-        await call.done_writing()
+        await conversation.end_input()
         async with asyncio.timeout(CLOSE_TIMEOUT_S):
-            while await call.read() is not grpc.aio.EOF:
-                pass
-        return str((await call.code()).name)
+            return (await conversation.ended()).name
     except grpc.aio.AioRpcError as error:
         return str(error.code().name)
     finally:
-        call.cancel()
+        await conversation.close()
 
 
 async def run_idle(config: LoadConfig, control: _Control) -> dict[str, Any]:
@@ -550,32 +530,20 @@ async def run_idle(config: LoadConfig, control: _Control) -> dict[str, Any]:
 
 async def _short_session(channel: grpc.aio.Channel, phrase: Phrase) -> tuple[str, list[str]]:
     """Speaks one phrase as fast as the server takes it, ends its input, reads the reply."""
-    stub: Any = voice_agent_pb2_grpc.VoiceAgentServiceStub(channel)
-    call = stub.Converse(timeout=CLOSE_TIMEOUT_S)
-    problems: list[str] = []
-    completed: pb.TurnCompleted | None = None
-    user_text = ""
+    microphone = Microphone(realtime=False)
+    conversation = Conversation(channel, SESSION, microphone=microphone, timeout_s=CLOSE_TIMEOUT_S)
+    turn = conversation.say(phrase.utterance)
     try:
-        await call.write(_config_request())
-        for frame in phrase.frames:
-            await call.write(pb.ConverseRequest(audio=frame))
-        await call.write(END_OF_INPUT)
-        await call.done_writing()
-        async for response in call:
-            kind = response.WhichOneof("event")
-            if kind == "turn_started":
-                user_text = response.turn_started.user_text
-            elif kind == "turn_completed":
-                completed = response.turn_completed
-            elif kind == "error":
-                problems.append(f"{response.error.code}: {response.error.message}")
-        code = str((await call.code()).name)
+        await conversation.open()
+        code = (await conversation.finish()).name
     except grpc.aio.AioRpcError as error:
         code = str(error.code().name)
     finally:
-        call.cancel()
-    if user_text != phrase.expected_user:
-        problems.append(f"transcript {user_text!r} != spoken {phrase.expected_user!r}")
+        await conversation.close()
+    problems = [f"{error.code}: {error.message}" for error in conversation.errors]
+    if turn.user_text != phrase.expected_user:
+        problems.append(f"transcript {turn.user_text!r} != spoken {phrase.expected_user!r}")
+    completed = turn.completed
     if completed is None or completed.agent_text != phrase.expected_reply:
         problems.append(f"reply {completed.agent_text if completed else None!r} != {phrase.expected_reply!r}")
     return code, problems

@@ -10,19 +10,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stubs import audio_code, replies
-from voice.v1 import common_pb2
-from voicepipe.audio_format import PcmFormat
+from voicepipe.stage.llm import Message
+from voicepipe_client import PCM_16K, Utterance
+from voicepipe_client.audio import FRAME_S, silent_frame
 
-SAMPLE_RATE = 16_000
-FORMAT = PcmFormat(common_pb2.AUDIO_ENCODING_LINEAR16, SAMPLE_RATE)
-FRAME_MS = 20
-FRAME_S = FRAME_MS / 1000
-FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
-FRAME_BYTES = FRAME_SAMPLES * FORMAT.bytes_per_sample
+FORMAT = PCM_16K
+SAMPLE_RATE = FORMAT.sample_rate
 BYTES_PER_SECOND = SAMPLE_RATE * FORMAT.bytes_per_sample
 # The server's split of the orchestrator-added latency (LatencyBreakdown), recorded per turn.
 ADDED_PARTS = ("stt_round_trip", "llm_round_trip", "tts_round_trip", "orchestrator_processing")
-SILENCE_FRAME = bytes(FRAME_BYTES)
+SILENCE_FRAME = silent_frame(FORMAT)
 # After the reply has played, the caller takes this long to start speaking again.
 REACTION_S = 0.3
 # Upper bound on end of speech -> first reply audio used to plan turns (not a pass mark).
@@ -38,8 +35,7 @@ class Phrase:
 
     kind: str  # short (one-sentence reply), medium (two sentences), long (a story, barged into)
     text: str
-    frames: tuple[bytes, ...]  # 20 ms LINEAR16 frames: speech, then the code's trailing silence
-    speech_end_frame: int  # index of the frame holding the last voiced sample
+    utterance: Utterance  # 20 ms LINEAR16 frames: speech, then the code's trailing silence
     expected_user: str  # what STT must transcribe
     expected_reply: str  # what the LLM stub must answer
     reply_s: float  # duration of the reply audio
@@ -47,7 +43,7 @@ class Phrase:
 
     @property
     def speech_s(self) -> float:
-        return len(self.frames) * FRAME_S
+        return len(self.utterance.frames) * FRAME_S
 
     @property
     def cycle_s(self) -> float:
@@ -64,16 +60,12 @@ def reply_audio_seconds(text: str) -> float:
 
 @functools.lru_cache(maxsize=64)
 def build_phrase(kind: str, text: str, barge_in_after_s: float | None = None) -> Phrase:
-    rendered = audio_code.render(text, SAMPLE_RATE)
-    data = FORMAT.encode(rendered.samples)
-    frames = tuple(data[i : i + FRAME_BYTES] for i in range(0, len(data), FRAME_BYTES))
     expected_user = audio_code.normalize_text(text)
-    expected_reply = replies.reply([replies.Message(replies.Speaker.USER, expected_user)])
+    expected_reply = replies.reply([Message("user", expected_user)])
     return Phrase(
         kind=kind,
         text=text,
-        frames=frames,
-        speech_end_frame=max(0, rendered.speech_end_samples - 1) // FRAME_SAMPLES,
+        utterance=Utterance.spoken(audio_code.render, text, FORMAT),
         expected_user=expected_user,
         expected_reply=expected_reply,
         reply_s=reply_audio_seconds(expected_reply),
@@ -141,27 +133,6 @@ class TurnOutcome:
         if self.speech_end_at is None or self.first_audio_at is None:
             return None
         return self.first_audio_at - self.speech_end_at
-
-    def record_chunk(self, size: int, now: float, keep_audio: bool, audio: bytes) -> None:
-        """A chunk of reply audio; late if playback that began with the first chunk has
-        already reached it (the caller would hear a gap)."""
-        if self.first_audio_at is None:
-            self.first_audio_at = now
-        else:
-            late = now - (self.first_audio_at + self.audio_bytes / BYTES_PER_SECOND)
-            if late > 0:
-                self.late_chunks += 1
-                self.max_late_s = max(self.max_late_s, late)
-        self.audio_bytes += size
-        self.chunks += 1
-        if keep_audio:
-            self.audio += audio
-
-    @property
-    def playback_end(self) -> float | None:
-        if self.first_audio_at is None:
-            return None
-        return self.first_audio_at + self.audio_bytes / BYTES_PER_SECOND
 
 
 def decode_reply(audio: bytes) -> str:

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
+from llm_stub.engine import StubLanguageEngine
+from stubs.faults import FAULT_KNOBS
+from voicepipe.stage.main import StageSpec
 
-from llm_stub.service import build_service
-from voicepipe.stub_entry import parse_stage_args, run_stage
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parse_stage_args(
-        "llm",
-        "LLM stub: deterministic streamed replies for tests, demos and benchmarks.",
-        port=50053,
-        metrics_port=9603,
-        argv=argv,
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_stage(parse_args(argv), "llm", build_service)
-
+SPEC = StageSpec(
+    StubLanguageEngine,
+    module="llm_stub",
+    role="llm",
+    description="LLM stub: deterministic streamed replies for tests, demos and benchmarks.",
+    extensions=(FAULT_KNOBS,),
+)
+parse_args = SPEC.parse_args
 
 if __name__ == "__main__":
-    main()
+    SPEC.run()

@@ -1,7 +1,9 @@
 """`make up`: the four services as local processes. The stages start first; the orchestrator
 starts once they report SERVING and is itself waited on until SERVING. Ctrl-C stops them all.
+Each role runs the stub or a real engine:
 
-    python -m orchestrator.stack [--latency-profile realistic] [--ephemeral-ports]
+    python -m orchestrator.stack [--stt stub|whisper] [--llm stub|openai] [--tts stub|espeak]
+                                 [--latency-profile realistic] [--ephemeral-ports]
 """
 
 from __future__ import annotations
@@ -11,17 +13,23 @@ import asyncio
 import contextlib
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe.server import wait_for_shutdown_signal
 
-STAGES = (
-    ("stt", "stt_stub", 50052, 9602),
-    ("llm", "llm_stub", 50053, 9603),
-    ("tts", "tts_stub", 50054, 9604),
-)
+# role -> (gRPC port, metrics port), and each role's engines by name -> the module that serves it.
+PORTS = {"stt": (50052, 9602), "llm": (50053, 9603), "tts": (50054, 9604)}
+ENGINES = {
+    "stt": {"stub": "stt_stub", "whisper": "stt_whisper"},
+    "llm": {"stub": "llm_stub", "openai": "llm_openai"},
+    "tts": {"stub": "tts_stub", "espeak": "tts_espeak"},
+}
+STUBS = {role: "stub" for role in ENGINES}
+# Loading a model (Whisper, espeak's voices) takes longer than a stub's start.
+READY_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -30,10 +38,16 @@ class LocalStack:
 
     stages: dict[str, ServiceProcess] = field(default_factory=dict)
     orchestrator: ServiceProcess | None = None
+    # The local language model the openai LLM stage talks to, when the stack started one.
+    llm_backend: ServiceProcess | None = None
 
     @property
     def processes(self) -> list[ServiceProcess]:
-        return [*([self.orchestrator] if self.orchestrator else []), *self.stages.values()]
+        return [
+            *([self.orchestrator] if self.orchestrator else []),
+            *self.stages.values(),
+            *([self.llm_backend] if self.llm_backend else []),
+        ]
 
     def stop(self) -> None:
         for process in self.processes:
@@ -44,17 +58,27 @@ async def start_stack(
     latency_profile: str,
     *,
     ephemeral: bool,
+    engines: Mapping[str, str] = STUBS,
     stage_flags: dict[str, list[str]] | None = None,
     orchestrator_flags: list[str] | None = None,
 ) -> LocalStack:
+    """Starts the stages (the engine `engines` names for each role; the stubs take the latency
+    profile), then the orchestrator wired to them."""
     stack = LocalStack()
     try:
-        for name, module, port, metrics in STAGES:
-            extra = ["--latency-profile", latency_profile, *(stage_flags or {}).get(name, [])]
-            stack.stages[name] = await asyncio.to_thread(
+        for role, (port, metrics) in PORTS.items():
+            module = ENGINES[role][engines[role]]
+            extra = [
+                *(["--latency-profile", latency_profile] if module.endswith("_stub") else []),
+                *(stage_flags or {}).get(role, []),
+            ]
+            if module == "llm_openai" and "--base-url" not in extra:
+                extra += ["--base-url", await start_llm_backend(stack, ephemeral)]
+            stack.stages[role] = await asyncio.to_thread(
                 ServiceProcess,
                 module,
                 stage_args(0 if ephemeral else port, 0 if ephemeral else metrics, *extra),
+                ready_timeout_s=READY_TIMEOUT_S,
             )
         await asyncio.gather(*(wait_until_serving(p.target, 30) for p in stack.stages.values()))
         targets = [f"--{name}={process.target}" for name, process in stack.stages.items()]
@@ -72,8 +96,18 @@ async def start_stack(
     return stack
 
 
+async def start_llm_backend(stack: LocalStack, ephemeral: bool) -> str:
+    """Starts the bundled local model (llama.cpp's OpenAI-compatible server) and returns its API
+    root; imported here so a stub-only install does not need the engine's packages."""
+    from llm_openai import backend
+
+    stack.llm_backend = await asyncio.to_thread(backend.start, 0 if ephemeral else backend.DEFAULT_PORT)
+    return backend.base_url(stack.llm_backend)
+
+
 async def run(args: argparse.Namespace) -> None:
-    stack = await start_stack(args.latency_profile, ephemeral=args.ephemeral_ports)
+    engines = {role: getattr(args, role) for role in ENGINES}
+    stack = await start_stack(args.latency_profile, ephemeral=args.ephemeral_ports, engines=engines)
     try:
         summary = {p.module: {"grpc": p.target, "metrics": p.metrics_port} for p in stack.processes}
         print(json.dumps({"event": "stack ready", "services": summary}), file=sys.stderr, flush=True)
@@ -86,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.stack", description=__doc__)
     parser.add_argument("--latency-profile", default="realistic", choices=("instant", "realistic"))
     parser.add_argument("--ephemeral-ports", action="store_true", help="let the OS choose every port")
+    for role, choices in ENGINES.items():
+        parser.add_argument(f"--{role}", default="stub", choices=tuple(choices), help=f"the {role} engine")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(parser.parse_args()))
 

@@ -141,3 +141,17 @@ class FaultInjector(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class _FaultKnobs:
+    """The knobs as a server extension (voicepipe.stage.main.ServerExtension): their flags, and
+    the interceptor they ask for."""
+
+    def add_flags(self, flags: FlagParser) -> None:
+        FaultSettings.add_flags(flags)
+
+    def interceptors(self, args: argparse.Namespace) -> list[grpc.aio.ServerInterceptor]:
+        return FaultSettings.from_args(args).interceptors()
+
+
+FAULT_KNOBS = _FaultKnobs()

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import time
 from dataclasses import dataclass, replace
+from typing import ClassVar, Self
 
 from voicepipe.config import FlagParser
 
@@ -70,3 +71,21 @@ async def sleep_until(deadline: float) -> None:
     instant profile's deadlines are already past, so it never sleeps."""
     while (remaining := deadline - time.monotonic()) > 0:  # noqa: ASYNC110 - a timer, not polling
         await asyncio.sleep(remaining)
+
+
+class ProfiledEngine:
+    """A stub engine driven by a latency profile: the flags of its role (`--latency-profile` and
+    the role's overrides) build it. Mix in before the engine base class."""
+
+    role: ClassVar[str]
+
+    def __init__(self, profile: LatencyProfile) -> None:
+        self.profile = profile
+
+    @classmethod
+    def add_flags(cls, flags: FlagParser) -> None:
+        add_flags(flags, cls.role)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Self:
+        return cls(from_args(args, cls.role))

@@ -35,25 +35,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
 from decimal import Decimal
-from enum import Enum
 from fractions import Fraction
 
-
-class Speaker(Enum):
-    """Who wrote a message, as far as the reply rules care."""
-
-    SYSTEM = "system"
-    USER = "user"
-    ASSISTANT = "assistant"
-
-
-@dataclass(frozen=True)
-class Message:
-    speaker: Speaker
-    text: str
-
+from voicepipe.stage.llm import Message
 
 GREETING = "Hello! How can I help you today?"
 STORY = (
@@ -148,7 +133,7 @@ def arithmetic(text: str) -> str | None:
 def _recall(pattern: re.Pattern[str], history: Sequence[Message]) -> str | None:
     """The first group of `pattern` in the most recent user message of `history` that has it."""
     for message in reversed(history):
-        if message.speaker is Speaker.USER and (match := pattern.search(_clean(message.text))):
+        if message.role == "user" and (match := pattern.search(_clean(message.content))):
             return match[1].strip()
     return None
 
@@ -166,7 +151,7 @@ def _name_of(text: str) -> str | None:
 def reply(messages: Sequence[Message]) -> str:
     """The reply to the last message (from the user) given the conversation before it."""
     *history, last = messages
-    text = _clean(last.text)
+    text = _clean(last.content)
     if _LONG_ANSWER.search(text):
         return STORY
     if _ASK_NAME.match(text):

@@ -7,20 +7,22 @@ import asyncio
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from stubs import audio_code
-from voicepipe import keepalive
 from voicepipe.audio_format import PcmFormat
 from voicepipe.processes import ServiceProcess, stage_args
+from voicepipe_client import connect
 
 # Every call a test makes is bounded by this deadline.
 CALL_TIMEOUT_S = 10.0
@@ -51,7 +53,7 @@ def running(module: str, *extra: str) -> Iterator[ServiceProcess]:
 @asynccontextmanager
 async def open_channel(target: str) -> AsyncIterator[grpc.aio.Channel]:
     """A channel with the same options the services' own clients use."""
-    async with grpc.aio.insecure_channel(target, options=keepalive.client_options()) as channel:
+    async with connect(target) as channel:
         yield channel
 
 
@@ -71,7 +73,9 @@ class CallOutcome(Generic[Resp]):
         return self.responses
 
 
-async def collect(call: grpc.aio.StreamStreamCall[Req, Resp]) -> CallOutcome[Resp]:
+async def collect(
+    call: grpc.aio.StreamStreamCall[Req, Resp] | grpc.aio.UnaryStreamCall[Req, Resp],
+) -> CallOutcome[Resp]:
     """Reads a call to its end; a failure is returned, not raised."""
     responses: list[Resp] = []
     try:
@@ -104,6 +108,49 @@ async def exchange(
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
         pass  # the call has ended; collect() reports how
     return await collect(call)
+
+
+def method_descriptor(path: str) -> MethodDescriptor:
+    """The descriptor of a method given as "/package.Service/Method" (its proto module imported)."""
+    _, service, method = path.split("/")
+    return descriptor_pool.Default().FindMethodByName(f"{service}.{method}")
+
+
+async def call_raw(
+    channel: grpc.aio.Channel, path: str, messages: Sequence[bytes], *, half_close: bool = True
+) -> CallOutcome[bytes]:
+    """Calls any method with request messages as bytes (no serializer: they go on the wire as
+    they are, valid or not) and collects the responses as bytes. A unary request is the one
+    message given; see exchange() for half_close."""
+    method = method_descriptor(path)
+    if method.client_streaming:
+        return await exchange(channel.stream_stream(path), messages, half_close=half_close)
+    (message,) = messages
+    if method.server_streaming:
+        streaming: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+        return await collect(streaming(message, timeout=CALL_TIMEOUT_S))
+    unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+    try:
+        response = await unary(message, timeout=CALL_TIMEOUT_S)
+    except grpc.aio.AioRpcError as error:
+        return CallOutcome([], error.code(), error.details() or "")
+    return CallOutcome([response], grpc.StatusCode.OK, "")
+
+
+async def start_raw(
+    channel: grpc.aio.Channel, path: str, messages: Sequence[bytes]
+) -> grpc.aio.StreamStreamCall[bytes, bytes] | grpc.aio.UnaryStreamCall[bytes, bytes]:
+    """A call of a response-streaming method with its request messages (bytes) written and the
+    stream left open, to be read from."""
+    if not method_descriptor(path).client_streaming:
+        (message,) = messages
+        streaming: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+        return streaming(message, timeout=CALL_TIMEOUT_S)
+    bidi: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
+    call = bidi(timeout=CALL_TIMEOUT_S)
+    for message in messages:
+        await call.write(message)
+    return call
 
 
 async def read_message(call: grpc.aio.StreamStreamCall[Req, Resp], kind: type[Resp]) -> Resp:
@@ -222,7 +269,7 @@ async def health_status(channel: grpc.aio.Channel, service: str) -> int:
 
 
 def watch_health(
-    channel: grpc.aio.Channel, service: str
+    channel: grpc.aio.Channel, service: str, timeout_s: float = CALL_TIMEOUT_S
 ) -> grpc.aio.UnaryStreamCall[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]:
     watch: grpc.aio.UnaryStreamMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
     watch = channel.unary_stream(
@@ -230,7 +277,7 @@ def watch_health(
         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
         response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
-    return watch(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT_S)
+    return watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
 
 
 async def assert_drains_on_sigterm(process: ServiceProcess, service: str) -> None:
@@ -251,6 +298,46 @@ async def assert_drains_on_sigterm(process: ServiceProcess, service: str) -> Non
         assert process.process.poll() is None, "the process exited before clients saw NOT_SERVING"
         watch.cancel()
     assert await asyncio.to_thread(process.wait, WAIT_TIMEOUT_S) == 0
+
+
+# --- malformed requests -------------------------------------------------------------------------
+
+# A field tag with wire type 7, which no protobuf message can contain.
+GARBAGE = b"\xff\xff\xff\xff"
+
+
+async def assert_malformed_request_rejected(
+    process: ServiceProcess, path: str, valid_first: bytes | None = None
+) -> None:
+    """Garbage (after `valid_first`, if given) gets INVALID_ARGUMENT naming the request type,
+    one warning line and no traceback in the log, a count in /metrics, and health stays SERVING."""
+    _, service, method = path.split("/")
+    request_type = method_descriptor(path).input_type.full_name
+    labels = {"grpc_service": service, "grpc_method": method}
+    counted = "voicepipe_server_malformed_messages_total"
+    before = await read_metric(process.metrics_port, counted, **labels)
+    logged_before = len(process.events())
+
+    async with open_channel(process.target) as channel:
+        # No half-close: the server must end the call on the garbage alone.
+        messages = [*([valid_first] if valid_first else []), GARBAGE]
+        outcome = await call_raw(channel, path, messages, half_close=False)
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
+        assert request_type in outcome.details
+
+        warning = await wait_for_log(
+            process, lambda e: e.get("event") == "malformed request" and e.get("method") == path
+        )
+        assert warning["level"] == "warning"
+        assert warning["message_type"] == request_type
+        await wait_for_metric(process.metrics_port, counted, lambda v: v == before + 1, labels=labels)
+        assert await health_status(channel, "") == SERVING
+
+    new_events = process.events()[logged_before:]
+    warnings = [e for e in new_events if e.get("event") == "malformed request"]
+    assert len(warnings) == 1, warnings
+    assert not [e for e in new_events if e["level"] in ("error", "critical") or "exception" in e]
+    assert not [line for line in process.log_lines if "Traceback" in line]
 
 
 # --- audio ------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Helpers for end-to-end tests of the orchestrator: whole stacks of real processes, a caller that
-keeps every event of a Converse call in arrival order, and an LLM proxy that records what the
-orchestrator asked the language model."""
+"""Helpers for end-to-end tests of the orchestrator: whole stacks of real processes, a caller on
+the client library that also keeps every event of a Converse call in arrival order, and an LLM
+proxy that records what the orchestrator asked the language model."""
 
 from __future__ import annotations
 
@@ -9,26 +9,29 @@ import functools
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from orchestrator.stack import LocalStack, start_stack
 from stubs import audio_code
-from voice.v1 import common_pb2, language_model_pb2, voice_agent_pb2_grpc
+from voice.v1 import language_model_pb2
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.audio_format import PcmFormat
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
-
-if TYPE_CHECKING:
-    from voice.v1.voice_agent_pb2_grpc import VoiceAgentServiceAsyncStub
+from voicepipe_client import (
+    PCM_16K,
+    Conversation,
+    Microphone,
+    SessionSettings,
+    Turn,
+    TurnAssembler,
+    Utterance,
+)
 
 T = TypeVar("T")
 
-PCM_16K = PcmFormat(common_pb2.AUDIO_ENCODING_LINEAR16, 16_000)
-FRAME_MS = 20
 # Deadline of every Converse call a test makes, and how long a test waits for an expected event.
 CONVERSE_TIMEOUT_S = 30.0
 EVENT_TIMEOUT_S = 10.0
@@ -96,64 +99,19 @@ def free_port() -> int:
 # --- audio ------------------------------------------------------------------------------------------
 
 
-def spoken(text: str, fmt: PcmFormat) -> bytes:
-    """`text` in the stub audio code, in `fmt`, ending with the code's end-of-utterance silence."""
-    return fmt.encode(audio_code.encode(text, fmt.sample_rate))
-
-
-def heard(audio: bytes, fmt: PcmFormat) -> list[str]:
+def heard(audio: bytes | bytearray, fmt: PcmFormat) -> list[str]:
     """What a listener decodes from reply audio: the final text of each utterance. The TTS ends
     a reply with a word gap only, so the stream's end closes the last utterance (`finish`)."""
-    return audio_code.decode_utterances(fmt.decode(audio), fmt.sample_rate)
+    return audio_code.decode_utterances(fmt.decode(bytes(audio)), fmt.sample_rate)
 
 
 # --- a Converse call ----------------------------------------------------------------------------
 
 
-@dataclass
-class TurnView:
-    """What a caller received of one turn, assembled from the events."""
-
-    turn_id: str
-    user_text: str = ""
-    agent_text: str = ""
-    audio: bytes = b""
-    completed: pb.TurnCompleted | None = None
-    interrupted: pb.TurnInterrupted | None = None
-    errors: list[pb.SessionError] = field(default_factory=list)
-
-    @property
-    def ended(self) -> bool:
-        return self.completed is not None or self.interrupted is not None or bool(self.errors)
-
-
-def turn_view(events: Sequence[pb.ConverseResponse], turn_id: str) -> TurnView:
-    view = TurnView(turn_id)
-    audio = bytearray()
-    for event in events:
-        if event.correlation.turn_id != turn_id:
-            continue
-        kind = event.WhichOneof("event")
-        if kind == "turn_started":
-            view.user_text = event.turn_started.user_text
-        elif kind == "agent_text":
-            view.agent_text += event.agent_text.text
-        elif kind == "reply_audio":
-            audio += event.reply_audio.audio
-        elif kind == "turn_completed":
-            view.completed = event.turn_completed
-        elif kind == "turn_interrupted":
-            view.interrupted = event.turn_interrupted
-        elif kind == "error":
-            view.errors.append(event.error)
-    view.audio = bytes(audio)
-    return view
-
-
 class Caller:
-    """One Converse call driven step by step. Every response is kept, in the order it arrived,
-    in `events`; `wait_for` waits (bounded) until the events satisfy a condition. Audio is sent
-    in 20 ms frames as fast as the server takes it."""
+    """One Converse call driven step by step through the client library, its audio sent in 20 ms
+    frames as fast as the server takes it. Every response is also kept, in the order it arrived,
+    in `events`; `wait_for` waits (bounded) until the events satisfy a condition."""
 
     def __init__(
         self,
@@ -165,43 +123,49 @@ class Caller:
         timeout_s: float = CONVERSE_TIMEOUT_S,
     ) -> None:
         self.input_format = input_format
-        self.output_format = output_format
-        self.session_id = session_id
-        stub: VoiceAgentServiceAsyncStub = voice_agent_pb2_grpc.VoiceAgentServiceStub(channel)
-        self.call = stub.Converse(timeout=timeout_s, wait_for_ready=True)
         self.events: list[pb.ConverseResponse] = []
-        self.code: grpc.StatusCode | None = None
-        self.details = ""
-        self._changed = asyncio.Condition()
-        self._reader: asyncio.Task[None] | None = None
-
-    def config(self) -> pb.ConverseRequest:
-        return pb.ConverseRequest(
-            config=pb.SessionConfig(
-                input_audio_format=self.input_format.to_proto(),
-                output_audio_format=self.output_format.to_proto(),
-                session_id=self.session_id,
-            )
+        self._changed = asyncio.Event()
+        self._over = False
+        self.conversation = Conversation(
+            channel,
+            SessionSettings(input_format, output_format, session_id),
+            microphone=Microphone(realtime=False),
+            timeout_s=timeout_s,
+            assembler=TurnAssembler(output_format, listener=self),
         )
 
-    async def open(self, *first: pb.ConverseRequest, read: bool = True) -> Caller:
-        """Sends the config (or `first` instead) and, if `read`, starts reading the events."""
-        for request in first or (self.config(),):
-            await self.call.write(request)
-        if read:
-            self.start_reading()
+    # EventListener: the assembler tells of each event once it has assembled it.
+    def on_event(self, response: pb.ConverseResponse) -> None:
+        self.events.append(response)
+        self._wake()
+
+    def on_end(self) -> None:
+        self._over = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    @property
+    def code(self) -> grpc.StatusCode | None:
+        return self.conversation.code
+
+    @property
+    def details(self) -> str:
+        return self.conversation.details
+
+    async def open(self, *, read: bool = True) -> Caller:
+        """Sends the config and, if `read`, starts reading the events."""
+        await self.conversation.open(read=read)
         return self
 
     def start_reading(self) -> None:
-        assert self._reader is None, "already reading"
-        self._reader = asyncio.create_task(self._read(), name="test-caller-reader")
+        self.conversation.start_reading()
 
     async def close(self) -> None:
         """Cancels the call (if still open) and the reader."""
-        self.call.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.conversation.close()
 
     async def __aenter__(self) -> Caller:
         return self
@@ -211,78 +175,54 @@ class Caller:
 
     # --- input -----------------------------------------------------------------------------
 
-    async def send(self, request: pb.ConverseRequest) -> None:
-        await self.call.write(request)
+    async def speak(self, text: str) -> Turn:
+        """`text` in the stub audio code, with its end-of-utterance silence; returns its turn
+        once every frame has left."""
+        return await self.conversation.speak(Utterance.spoken(audio_code.render, text, self.input_format))
 
-    async def speak(self, text: str) -> None:
-        """`text` in the stub audio code, with its end-of-utterance silence, in 20 ms frames."""
-        data = spoken(text, self.input_format)
-        frame = self.input_format.bytes_for(FRAME_MS)
-        for offset in range(0, len(data), frame):
-            await self.call.write(pb.ConverseRequest(audio=data[offset : offset + frame]))
-
-    async def type(self, text: str) -> None:
-        await self.call.write(pb.ConverseRequest(text=pb.TextTurn(text=text)))
+    async def type(self, text: str) -> Turn:
+        return await self.conversation.type(text)
 
     async def end_input(self) -> None:
-        await self.call.write(
-            pb.ConverseRequest(control=pb.ControlMessage(type=pb.CONTROL_TYPE_END_OF_INPUT))
-        )
-        await self.call.done_writing()
+        await self.conversation.end_input()
 
     # --- output ----------------------------------------------------------------------------
-
-    async def _read(self) -> None:
-        try:
-            async for response in self.call:
-                self.events.append(response)
-                async with self._changed:
-                    self._changed.notify_all()
-            self.code, self.details = await self.call.code(), await self.call.details()
-        except grpc.aio.AioRpcError as error:
-            self.code, self.details = error.code(), error.details() or ""
-        finally:
-            async with self._changed:
-                self._changed.notify_all()
 
     async def wait_for(
         self, condition: Callable[[], T | None], *, what: str, timeout_s: float = EVENT_TIMEOUT_S
     ) -> T:
         """The first truthy value of `condition()`, re-evaluated after every event; fails after
         `timeout_s`, or when the call ended without it."""
-
-        def ready() -> bool:
-            return bool(condition()) or self.code is not None
-
         try:
-            async with asyncio.timeout(timeout_s), self._changed:
-                await self._changed.wait_for(ready)
+            async with asyncio.timeout(timeout_s):
+                while not (condition() or self._over):
+                    await self._changed.wait()
         except TimeoutError:
             raise AssertionError(f"no {what} within {timeout_s} s; events: {self.summary()}") from None
         result = condition()
         assert result, f"the call ended ({self.code}: {self.details}) before {what}; events: {self.summary()}"
         return result
 
-    async def turn_ended(self, turn_id: str, timeout_s: float = EVENT_TIMEOUT_S) -> TurnView:
-        def ended() -> TurnView | None:
-            view = self.turn(turn_id)
-            return view if view.ended else None
+    async def turn_ended(self, turn_id: str, timeout_s: float = EVENT_TIMEOUT_S) -> Turn:
+        def ended() -> Turn | None:
+            turn = self.conversation.turn(turn_id)
+            return turn if turn is not None and turn.ended else None
 
         return await self.wait_for(ended, what=f"end of turn {turn_id}", timeout_s=timeout_s)
 
+    def audio_received(self, turn_id: str) -> int:
+        """Bytes of reply audio received for the turn so far (0 before it started)."""
+        turn = self.conversation.turn(turn_id)
+        return 0 if turn is None else turn.audio_bytes
+
     async def ended(self, timeout_s: float = EVENT_TIMEOUT_S) -> tuple[grpc.StatusCode, str]:
         """The call's final status (waits for the server to end the call)."""
-        assert self._reader is not None, "the caller is not reading"
         try:
             async with asyncio.timeout(timeout_s):
-                await asyncio.shield(self._reader)
+                code = await self.conversation.ended()
         except TimeoutError:
             raise AssertionError(f"the call did not end within {timeout_s} s: {self.summary()}") from None
-        assert self.code is not None
-        return self.code, self.details
-
-    def turn(self, turn_id: str) -> TurnView:
-        return turn_view(self.events, turn_id)
+        return code, self.details
 
     def of_kind(self, kind: str) -> list[pb.ConverseResponse]:
         return [event for event in self.events if event.WhichOneof("event") == kind]

@@ -24,6 +24,8 @@ STAGES = [
     ("stt_stub", "voice.v1.SpeechToTextService", "Transcribe"),
     ("llm_stub", "voice.v1.LanguageModelService", "Generate"),
     ("tts_stub", "voice.v1.TextToSpeechService", "Synthesize"),
+    ("tts_espeak", "voice.v1.TextToSpeechService", "Synthesize"),
+    ("tests.echo_engine", "voice.v1.LanguageModelService", "Generate"),
 ]
 
 
@@ -100,6 +102,31 @@ def test_generate_from_json(start_service: StartService) -> None:
     assert last["complete"]["finish_reason"] == "FINISH_REASON_STOP"
     assert last["complete"]["usage"] == {"prompt_tokens": 13, "completion_tokens": 4}
     assert all(r["correlation"] == {"session_id": "grpcurl", "turn_id": "2"} for r in responses)
+
+
+def test_an_engine_of_a_few_lines_answers_grpcurl(start_service: StartService) -> None:
+    """The SDK serves tests/echo_engine.py's EchoEngine (a `generate` of four lines) with the whole
+    contract: validation, deltas with elapsed times, GenerationComplete with counted tokens."""
+    process = start_service("tests.echo_engine")
+    request = {
+        "messages": [{"role": "ROLE_USER", "content": "echo this back"}],
+        "parameters": {"max_tokens": 2},
+    }
+    *deltas, last = json_stream(
+        grpcurl(process, "voice.v1.LanguageModelService/Generate", data=json.dumps(request))
+    )
+    assert [r["delta"]["text"] for r in deltas] == ["echo ", "this "]
+    assert all("elapsed" in r["delta"] for r in deltas)
+    assert last["complete"]["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert last["complete"]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2}
+    bad = subprocess.run(
+        [GRPCURL, "-plaintext", "-d", "{}", process.target, "voice.v1.LanguageModelService/Generate"],
+        capture_output=True,
+        text=True,
+        timeout=GRPCURL_TIMEOUT_S,
+        check=False,
+    )
+    assert "InvalidArgument" in bad.stderr and "messages is empty" in bad.stderr
 
 
 def test_synthesize_from_json(start_service: StartService) -> None:

@@ -15,7 +15,6 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2
 
-from orchestrator.client import VoiceClient
 from orchestrator.stack import LocalStack
 from stubs.audio_code import normalize_text
 from stubs.replies import STORY
@@ -31,7 +30,6 @@ from tests.helpers import (
     watch_health,
 )
 from tests.stack_fixtures import (
-    PCM_16K,
     Caller,
     RecordingLlmProxy,
     free_port,
@@ -44,6 +42,7 @@ from voice.v1 import common_pb2, language_model_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.audio_format import PcmFormat
 from voicepipe.processes import ServiceProcess
+from voicepipe_client import PCM_16K, Conversation, Microphone, SessionSettings
 
 if TYPE_CHECKING:
     from voice.v1.voice_agent_pb2_grpc import VoiceAgentServiceAsyncStub
@@ -72,7 +71,7 @@ def seconds(duration: Duration) -> float:
     return duration.ToNanoseconds() / 1e9
 
 
-def audio_seconds(audio: bytes, fmt: PcmFormat) -> float:
+def audio_seconds(audio: bytes | bytearray, fmt: PcmFormat) -> float:
     return len(audio) / fmt.bytes_per_sample / fmt.sample_rate
 
 
@@ -195,9 +194,7 @@ async def test_a_spoken_conversation_is_heard_answered_and_spoken_back(stack: Lo
 
 async def test_a_typed_turn_is_answered_with_text_and_audio(stack: LocalStack) -> None:
     async with open_channel(orchestrator_of(stack).target) as channel:
-        client = VoiceClient(
-            channel, input_format=PCM_16K, output_format=PCM_16K, realtime=False, timeout_s=30
-        )
+        client = Conversation(channel, SessionSettings(), microphone=Microphone(realtime=False), timeout_s=30)
         async with client:
             turn = await client.type("What is 6 times 7?")
             assert await client.finish() == OK
@@ -300,7 +297,7 @@ async def test_barge_in_stops_the_reply_and_keeps_only_what_was_heard(paced: Pac
             # Barge in once a second of the story has been received (the TTS speaks in real
             # time, so the story is far from over).
             await caller.wait_for(
-                lambda: len(caller.turn("2").audio) >= PCM_16K.bytes_for(1000), what="1 s of the story"
+                lambda: caller.audio_received("2") >= PCM_16K.bytes_for(1000), what="1 s of the story"
             )
             await caller.speak("What is my name?")
             story = await caller.turn_ended("2")
@@ -377,7 +374,7 @@ async def test_a_client_that_hangs_up_mid_reply_leaves_nothing_running(paced: Pa
         caller = await Caller(channel, session_id="e2e-hang-up").open()
         async with caller:
             await caller.speak("Please tell me a story.")
-            await caller.wait_for(lambda: caller.turn("1").audio, what="the first reply audio")
+            await caller.wait_for(lambda: caller.audio_received("1"), what="the first reply audio")
             # Mid-turn: every stage call of the session is open (the LLM is still writing).
             for name, (service, method) in STAGE_RPCS.items():
                 await wait_for_metric(
@@ -675,9 +672,7 @@ async def test_the_last_sentence_is_spoken_when_generation_completes_not_when_th
         instant_stack(stage_flags={"llm": llm_flags}, orchestrator_flags=["--turn-timeout", "1.5"]) as stack,
         open_channel(orchestrator_of(stack).target) as channel,
     ):
-        client = VoiceClient(
-            channel, input_format=PCM_16K, output_format=PCM_16K, realtime=False, timeout_s=30
-        )
+        client = Conversation(channel, SessionSettings(), microphone=Microphone(realtime=False), timeout_s=30)
         async with client:
             turn = await client.type("What is 6 times 7?")
             assert await client.finish() == OK

@@ -1,6 +1,6 @@
 """The STT stub as its clients see it: transcripts and speech events for audio spoken in the stub
-audio code, rejection of bad input, correlation ids, finalization time, health, cancellation and
-fault knobs."""
+audio code, rejection of bad config and audio, correlation ids, finalization time. What every stage
+server does (health, cancellation, fault knobs, the stream protocol) is in test_stage_runtime."""
 
 from __future__ import annotations
 
@@ -11,28 +11,20 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from stt_stub.service import SERVICE_NAME
 from stubs import audio_code
 from tests.conftest import StartService
 from tests.helpers import (
     CALL_TIMEOUT_S,
-    SERVING,
     CallOutcome,
-    assert_drains_on_sigterm,
-    assert_returns_to_idle,
     collect,
     exchange,
-    health_status,
-    idle_task_count,
     open_channel,
     read_message,
-    read_metric,
     running,
     silence,
     split,
     spoken,
     wait_for_log,
-    wait_for_metric,
 )
 from voice.v1 import common_pb2, speech_to_text_pb2, speech_to_text_pb2_grpc
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
@@ -224,11 +216,6 @@ async def test_processing_delay_holds_back_finals_but_keeps_order(start_service:
 SPEECH = spoken("hi", PCM16)
 
 BAD_INPUT: dict[str, tuple[list[pb.TranscribeRequest], tuple[str, ...]]] = {
-    "no requests": ([], ("before config",)),
-    "audio before config": ([pb.TranscribeRequest(audio=SPEECH)], ("audio", "before config")),
-    "empty first request": ([pb.TranscribeRequest()], ("neither config nor audio",)),
-    "empty later request": ([config(), pb.TranscribeRequest()], ("neither config nor audio",)),
-    "second config": ([config(), *audio(SPEECH), config()], ("config", "twice")),
     "unset encoding": (
         [config(audio_format=common_pb2.AudioFormat(sample_rate_hertz=16_000))],
         ("config.audio_format.encoding", "AUDIO_ENCODING_UNSPECIFIED"),
@@ -283,17 +270,7 @@ async def test_rejects_bad_input_with_invalid_argument(stt: ServiceProcess, case
         assert keyword in outcome.details
 
 
-async def test_rejections_are_counted_in_metrics(stt: ServiceProcess) -> None:
-    labels = {"grpc_method": "Transcribe", "grpc_code": "INVALID_ARGUMENT"}
-    before = await read_metric(stt.metrics_port, "grpc_server_handled_total", **labels)
-    outcome = await transcribe(stt, [pb.TranscribeRequest(audio=SPEECH)], half_close=False)
-    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
-    await wait_for_metric(
-        stt.metrics_port, "grpc_server_handled_total", lambda v: v == before + 1, labels=labels
-    )
-
-
-# --- correlation, health, cancellation, faults --------------------------------------------------------------
+# --- correlation --------------------------------------------------------------------------------------------
 
 
 async def test_correlation_ids_come_back_in_responses_and_logs(stt: ServiceProcess) -> None:
@@ -306,45 +283,3 @@ async def test_correlation_ids_come_back_in_responses_and_logs(stt: ServiceProce
         stt, lambda e: e.get("event") == "transcription ended" and e.get("session_id") == "stt-session-7"
     )
     assert line["turn_id"] == "3"
-
-
-async def test_health_is_serving_until_sigterm(start_service: StartService) -> None:
-    process = start_service("stt_stub", "--shutdown-grace", "5")
-    await assert_drains_on_sigterm(process, SERVICE_NAME)
-
-
-@pytest.mark.parametrize("processing_ms", ["0", "5000"])
-async def test_cancelled_call_leaves_nothing_behind(start_service: StartService, processing_ms: str) -> None:
-    # With 5 s of processing the call is cancelled while its final result is being held back.
-    process = start_service("stt_stub", "--processing-ms", processing_ms)
-    async with open_channel(process.target) as channel:
-        assert await health_status(channel, "") == SERVING  # connected, and the server idle
-        idle = await idle_task_count(process)
-        call = speech_to_text_pb2_grpc.SpeechToTextServiceStub(channel).Transcribe(timeout=CALL_TIMEOUT_S)
-        await call.write(config(interim_results=False))
-        await call.write(pb.TranscribeRequest(audio=spoken("cancel me", PCM16)))
-        started = await read_message(call, pb.TranscribeResponse)
-        assert started.speech_event.type == SPEECH_STARTED
-        labels = {"grpc_service": SERVICE_NAME, "grpc_method": "Transcribe"}
-        assert await read_metric(process.metrics_port, "voicepipe_rpcs_in_flight", **labels) == 1
-        # The call's task and its reader task are visible in the gauge.
-        assert await read_metric(process.metrics_port, "voicepipe_asyncio_tasks") >= idle + 2
-        call.cancel()
-        await assert_returns_to_idle(process, SERVICE_NAME, "Transcribe", idle)
-
-
-async def test_fault_knobs_fail_then_break_then_recover(start_service: StartService) -> None:
-    process = start_service(
-        "stt_stub", "--fault-fail-first", "1", "--fault-break-after", "2", "--fault-calls", "1"
-    )
-    # The client writes nothing the failing call could refuse, and all its audio in one message
-    # before the broken call breaks (see helpers.exchange).
-    requests = [config(interim_results=False), pb.TranscribeRequest(audio=spoken("still here", PCM16))]
-    failed = await transcribe(process, [], half_close=False)
-    assert (failed.code, failed.responses) == (grpc.StatusCode.UNAVAILABLE, [])
-    assert "fault injection" in failed.details
-    broken = await transcribe(process, requests, half_close=False)
-    assert broken.code == grpc.StatusCode.UNAVAILABLE
-    assert summary(broken.responses) == [("started", 0), ("final", "still here")]
-    healthy = await transcribe(process, requests)
-    assert summary(healthy.assert_ok()) == [("started", 0), ("final", "still here"), ("ended", 0)]

@@ -1,6 +1,7 @@
 """The TTS stub as its clients see it: audio in the stub code, chunked and tagged with the text it
-has spoken, flush and half-close semantics, pacing, rejection of bad input, correlation ids,
-health, cancellation and fault knobs."""
+has spoken, flush and half-close semantics, pacing, rejection of bad config and text, correlation
+ids. What every stage server does (health, cancellation, fault knobs, the stream protocol) is in
+test_stage_runtime."""
 
 from __future__ import annotations
 
@@ -18,22 +19,14 @@ from stubs import audio_code
 from tests.conftest import StartService
 from tests.helpers import (
     CALL_TIMEOUT_S,
-    SERVING,
     CallOutcome,
-    assert_drains_on_sigterm,
-    assert_returns_to_idle,
     collect,
     exchange,
-    health_status,
-    idle_task_count,
     open_channel,
     read_message,
-    read_metric,
     running,
     wait_for_log,
-    wait_for_metric,
 )
-from tts_stub.service import SERVICE_NAME
 from voice.v1 import common_pb2, text_to_speech_pb2, text_to_speech_pb2_grpc
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
 from voicepipe.processes import ServiceProcess
@@ -240,11 +233,6 @@ async def test_requests_are_read_while_audio_streams(start_service: StartService
 # Each case ends with the request that breaks the contract, and the client does not half-close
 # (see helpers.exchange), except when the missing request is the problem.
 BAD_INPUT: dict[str, tuple[list[pb.SynthesizeRequest], tuple[str, ...]]] = {
-    "no requests": ([], ("before config",)),
-    "text before config": ([segment(1, "hi")], ("segment", "before config")),
-    "empty first request": ([pb.SynthesizeRequest()], ("neither config nor segment",)),
-    "empty later request": ([config(), pb.SynthesizeRequest()], ("neither config nor segment",)),
-    "second config": ([config(), segment(1, "hi"), config()], ("config", "twice")),
     "unset encoding": (
         [config(audio_format=common_pb2.AudioFormat(sample_rate_hertz=16_000))],
         ("config.audio_format.encoding", "AUDIO_ENCODING_UNSPECIFIED"),
@@ -290,16 +278,15 @@ async def test_accepts_the_longest_segment(tts: ServiceProcess) -> None:
     assert output.chunks[-1].text_end == 4096
 
 
-async def test_rejections_are_counted_in_metrics(tts: ServiceProcess) -> None:
-    labels = {"grpc_method": "Synthesize", "grpc_code": "INVALID_ARGUMENT"}
-    before = await read_metric(tts.metrics_port, "grpc_server_handled_total", **labels)
-    outcome = await synthesize(tts, [segment(1, "too early")], half_close=False)
-    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
-    handled = "grpc_server_handled_total"
-    await wait_for_metric(tts.metrics_port, handled, lambda v: v == before + 1, labels=labels)
+async def test_list_voices_says_any_name_is_accepted(tts: ServiceProcess) -> None:
+    async with open_channel(tts.target) as channel:
+        stub = text_to_speech_pb2_grpc.TextToSpeechServiceStub(channel)
+        voices = await stub.ListVoices(pb.ListVoicesRequest(), timeout=CALL_TIMEOUT_S)
+    assert voices.accepts_any_name
+    assert [voice.name for voice in voices.voices] == ["default"]
 
 
-# --- correlation, health, cancellation, faults --------------------------------------------------------------
+# --- correlation --------------------------------------------------------------------------------------------
 
 
 async def test_correlation_ids_come_back_in_responses_and_logs(tts: ServiceProcess) -> None:
@@ -312,43 +299,3 @@ async def test_correlation_ids_come_back_in_responses_and_logs(tts: ServiceProce
         tts, lambda e: e.get("event") == "synthesis ended" and e.get("session_id") == "tts-session-9"
     )
     assert line["turn_id"] == "12"
-
-
-async def test_health_is_serving_until_sigterm(start_service: StartService) -> None:
-    process = start_service("tts_stub", "--shutdown-grace", "5")
-    await assert_drains_on_sigterm(process, SERVICE_NAME)
-
-
-async def test_cancelled_call_leaves_nothing_behind(start_service: StartService) -> None:
-    # Paced at real time, so the call is cancelled in the middle of a segment.
-    process = start_service("tts_stub", "--realtime-factor", "1")
-    async with open_channel(process.target) as channel:
-        assert await health_status(channel, "") == SERVING  # connected, and the server idle
-        idle = await idle_task_count(process)
-        call = text_to_speech_pb2_grpc.TextToSpeechServiceStub(channel).Synthesize(timeout=CALL_TIMEOUT_S)
-        await call.write(config())
-        await call.write(segment(1, "A segment that is cancelled while it is spoken.", flush=True))
-        first = await read_message(call, pb.SynthesizeResponse)
-        assert first.HasField("audio")
-        labels = {"grpc_service": SERVICE_NAME, "grpc_method": "Synthesize"}
-        assert await read_metric(process.metrics_port, "voicepipe_rpcs_in_flight", **labels) == 1
-        # The call's task and its reader task are visible in the gauge.
-        assert await read_metric(process.metrics_port, "voicepipe_asyncio_tasks") >= idle + 2
-        call.cancel()
-        await assert_returns_to_idle(process, SERVICE_NAME, "Synthesize", idle)
-
-
-async def test_fault_knobs_fail_then_break_then_recover(start_service: StartService) -> None:
-    process = start_service(
-        "tts_stub", "--fault-fail-first", "1", "--fault-break-after", "3", "--fault-calls", "1"
-    )
-    requests = [config(), segment(1, "Still here.", flush=True)]
-    failed = await synthesize(process, [], half_close=False)
-    assert (failed.code, failed.responses) == (grpc.StatusCode.UNAVAILABLE, [])
-    assert "fault injection" in failed.details
-    broken = await synthesize(process, requests, half_close=False)
-    assert broken.code == grpc.StatusCode.UNAVAILABLE
-    assert len(broken.responses) == 3
-    healthy = await synthesize(process, requests)
-    [output] = by_segment(healthy.assert_ok())
-    assert heard(output.audio, PCM16) == "Still here."

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
+from stubs.faults import FAULT_KNOBS
+from tts_stub.engine import StubVoiceEngine
+from voicepipe.stage.main import StageSpec
 
-from tts_stub.service import build_service
-from voicepipe.stub_entry import parse_stage_args, run_stage
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parse_stage_args(
-        "tts", "TTS stub: speaks text in the stub audio code.", port=50054, metrics_port=9604, argv=argv
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_stage(parse_args(argv), "tts", build_service)
-
+SPEC = StageSpec(
+    StubVoiceEngine,
+    module="tts_stub",
+    role="tts",
+    description="TTS stub: speaks text in the stub audio code.",
+    extensions=(FAULT_KNOBS,),
+)
+parse_args = SPEC.parse_args
 
 if __name__ == "__main__":
-    main()
+    SPEC.run()

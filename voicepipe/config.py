@@ -23,10 +23,12 @@ def env_var_name(service: str, flag: str) -> str:
 class FlagParser:
     """An argparse parser whose every flag also reads an environment variable."""
 
-    def __init__(self, service: str, description: str) -> None:
+    def __init__(self, service: str, description: str, *, module: str | None = None) -> None:
+        """`service` names the variables (VOICEPIPE_<SERVICE>_...); `module` is what the help
+        text says to run (`python -m <module>`), the service by default."""
         self.service = service
         self.parser = argparse.ArgumentParser(
-            prog=f"python -m {service}_stub" if service != "orchestrator" else "python -m orchestrator",
+            prog=f"python -m {module or service}",
             description=description,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )

@@ -37,6 +37,12 @@ SERVER_RETRIED = Counter(
     " retries made by clients' channels, which their own code cannot see.",
     ("grpc_service", "grpc_method"),
 )
+SERVER_MALFORMED_MESSAGES = Counter(
+    "voicepipe_server_malformed_messages_total",
+    "Request messages whose bytes did not parse as the method's request type (the call ends"
+    " with INVALID_ARGUMENT).",
+    ("grpc_service", "grpc_method"),
+)
 RPCS_IN_FLIGHT = Gauge(
     "voicepipe_rpcs_in_flight", "RPCs currently being handled.", ("grpc_service", "grpc_method")
 )

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from voicepipe import keepalive
 from voicepipe.config import ServerSettings
+from voicepipe.decoding import RequestDecodingInterceptor
 from voicepipe.logs import configure_logging
 from voicepipe.metrics import ServerMetricsInterceptor, start_metrics_endpoint, watch_event_loop
 
@@ -84,6 +85,12 @@ class Registration:
     servicer: object
 
 
+def runtime_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """What the runtime wraps every handler in, outermost first: metrics, then request parsing
+    (so a call ended by a malformed request is counted with its status)."""
+    return [ServerMetricsInterceptor(), RequestDecodingInterceptor()]
+
+
 class GrpcService:
     """A grpc.aio server with the shared runtime around the given registrations."""
 
@@ -98,12 +105,13 @@ class GrpcService:
         registrations: Sequence[Registration],
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
-        """`interceptors` run inside the runtime's own (metrics first), around every handler."""
+        """`interceptors` run inside the runtime's own, around every handler: they see parsed
+        requests."""
         self.name = name
         self.settings = settings
         self.registrations = tuple(registrations)
         self.server = grpc.aio.server(
-            interceptors=[ServerMetricsInterceptor(), *interceptors],
+            interceptors=[*runtime_interceptors(), *interceptors],
             options=keepalive.server_options(
                 settings.max_connection_age_s, settings.max_connection_age_grace_s
             ),

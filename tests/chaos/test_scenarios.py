@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.client import TurnRecord, VoiceClient
 from orchestrator.turn import TTS_DEADLINE_GRACE_S
 from stubs import audio_code, replies
 from tests.chaos.fault_proxy import FaultProxy
@@ -32,10 +31,13 @@ from tests.helpers import (
     scrape,
     wait_for_metric,
 )
+from tests.stack_fixtures import heard
 from voice.v1 import common_pb2
 from voicepipe.audio_format import PcmFormat
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
+from voicepipe.stage.llm import Message
+from voicepipe_client import Conversation, Microphone, SessionSettings, Turn, Utterance
 
 pytestmark = pytest.mark.chaos
 
@@ -117,29 +119,44 @@ async def chaos_stack(
 
 
 @contextlib.asynccontextmanager
-async def conversation(target: str, *, realtime: bool, timeout_s: float = 120) -> AsyncIterator[VoiceClient]:
+async def conversation(target: str, *, realtime: bool, timeout_s: float = 120) -> AsyncIterator[Conversation]:
     async with open_channel(target) as channel:
-        client = VoiceClient(
-            channel, input_format=FMT, output_format=FMT, realtime=realtime, timeout_s=timeout_s
+        client = Conversation(
+            channel, SessionSettings(FMT, FMT), microphone=Microphone(realtime=realtime), timeout_s=timeout_s
         )
         async with client:
             yield client
 
 
-def decoded_reply(turn: TurnRecord) -> list[str]:
+def spoken(phrase: str) -> Utterance:
+    return Utterance.spoken(audio_code.render, phrase, FMT)
+
+
+async def said(client: Conversation, phrase: str) -> Turn:
+    """Speaks `phrase` and returns its turn once that turn is over."""
+    turn = client.say(spoken(phrase))
+    await turn.done.wait()
+    return turn
+
+
+async def typed(client: Conversation, text: str) -> Turn:
+    """Sends a text turn and returns the turn once it is over."""
+    turn = await client.type(text)
+    await turn.done.wait()
+    return turn
+
+
+def decoded_reply(turn: Turn) -> list[str]:
     """The turn's reply audio, decoded: one utterance whose text is the reply, if nothing was
     lost, duplicated or reordered."""
-    decoder = audio_code.SpeechDecoder(FMT.sample_rate)
-    samples = FMT.decode(bytes(turn.audio))
-    events = decoder.feed(samples) + decoder.finish()
-    return [e.text for e in events if isinstance(e, audio_code.UtteranceEnded)]
+    return heard(turn.audio, FMT)
 
 
 def expected_reply(text: str) -> str:
-    return replies.reply([replies.Message(replies.Speaker.USER, text)])
+    return replies.reply([Message("user", text)])
 
 
-def assert_exact_turn(turn: TurnRecord, phrase: str) -> None:
+def assert_exact_turn(turn: Turn, phrase: str) -> None:
     assert turn.outcome == "completed", f"turn {turn.turn_id} {turn.outcome}: {turn.errors}"
     assert turn.user_text == audio_code.normalize_text(phrase)
     reply = expected_reply(phrase)
@@ -147,10 +164,10 @@ def assert_exact_turn(turn: TurnRecord, phrase: str) -> None:
     assert decoded_reply(turn) == [audio_code.normalize_text(reply)]
 
 
-async def spoken_conversation(target: str, phrases: Sequence[str]) -> list[TurnRecord]:
+async def spoken_conversation(target: str, phrases: Sequence[str]) -> list[Turn]:
     """Speaks each phrase in real time and waits for its reply; checks every turn exactly."""
     async with conversation(target, realtime=True) as client:
-        turns = [await client.say(phrase) for phrase in phrases]
+        turns = [await said(client, phrase) for phrase in phrases]
         for turn, phrase in zip(turns, phrases, strict=True):
             assert_exact_turn(turn, phrase)
         assert client.transcripts == [audio_code.normalize_text(p) for p in phrases]
@@ -214,10 +231,10 @@ async def test_stage_killed_mid_turn_and_restarted(stage: str) -> None:
     # The victim is slowed down so that the kill lands mid-turn.
     slow = {"stt": [], "llm": ["--tokens-per-second", "20"], "tts": ["--realtime-factor", "1"]}[stage]
     async with chaos_stack({stage: slow}) as stack, conversation(stack.target, realtime=True) as client:
-        assert_exact_turn(await client.say("what is 1 plus 1"), "what is 1 plus 1")
+        assert_exact_turn(await said(client, "what is 1 plus 1"), "what is 1 plus 1")
         if stage == "stt":
             in_flight_phrase = "what is 2 plus 2"
-            speaking = asyncio.create_task(client.speak(in_flight_phrase), name="speak-during-kill")
+            in_flight = client.say(spoken(in_flight_phrase))
             # Kill while the caller is still speaking (the phrase lasts about 0.6 s).
             await wait_for_metric(
                 stack.stages["stt"].metrics_port,
@@ -227,16 +244,15 @@ async def test_stage_killed_mid_turn_and_restarted(stage: str) -> None:
             )
             await stack.kill_stage("stt")
             restarted_at = await stack.restart_stage("stt")
-            in_flight = await speaking
             await in_flight.first_audio.wait()
             # Audio is replayed into the new STT: the utterance spoken during the crash is
             # transcribed exactly, and its reply starts soon after the restart.
             recovered_s = time.monotonic() - restarted_at
             await in_flight.done.wait()
             assert_exact_turn(in_flight, in_flight_phrase)
-            assert_exact_turn(await client.say("what is 3 plus 3"), "what is 3 plus 3")
+            assert_exact_turn(await said(client, "what is 3 plus 3"), "what is 3 plus 3")
         else:
-            in_flight = await client.start_text_turn("tell me a story")
+            in_flight = await client.type("tell me a story")
             # The first reply audio follows the first sentence: both stages are mid-stream now.
             await in_flight.first_audio.wait()
             await stack.kill_stage(stage)
@@ -249,7 +265,7 @@ async def test_stage_killed_mid_turn_and_restarted(stage: str) -> None:
             # fails at once); turns succeed again within 2 s of the restart.
             after = None
             for _attempt in range(40):
-                after = await client.start_text_turn("what is 3 plus 3")
+                after = await client.type("what is 3 plus 3")
                 await after.done.wait()
                 if after.outcome == "completed":
                     break
@@ -281,7 +297,7 @@ async def test_orchestrator_comes_up_when_a_missing_stage_appears(stage: str) ->
         async with open_channel(stack.target) as channel:
             assert await health_status(channel, "") == SERVING
         async with conversation(stack.target, realtime=False) as client:
-            assert_exact_turn(await client.say("what is 4 plus 4"), "what is 4 plus 4")
+            assert_exact_turn(await said(client, "what is 4 plus 4"), "what is 4 plus 4")
 
 
 # --- 4. a stalled stage ----------------------------------------------------------------------------
@@ -309,7 +325,7 @@ async def test_stalled_stage_costs_its_deadline_then_the_next_turn_succeeds(stag
         if fault == "network":
             stack.proxies[stage].black_hole(True)
         started = time.monotonic()
-        stalled = await client.type("what is 5 plus 5")
+        stalled = await typed(client, "what is 5 plus 5")
         elapsed = time.monotonic() - started
         assert stalled.outcome == "failed"
         assert [(e.stage, e.code) for e in stalled.errors] == [(STAGE_ENUM[stage], "DEADLINE_EXCEEDED")]
@@ -319,7 +335,7 @@ async def test_stalled_stage_costs_its_deadline_then_the_next_turn_succeeds(stag
         if fault == "network":
             stack.proxies[stage].black_hole(False)
             await stack.proxies[stage].reset_all()  # the path comes back as new connections
-        after = await client.type("what is 6 plus 6")
+        after = await typed(client, "what is 6 plus 6")
         assert after.outcome == "completed", after.errors
         assert after.agent_text == expected_reply("what is 6 plus 6")
 
@@ -333,7 +349,7 @@ STAGE_ENUM = {"stt": 1, "llm": 2, "tts": 3}
 @pytest.mark.parametrize("stage", ["llm", "tts"])
 async def test_breaker_fails_turns_fast_while_a_stage_is_down(stage: str) -> None:
     async with chaos_stack() as stack, conversation(stack.target, realtime=False) as client:
-        assert (await client.type("what is 7 plus 7")).outcome == "completed"
+        assert (await typed(client, "what is 7 plus 7")).outcome == "completed"
         await stack.kill_stage(stage)
         await wait_for_metric(
             orchestrator_metric_port(stack),
@@ -344,7 +360,7 @@ async def test_breaker_fails_turns_fast_while_a_stage_is_down(stage: str) -> Non
         timings = []
         for _ in range(5):
             started = time.monotonic()
-            failed = await client.type("what is 8 plus 8")
+            failed = await typed(client, "what is 8 plus 8")
             timings.append(time.monotonic() - started)
             assert failed.outcome == "failed"
             assert failed.errors[0].stage == STAGE_ENUM[stage]
@@ -366,7 +382,7 @@ async def test_breaker_fails_turns_fast_while_a_stage_is_down(stage: str) -> Non
         )
         closed_ms = (time.monotonic() - restarted) * 1000
         print(f"scenario 5 ({stage}): breaker closed {closed_ms:.0f} ms after the restart")
-        assert (await client.type("what is 9 plus 9")).outcome == "completed"
+        assert (await typed(client, "what is 9 plus 9")).outcome == "completed"
 
 
 # --- 6. GOAWAY every second ------------------------------------------------------------------------
@@ -408,14 +424,18 @@ async def test_a_thousand_sessions_leave_nothing_running() -> None:
         async def worker() -> None:
             async with open_channel(stack.target) as channel:
                 for n in counter:
-                    client = VoiceClient(
-                        channel, input_format=FMT, output_format=FMT, realtime=False, timeout_s=30
+                    client = Conversation(
+                        channel,
+                        SessionSettings(FMT, FMT),
+                        microphone=Microphone(realtime=False),
+                        timeout_s=30,
                     )
                     async with client:
                         if n % 4 == 3:
-                            await client.start_text_turn("tell me a story")  # then cancel mid-turn
+                            story = await client.type("tell me a story")
+                            await story.started.wait()  # then cancel mid-turn
                             continue
-                        turn = await client.type("hi")
+                        turn = await typed(client, "hi")
                         assert turn.outcome == "completed"
                         assert await client.finish() == grpc.StatusCode.OK
 
@@ -451,7 +471,7 @@ async def test_generate_failing_before_its_first_response_is_retried_by_the_chan
         chaos_stack({"llm": ["--fault-fail-first", "2"]}) as stack,
         conversation(stack.target, realtime=False) as client,
     ):
-        turn = await client.type("what is 2 plus 2")
+        turn = await typed(client, "what is 2 plus 2")
         assert turn.outcome == "completed", turn.errors
         assert turn.agent_text == expected_reply("what is 2 plus 2")
         retried = await read_metric(
@@ -469,7 +489,7 @@ async def test_generate_broken_after_text_reached_the_user_is_regenerated_and_sp
         chaos_stack({"llm": ["--fault-break-after", "3", "--fault-calls", "1"]}) as stack,
         conversation(stack.target, realtime=False) as client,
     ):
-        turn = await client.type(phrase)
+        turn = await typed(client, phrase)
         resumed = await read_metric(
             orchestrator_metric_port(stack), "voicepipe_stage_resumptions_total", stage="llm"
         )

@@ -7,7 +7,7 @@ correlation ids, metrics, ordering, cancellation and the stage's timing figures,
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Self
 
 import grpc
@@ -48,6 +48,6 @@ class Engine:
     async def close(self) -> None:
         """Releases what start() acquired."""
 
-    async def health(self) -> AsyncIterator[bool]:
+    async def health(self) -> AsyncGenerator[bool, None]:
         """Readiness changes; the server's grpc.health.v1 status follows them."""
         yield True

@@ -1,0 +1,148 @@
+"""Request messages are parsed by the runtime, so that bytes which do not parse as the method's
+request type end the call with INVALID_ARGUMENT naming that type, one warning line and a count.
+
+Left to grpc.aio, a deserializer's exception becomes UNKNOWN "Unexpected <class DecodeError>" and
+an error-level traceback per message: for a unary request it is raised before any handler or
+interceptor code runs, for a streaming request inside the handler's own loop over the requests.
+So the handler is given the raw bytes (`request_deserializer=None`) and this interceptor parses
+them where the call's context is at hand. INVALID_ARGUMENT rather than the INTERNAL that gRPC's
+own libraries send: the client's bytes are at fault, not the server, and a caller must not retry
+them (the orchestrator retries INTERNAL from a stage as transient)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from voicepipe.audio_format import InvalidInput
+from voicepipe.metrics import SERVER_MALFORMED_MESSAGES
+
+log = logging.getLogger(__name__)
+
+Deserializer = Callable[[bytes], Any]
+
+
+class MalformedRequest(InvalidInput):
+    """A request message whose bytes do not parse as the method's request type. Handlers that
+    answer InvalidInput with INVALID_ARGUMENT answer it too; one that lets it escape gets the
+    same status from the interceptor."""
+
+
+def message_type(deserializer: Deserializer) -> str:
+    """The full name of the message a generated `Message.FromString` parses."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "request message"))
+
+
+class _CallDecoder:
+    """Parses one call's request messages, counting and logging the first that does not parse."""
+
+    def __init__(self, deserializer: Deserializer, type_name: str, path: str) -> None:
+        self._deserializer = deserializer
+        self._type_name = type_name
+        self._path = path
+        self._received = 0
+
+    def decode(self, raw: bytes) -> Any:
+        self._received += 1
+        try:
+            return self._deserializer(raw)
+        except DecodeError as error:
+            _, service, method = self._path.split("/")
+            SERVER_MALFORMED_MESSAGES.labels(service, method).inc()
+            # One line, no traceback: the call ends here, so a client sending garbage gets one
+            # line per call, like any other rejected call.
+            log.warning(
+                "malformed request",
+                extra={
+                    "method": self._path,
+                    "message_type": self._type_name,
+                    "message_number": self._received,
+                    "message_bytes": len(raw),
+                },
+            )
+            raise MalformedRequest(
+                f"request message {self._received} of the call ({len(raw)} bytes) does not parse as"
+                f" {self._type_name}: {error}"
+            ) from None
+
+    async def decode_stream(self, raw_messages: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async for raw in raw_messages:
+            yield self.decode(raw)
+
+
+async def _reject(error: MalformedRequest, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    raise AssertionError("unreachable")  # abort() raises
+
+
+def _decoding_handler(handler: Any, type_name: str, path: str) -> grpc.RpcMethodHandler[Any, Any]:
+    deserializer: Deserializer = handler.request_deserializer
+    request_streaming: bool = handler.request_streaming
+
+    def requests(raw: Any) -> Any:
+        decoder = _CallDecoder(deserializer, type_name, path)
+        return decoder.decode_stream(raw) if request_streaming else decoder.decode(raw)
+
+    if handler.response_streaming:
+        behavior = handler.stream_stream if request_streaming else handler.unary_stream
+
+        async def streaming(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                result = behavior(requests(raw), context)
+                if not hasattr(result, "__aiter__"):  # handlers that use context.write()
+                    await result
+                    return
+                # aclosing: a cancelled call closes the handler's generator now, not at GC.
+                async with contextlib.aclosing(result) as responses:
+                    async for response in responses:
+                        yield response
+            except MalformedRequest as error:
+                await _reject(error, context)
+
+        streaming_factory = (
+            grpc.stream_stream_rpc_method_handler
+            if request_streaming
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return streaming_factory(streaming, response_serializer=handler.response_serializer)
+
+    behavior_unary = handler.stream_unary if request_streaming else handler.unary_unary
+
+    async def unary(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behavior_unary(requests(raw), context)
+        except MalformedRequest as error:
+            await _reject(error, context)
+
+    unary_factory = (
+        grpc.stream_unary_rpc_method_handler if request_streaming else grpc.unary_unary_rpc_method_handler
+    )
+    return unary_factory(unary, response_serializer=handler.response_serializer)
+
+
+class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
+    """Hands every handler its requests parsed by the runtime (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self._type_names: dict[str, str] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        original = await continuation(handler_call_details)
+        handler: Any = original
+        if handler is None or handler.request_deserializer is None:
+            return original
+        path = handler_call_details.method
+        type_name = self._type_names.get(path)
+        if type_name is None:
+            type_name = self._type_names[path] = message_type(handler.request_deserializer)
+        return _decoding_handler(handler, type_name, path)
