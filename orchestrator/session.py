@@ -26,7 +26,7 @@ from orchestrator.timings import TurnTimings
 from orchestrator.turn import TurnSettings
 from orchestrator.turns import TurnContext, TurnRequest, TurnRunner, report_stage_error
 from orchestrator.upstreams import Upstreams
-from voice.v1 import common_pb2
+from voice.v1 import common_pb2, speech_to_text_pb2
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.aio import cancel_and_wait
 from voicepipe.audio_format import InvalidInput, PcmFormat
@@ -43,6 +43,7 @@ class SessionLimits:
     max_output_events: int
     slow_client_timeout_s: float
     reply_audio_lead_s: float
+    end_of_utterance_silence_ms: int = 0  # asked of the STT stage (0: its default)
 
 
 class Conversation:
@@ -71,7 +72,15 @@ class Conversation:
             ),
             system_prompt,
         )
-        self._stt = SpeechRecognitionLink(upstreams.stt, input_format, self._correlation(), session_deadline)
+        self._stt = SpeechRecognitionLink(
+            upstreams.stt,
+            input_format,
+            self._correlation(),
+            session_deadline,
+            speech_to_text_pb2.EndpointingConfig(
+                end_of_utterance_silence_ms=limits.end_of_utterance_silence_ms
+            ),
+        )
 
     def _correlation(self) -> common_pb2.Correlation:
         return common_pb2.Correlation(session_id=self.session_id)
@@ -168,9 +177,8 @@ class Conversation:
                 case FinalTranscript():
                     # The turn first: when the conversation is idle its Generate request leaves
                     # now, ahead of this event to the client.
-                    if event.text.strip():
-                        timings = TurnTimings(event.speech_ended_at, event.finalization, event.received_at)
-                        self._turns.submit(TurnRequest(event.text, timings))
+                    timings = TurnTimings(event.speech_ended_at, event.finalization, event.received_at)
+                    self._turns.submit_speech(event.text, timings)
                     await self._transcript(event.text, event.start, event.end, is_final=True)
                 case SttFailed():
                     failure = StageFailed(pb.STAGE_STT, event.code, event.message)

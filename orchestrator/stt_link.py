@@ -77,14 +77,22 @@ class SpeechRecognitionLink:
     """Runs the session's Transcribe call (as `run()`, the link's task) and reports events."""
 
     def __init__(
-        self, upstream: Upstream, fmt: PcmFormat, correlation: common_pb2.Correlation, deadline: float
+        self,
+        upstream: Upstream,
+        fmt: PcmFormat,
+        correlation: common_pb2.Correlation,
+        deadline: float,
+        endpointing: speech_to_text_pb2.EndpointingConfig,
     ) -> None:
         self._upstream = upstream
         self._stub = speech_to_text_pb2_grpc.SpeechToTextServiceStub(upstream.channel)
         self._fmt = fmt
         self._config = speech_to_text_pb2.TranscribeRequest(
             config=speech_to_text_pb2.TranscriptionConfig(
-                audio_format=fmt.to_proto(), interim_results=True, correlation=correlation
+                audio_format=fmt.to_proto(),
+                interim_results=True,
+                endpointing=endpointing,
+                correlation=correlation,
             )
         )
         self._metadata = call_metadata(correlation)

@@ -3,7 +3,12 @@
 A typed turn waits for the turn being played; speech interrupts it (barge-in). A turn that
 arrives while nothing is playing or waiting starts at once: its Generate request leaves before
 the caller queues anything else for the client (Early Generate; the runner is its only owner,
-and closes every turn it started)."""
+and closes every turn it started).
+
+A spoken turn that the user talks over before any of its reply audio has left was answering a
+pause, not the end of what the user meant to say: it is withdrawn (the client sees it
+interrupted with nothing heard, the history forgets it) and its words open the user's next
+spoken turn, so one utterance with a pause in it gets one answer, not two."""
 
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ class TurnRequest:
     text: str
     timings: TurnTimings
     turn: Turn | None = None  # already started, when it arrived while the conversation was idle
+    spoken: bool = False  # from a final transcript (not typed)
+    message: language_model_pb2.ChatMessage | None = None  # its place in the history
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,15 @@ class TurnRunner:
         self._turn_count = 0
         self._requests: asyncio.Queue[TurnRequest | None] = asyncio.Queue(MAX_QUEUED_TURNS + 1)
         self._idle = False  # the runner waits for a request; nothing is being played
-        self._playing: tuple[Turn, asyncio.Task[None]] | None = None
+        self._playing: tuple[TurnRequest, Turn, asyncio.Task[None]] | None = None
+        self._withdrawn: TurnRequest | None = None  # its words open the next spoken turn
+
+    def submit_speech(self, text: str, timings: TurnTimings) -> None:
+        """A final transcript: a turn, opened by the words of a turn withdrawn before it."""
+        words = [self._withdrawn.text if self._withdrawn else "", text.strip()]
+        self._withdrawn = None
+        if joined := " ".join(word for word in words if word):
+            self.submit(TurnRequest(joined, timings, spoken=True))
 
     def submit(self, request: TurnRequest) -> None:
         """Queues a turn; raises SessionFailed (and fails the session) when too many wait."""
@@ -83,16 +98,24 @@ class TurnRunner:
             raise failure from None
 
     async def finish(self) -> None:
-        """No more turns: run() returns once the ones queued have been played."""
+        """No more turns: run() returns once the ones queued have been played (a withdrawn
+        turn that no later words joined is answered after all)."""
+        if (withdrawn := self._withdrawn) is not None:
+            self.submit_speech("", withdrawn.timings)
         await self._requests.put(None)
 
     def interrupt(self) -> None:
-        """Barge-in: stop the turn being played at once; no more of its audio leaves."""
+        """Barge-in: stop the turn being played at once; no more of its audio leaves. A spoken
+        turn none of whose audio has left is withdrawn (see the module's docstring)."""
         if self._playing is None:
             return
-        turn, task = self._playing
+        request, turn, task = self._playing
         if task.done() or turn.playout.interrupted:
             return
+        if request.spoken and turn.timings.first_audio_at is None:
+            self._withdrawn = request
+            if request.message is not None:
+                self.history.remove(request.message)
         turn.interrupt()
         # At once, not when the runner next runs: the turn sends nothing more from now on. The
         # runner awaits the task (see _play).
@@ -109,7 +132,7 @@ class TurnRunner:
                     return
                 turn = request.turn or self._new_turn(request)
                 try:
-                    await self._play(turn, request.text)
+                    await self._play(request, turn)
                 finally:
                     turn.close()
         finally:
@@ -121,9 +144,10 @@ class TurnRunner:
     def _new_turn(self, request: TurnRequest) -> Turn:
         self._turn_count += 1
         turn_id = str(self._turn_count)
-        self.history.append(
-            language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_USER, content=request.text)
+        request.message = language_model_pb2.ChatMessage(
+            role=language_model_pb2.ROLE_USER, content=request.text
         )
+        self.history.append(request.message)
         context = self._context
         return Turn(
             messages=list(self.history),
@@ -135,24 +159,32 @@ class TurnRunner:
             deadline=min(time.monotonic() + context.turn_budget_s, context.session_deadline),
         )
 
-    async def _play(self, turn: Turn, text: str) -> None:
+    async def _play(self, request: TurnRequest, turn: Turn) -> None:
         await self._output.put(
-            pb.ConverseResponse(turn_started=pb.TurnStarted(user_text=text), correlation=turn.correlation)
+            pb.ConverseResponse(
+                turn_started=pb.TurnStarted(user_text=request.text), correlation=turn.correlation
+            )
         )
         token = turn_id_var.set(turn.turn_id)
         task = asyncio.create_task(turn.run(), name=f"session-{self._context.session_id}-turn-{turn.turn_id}")
         turn_id_var.reset(token)
-        self._playing = (turn, task)
+        self._playing = (request, turn, task)
         try:
             await asyncio.wait([task])
         finally:
             self._playing = None
             await cancel_and_wait(task)
-        await self._report(turn, task)
+        await self._report(request, turn, task)
 
-    async def _report(self, turn: Turn, task: asyncio.Task[None]) -> None:
+    async def _report(self, request: TurnRequest, turn: Turn, task: asyncio.Task[None]) -> None:
         """Says how the turn ended; the history keeps what the user heard of the reply."""
-        if task.cancelled():  # barge-in
+        if task.cancelled() and request is self._withdrawn:
+            TURNS.labels("withdrawn").inc()
+            log.info("turn withdrawn: the user went on speaking", extra={"turn": turn.turn_id})
+            await self._output.put(
+                pb.ConverseResponse(turn_interrupted=pb.TurnInterrupted(), correlation=turn.correlation)
+            )
+        elif task.cancelled():  # barge-in
             TURNS.labels("interrupted").inc()
             self._remember_reply(turn.heard_text)
             log.info(
