@@ -40,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=250.0,
         help="how far reply audio may run ahead of real-time playback (bounds what barge-in discards)",
     )
+    flags.add(
+        "--end-of-utterance-silence-ms",
+        type=int,
+        default=0,
+        help="silence that ends the user's utterance, asked of the STT stage (0: the stage's default,"
+        " 120 ms; real speech, with pauses inside sentences, wants 400 or more)",
+    )
     return flags.parse(argv)
 
 
@@ -57,6 +64,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_output_events=args.max_output_events,
         slow_client_timeout_s=args.slow_client_timeout,
         reply_audio_lead_s=args.reply_audio_lead_ms / 1000,
+        end_of_utterance_silence_ms=args.end_of_utterance_silence_ms,
     )
     service = GrpcService(
         "orchestrator",
