@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from llm_openai import backend
+from orchestrator.stack import ENGINES
 from tests.conftest import StartService
 from voicepipe import config
 from voicepipe.healthcheck import wait_until_serving
@@ -100,10 +101,12 @@ REAL = Stack(
     ("docker-compose.yml", "docker-compose.real.yml"),
     {
         "orchestrator": "orchestrator",
-        "stt": "stt_whisper",
-        "llm": "llm_openai",
-        "tts": "tts_espeak",
-        BACKEND: "llm_openai.backend",
+        # The engines of `make up STT=whisper LLM=openai TTS=espeak`.
+        **{
+            role: ENGINES[role][engine]
+            for role, engine in (("stt", "whisper"), ("llm", "openai"), ("tts", "espeak"))
+        },
+        BACKEND: backend.__name__,
     },
     target="real",
     depends_on={"orchestrator": frozenset(STAGES), "llm": frozenset({BACKEND})},
