@@ -8,14 +8,14 @@ PROTOS := $(wildcard protos/voice/v1/*.proto)
 GENERATED := voice/v1/.generated
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: install protos test chaos lint demo up bench bench-short clean
+.PHONY: install protos test chaos lint demo up certs bench bench-short clean
 
 install: $(INSTALLED) $(GENERATED)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,certs]'
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.
@@ -42,22 +42,28 @@ lint: install
 	$(BUF) lint protos
 
 # The four services on their default ports, stopped together by Ctrl-C; each role runs its stub
-# unless told otherwise: `make up STT=whisper LLM=openai TTS=espeak`.
+# unless told otherwise: `make up STT=whisper LLM=openai TTS=espeak`. `make up CERTS=out/certs`
+# runs every link with mutual TLS (after `make certs`).
 STT ?= stub
 LLM ?= stub
 TTS ?= stub
+CERTS ?=
 up: install
-	$(PY) -m orchestrator.stack --stt $(STT) --llm $(LLM) --tts $(TTS)
+	$(PY) -m orchestrator.stack --stt $(STT) --llm $(LLM) --tts $(TTS) $(if $(CERTS),--certs $(CERTS))
+
+# A local CA and one certificate per service (and one for clients) in out/certs.
+certs: install
+	$(PY) -m voicepipe.certs out/certs
 
 demo: install
 	$(PY) -m orchestrator.demo
 
 bench: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,certs,bench]'
 	$(PY) -m bench
 
 bench-short: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,certs,bench]'
 	$(PY) -m bench --short
 
 clean:

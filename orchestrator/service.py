@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from orchestrator.auth import Gate, OpenGate, Refused
 from orchestrator.metrics import ACTIVE_SESSIONS, SESSIONS_REJECTED
 from orchestrator.output import SessionFailed
 from orchestrator.session import Conversation, SessionLimits
@@ -19,7 +20,7 @@ from orchestrator.upstreams import Upstreams
 from voice.v1 import common_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.audio_format import InvalidInput, parse_audio_format
-from voicepipe.logs import session_id_var
+from voicepipe.logs import session_id_var, tenant_var
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,34 @@ class SessionSlots:
 
 
 class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
-    def __init__(self, upstreams: Upstreams, limits: SessionLimits, max_sessions: int) -> None:
+    def __init__(
+        self, upstreams: Upstreams, limits: SessionLimits, max_sessions: int, gate: Gate | None = None
+    ) -> None:
         self._upstreams = upstreams
         self._limits = limits
         self._slots = SessionSlots(max_sessions)
+        self._gate = gate or OpenGate()
 
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ConverseResponse]:
-        release = self._slots.acquire()
-        if release is None:
+        try:
+            admission = self._gate.admit(context.invocation_metadata())
+        except Refused as refused:
+            SESSIONS_REJECTED.labels(refused.reason).inc()
+            log.info("session refused", extra={"code": refused.code.name, "detail": refused.message})
+            await context.abort(refused.code, refused.message)
+            return
+        tenant_var.set(admission.tenant)
+        release_slot = self._slots.acquire()
+
+        def release() -> None:
+            admission.release()
+            if release_slot is not None:
+                release_slot()
+
+        if release_slot is None:
+            release()
             SESSIONS_REJECTED.labels("session_limit").inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
