@@ -158,14 +158,18 @@ def serial_number(certificate_pem: bytes) -> int:
     return x509.load_pem_x509_certificate(certificate_pem).serial_number
 
 
-def write_local_pki(directory: Path, *, extra_names: Sequence[str] = (), days: int = DEFAULT_DAYS) -> None:
-    """The CA and one certificate per service and for the client, in `directory`."""
+def write_local_pki(
+    directory: Path, *, extra_names: Sequence[str] = (), days: int = DEFAULT_DAYS
+) -> Authority:
+    """The CA and one certificate per service and for the client, in `directory`; returns the CA
+    (to issue more, e.g. a rotated certificate)."""
     directory.mkdir(parents=True, exist_ok=True)
     authority = Authority(days=days)
     authority.own().write(directory, "ca")
     for name in (*SERVICES, CLIENT):
         names = [*LOCAL_NAMES, *SERVICES, *extra_names] if name != CLIENT else [CLIENT, *LOCAL_NAMES]
         authority.issue(name, names, days=days).write(directory, name)
+    return authority
 
 
 def main(argv: list[str] | None = None) -> None:

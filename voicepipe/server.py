@@ -141,7 +141,11 @@ class GrpcService:
         if tls is None:
             self.port = self.server.add_insecure_port(address)
         else:
-            self.port = self.server.add_secure_port(address, tls.credentials())
+            try:
+                credentials = tls.credentials()
+            except ValueError as error:
+                raise SystemExit(f"cannot serve TLS: {error}") from None
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}")
         if self.settings.metrics_port >= 0:

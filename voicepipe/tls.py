@@ -109,8 +109,14 @@ class ServerCertificateFiles:
         self._lock = threading.Lock()
 
     def _current_stamp(self) -> _Stamp:
-        stats = [os.stat(path) for path in self._paths]
-        return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in stats)
+        stamp = []
+        for path in self._paths:
+            try:
+                stat = os.stat(path)
+            except OSError as error:
+                raise ValueError(f"cannot read {path}: {error.strerror}") from None
+            stamp.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        return tuple(stamp)
 
     def load(self) -> grpc.ServerCertificateConfiguration:
         with self._lock:
@@ -134,7 +140,7 @@ class ServerCertificateFiles:
                     return None
                 configuration = self._configuration()
                 self._stamp = stamp
-        except (OSError, ValueError) as error:
+        except ValueError as error:
             log.warning("tls files unreadable; keeping the loaded certificate", extra={"error": str(error)})
             return None
         log.info("tls certificate reloaded", extra={"certificate": str(self._tls.certificate)})
