@@ -26,8 +26,9 @@ def channel_options(*, own_connection: bool = False) -> list[tuple[str, int]]:
     return options
 
 
-class PlaintextBearerToken(grpc.aio.StreamStreamClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call of a plaintext channel."""
+class PlaintextBearerToken(grpc.aio.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to the streaming calls (Converse) of a plaintext
+    channel. (grpc.aio files an interceptor under one kind of call only.)"""
 
     def __init__(self, token: str) -> None:
         self._header = ("authorization", f"Bearer {token}")
@@ -45,14 +46,6 @@ class PlaintextBearerToken(grpc.aio.StreamStreamClientInterceptor, grpc.aio.Unar
         request_iterator: AsyncIterable[Any] | Iterable[Any],
     ) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
-
-    async def intercept_unary_unary(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Any,
-    ) -> Any:
-        return await continuation(self._details(client_call_details), request)
 
 
 def connect(
