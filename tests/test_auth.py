@@ -17,6 +17,7 @@ from orchestrator import auth
 from orchestrator.stack import LocalStack
 from tests.helpers import CALL_TIMEOUT_S, exchange, read_metric, scrape, wait_for_metric
 from tests.stack_fixtures import Caller, instant_stack
+from voice.v1 import voice_agent_pb2 as pb
 from voice.v1 import voice_agent_pb2_grpc
 from voicepipe.healthcheck import check
 from voicepipe.processes import ServiceProcess
@@ -137,7 +138,8 @@ async def admission(target: str, token: str) -> grpc.StatusCode:
             return await call.code()
         finally:
             call.cancel()
-        assert response is not grpc.aio.EOF and response.WhichOneof("event") == "session_started"
+        assert isinstance(response, pb.ConverseResponse), response
+        assert response.WhichOneof("event") == "session_started"
         return OK
 
 

@@ -26,7 +26,7 @@ from voicepipe import pcm
 from voicepipe.audio_format import PcmFormat
 from voicepipe.config import FlagParser
 from voicepipe.tls import ChannelTls
-from voicepipe_client.audio import Utterance
+from voicepipe_client.audio import Speaker, Utterance
 from voicepipe_client.channel import connect
 from voicepipe_client.conversation import Conversation, SessionSettings
 from voicepipe_client.microphone import Microphone
@@ -111,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--type", dest="type", action=_Step, help="send TEXT as a text turn (repeatable)")
     parser.add_argument("--wav", dest="wav", action=_Step, help="stream a 16-bit mono WAV file")
+    parser.add_argument(
+        "--speaker",
+        default="stub",
+        help="who speaks --say and --barge-in text: 'stub' (the stub audio code, for the stub STT) or"
+        " 'espeak[:VOICE]' (real speech by espeak-ng, for a real STT; VOICE defaults to en-gb)",
+    )
     parser.add_argument("--sample-rate", type=int, default=16000, help="input and output sample rate, Hz")
     parser.add_argument("--out-dir", type=Path, default=Path("out"), help="where reply WAVs are written")
     parser.add_argument(
@@ -123,21 +129,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return flags.parse(argv)
 
 
+def speaker(name: str) -> Speaker:
+    """The --speaker: the stub audio code, or espeak-ng in a voice (imported only when asked for,
+    so the client needs no engine unless it speaks with one)."""
+    if name == "stub":
+        return audio_code.render
+    engine, _, voice = name.partition(":")
+    if engine != "espeak":
+        raise SystemExit(f"--speaker {name}: use stub or espeak[:VOICE]")
+    from tts_espeak.speaker import EspeakSpeaker
+
+    return EspeakSpeaker(voice or "en-gb")
+
+
+def utterances(args: argparse.Namespace, fmt: PcmFormat) -> list[Utterance | None]:
+    """Each step's audio, rendered before the conversation starts (None for a typed step)."""
+    speak = speaker(args.speaker)
+    rendered: list[Utterance | None] = []
+    for kind, value in args.steps:
+        if kind in ("say", "barge_in"):
+            rendered.append(Utterance.spoken(speak, value, fmt))
+        elif kind == "wav":
+            samples, rate = read_wav(Path(value))
+            if rate != fmt.sample_rate:
+                raise SystemExit(f"{value}: {rate} Hz, but --sample-rate is {fmt.sample_rate}")
+            rendered.append(Utterance.from_samples(samples, fmt))
+        else:
+            rendered.append(None)
+    return rendered
+
+
 async def converse(args: argparse.Namespace) -> int:
     fmt = PcmFormat(common_pb2.AUDIO_ENCODING_LINEAR16, args.sample_rate)
+    audio = utterances(args, fmt)
     settings = SessionSettings(input_format=fmt, output_format=fmt)
     async with connect(args.target, tls=ChannelTls.from_args(args), token=args.token) as channel:
         microphone = Microphone(realtime=not args.fast)
         conversation = Conversation(channel, settings, microphone=microphone, timeout_s=args.timeout)
         async with conversation:
             previous: Turn | None = None
-            for kind, value in args.steps:
+            for (kind, value), phrase in zip(args.steps, audio, strict=True):
                 if previous is not None and kind != "barge_in":
                     await previous.done.wait()
                 if kind == "say":
-                    previous = conversation.say(Utterance.spoken(audio_code.render, value, fmt))
+                    assert phrase is not None
+                    previous = conversation.say(phrase)
                 elif kind == "barge_in":
-                    phrase = Utterance.spoken(audio_code.render, value, fmt)
+                    assert phrase is not None
                     if previous is None:
                         previous = conversation.say(phrase)
                     else:
@@ -145,10 +183,8 @@ async def converse(args: argparse.Namespace) -> int:
                 elif kind == "type":
                     previous = await conversation.type(value)
                 elif kind == "wav":
-                    samples, rate = read_wav(Path(value))
-                    if rate != fmt.sample_rate:
-                        raise SystemExit(f"{value}: {rate} Hz, but --sample-rate is {fmt.sample_rate}")
-                    await conversation.play(Utterance.from_samples(samples, fmt)).sent.wait()
+                    assert phrase is not None
+                    await conversation.play(phrase).sent.wait()
             code = await conversation.finish()
         args.out_dir.mkdir(parents=True, exist_ok=True)
         for turn in conversation.turns:
