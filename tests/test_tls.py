@@ -8,9 +8,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 import socket
 import ssl
 import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +24,13 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator import auth
-from orchestrator.stack import StackCertificates
+from orchestrator.stack import LocalStack, StackCertificates
 from stubs.audio_code import normalize_text
 from tests.conftest import StartService
 from tests.stack_fixtures import Caller, heard, instant_stack
 from tests.test_grpcurl import GRPCURL, GRPCURL_TIMEOUT_S, json_stream
 from voicepipe.certs import Authority, Issued, serial_number, write_local_pki
-from voicepipe.processes import ServiceProcess
+from voicepipe.processes import PROJECT_ROOT, ServiceProcess
 from voicepipe.tls import ChannelTls, open_channel
 from voicepipe_client import PCM_16K, connect
 
@@ -252,33 +256,103 @@ async def test_reflection_switched_off_leaves_health_open(pki: Pki, start_servic
 # --- the whole pipeline -------------------------------------------------------------------------------
 
 
-async def test_a_spoken_conversation_passes_with_mutual_tls_on_every_link(tmp_path: Path) -> None:
-    """Every link mutual TLS, and the client authenticated by its token as call credentials."""
-    write_local_pki(tmp_path)
-    certificates = StackCertificates(tmp_path)
-    tenants = tmp_path / "tenants.json"
+@dataclass(frozen=True)
+class SecureStack:
+    """The four services with mutual TLS on every link, and a tenant's token for Converse."""
+
+    stack: LocalStack
+    certificates: StackCertificates
+    token: str
+
+    @property
+    def orchestrator(self) -> ServiceProcess:
+        assert self.stack.orchestrator is not None
+        return self.stack.orchestrator
+
+    def client_flags(self) -> list[str]:
+        client = self.certificates.channel("client")
+        return [f"--tls-ca={client.ca}", f"--tls-cert={client.certificate}", f"--tls-key={client.key}"]
+
+
+@pytest.fixture(scope="module")
+async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SecureStack]:
+    directory = tmp_path_factory.mktemp("secure")
+    write_local_pki(directory)
+    certificates = StackCertificates(directory)
+    tenants = directory / "tenants.json"
     token = auth.issue(tenants, "acme", None)
     flags = ["--tokens-file", str(tenants)]
     async with instant_stack(certificates=certificates, orchestrator_flags=flags) as stack:
-        assert stack.orchestrator is not None
-        for process in stack.processes:
-            ready = next(e for e in process.events() if e.get("event") == "ready")
-            assert ready["tls"] == "mtls", (process.module, ready)
-        client = certificates.channel("client")
-        async with connect(stack.orchestrator.target, tls=client, token=token) as channel:
-            caller = await Caller(channel, session_id="mtls").open()
-            async with caller:
-                script = [
-                    ("Hello, my name is Ada.", "Nice to meet you, Ada."),
-                    ("What is my name?", "Your name is Ada."),
-                ]
-                for number, (said, reply) in enumerate(script, start=1):
-                    await caller.speak(said)
-                    turn = await caller.turn_ended(str(number))
-                    assert turn.user_text == normalize_text(said)
-                    assert turn.agent_text == reply
-                    assert heard(turn.audio, PCM_16K) == [normalize_text(reply)]
-                await caller.end_input()
-                assert await caller.ended() == (grpc.StatusCode.OK, "")
-        session = next(e for e in stack.orchestrator.events() if e.get("event") == "session started")
-        assert session["tenant"] == "acme"
+        yield SecureStack(stack, certificates, token)
+
+
+async def test_a_spoken_conversation_passes_with_mutual_tls_on_every_link(secure: SecureStack) -> None:
+    """Every link mutual TLS, and the client authenticated by its token as call credentials."""
+    for process in secure.stack.processes:
+        ready = next(e for e in process.events() if e.get("event") == "ready")
+        assert ready["tls"] == "mtls", (process.module, ready)
+    client = secure.certificates.channel("client")
+    async with connect(secure.orchestrator.target, tls=client, token=secure.token) as channel:
+        caller = await Caller(channel, session_id="mtls").open()
+        async with caller:
+            script = [
+                ("Hello, my name is Ada.", "Nice to meet you, Ada."),
+                ("What is my name?", "Your name is Ada."),
+            ]
+            for number, (said, reply) in enumerate(script, start=1):
+                await caller.speak(said)
+                turn = await caller.turn_ended(str(number))
+                assert turn.user_text == normalize_text(said)
+                assert turn.agent_text == reply
+                assert heard(turn.audio, PCM_16K) == [normalize_text(reply)]
+            await caller.end_input()
+            assert await caller.ended() == (grpc.StatusCode.OK, "")
+    session = next(e for e in secure.orchestrator.events() if e.get("session_id") == "mtls")
+    assert session["tenant"] == "acme"
+
+
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("VOICEPIPE_")}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=PROJECT_ROOT,
+        env={**environment, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_the_cli_converses_over_mutual_tls_with_its_token(secure: SecureStack, tmp_path: Path) -> None:
+    args = ["--target", secure.orchestrator.target, *secure.client_flags(), "--out-dir", str(tmp_path)]
+    done = await asyncio.to_thread(
+        run_module,
+        "voicepipe_client",
+        *args,
+        "--type",
+        "my name is Ada",
+        env={"VOICEPIPE_CLIENT_TOKEN": secure.token},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "agent: Nice to meet you, Ada." in done.stdout
+    refused = await asyncio.to_thread(run_module, "voicepipe_client", *args, "--type", "hello")
+    assert refused.returncode == 1
+    assert "conversation ended with UNAUTHENTICATED" in refused.stderr
+
+
+async def test_the_health_check_command_speaks_mutual_tls(secure: SecureStack) -> None:
+    target = secure.orchestrator.target
+    by_flags = await asyncio.to_thread(run_module, "voicepipe.healthcheck", target, *secure.client_flags())
+    assert by_flags.returncode == 0, by_flags.stderr
+    client = secure.certificates.channel("client")
+    variables = {
+        "VOICEPIPE_HEALTHCHECK_TLS_CA": str(client.ca),
+        "VOICEPIPE_HEALTHCHECK_TLS_CERT": str(client.certificate),
+        "VOICEPIPE_HEALTHCHECK_TLS_KEY": str(client.key),
+    }
+    by_environment = await asyncio.to_thread(run_module, "voicepipe.healthcheck", target, env=variables)
+    assert by_environment.returncode == 0, by_environment.stderr
+    assert (await asyncio.to_thread(run_module, "voicepipe.healthcheck", target)).returncode == 1
