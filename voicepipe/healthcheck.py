@@ -8,6 +8,7 @@ VOICEPIPE_HEALTHCHECK_TLS_CA etc., so a container's environment can configure it
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from typing import Any
 
@@ -45,13 +46,17 @@ async def wait_until_serving(
             call.cancel()
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags = FlagParser("healthcheck", __doc__.split("\n\n")[0], module="voicepipe.healthcheck")
     flags.parser.add_argument("target", help="gRPC target, e.g. 127.0.0.1:50051")
     flags.add("--service", type=str, default="", help="service name; empty means the whole server")
     flags.add("--timeout", type=float, default=2.0, help="seconds")
     ChannelTls.add_flags(flags)
-    args = flags.parse()
+    return flags.parse(argv)
+
+
+def main() -> None:
+    args = parse_args()
     healthy = asyncio.run(check(args.target, args.service, args.timeout, ChannelTls.from_args(args)))
     raise SystemExit(0 if healthy else 1)
 
