@@ -192,6 +192,16 @@ class ChannelTls:
             values["server_name"],
         )
 
+    @classmethod
+    def from_environment(cls, service: str) -> ChannelTls | None:
+        """The settings the VOICEPIPE_<SERVICE>_TLS_* variables give (for programs without flags
+        of their own, such as the benchmark's load generators)."""
+        from voicepipe.config import FlagParser  # config imports this module
+
+        flags = FlagParser(service, "")
+        cls.add_flags(flags)
+        return cls.from_args(flags.parse([]))
+
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
             root_certificates=_read(self.ca, "TLS CA") if self.ca else None,
