@@ -28,7 +28,7 @@ from orchestrator.stack import LocalStack, StackCertificates
 from stubs.audio_code import normalize_text
 from tests.conftest import StartService
 from tests.stack_fixtures import Caller, heard, instant_stack
-from tests.test_grpcurl import GRPCURL, GRPCURL_TIMEOUT_S, json_stream
+from tests.test_grpcurl import GRPCURL, GRPCURL_TIMEOUT_S, json_stream, requests
 from voicepipe.certs import Authority, Issued, serial_number, write_local_pki
 from voicepipe.processes import PROJECT_ROOT, ServiceProcess
 from voicepipe.tls import ChannelTls, open_channel
@@ -57,6 +57,12 @@ class Pki:
     def write(self, issued: Issued, name: str) -> Path:
         issued.write(self.directory, name)
         return self.directory / f"{name}.pem"
+
+    @staticmethod
+    def client_pair(directory: Path, authority: Authority) -> tuple[Path, Path]:
+        """A client certificate of `authority` in `directory`: (certificate, key)."""
+        authority.issue("client").write(directory, "client")
+        return directory / "client.pem", directory / "client-key.pem"
 
     def pem(self, name: str) -> Path:
         return self.directory / f"{name}.pem"
@@ -196,6 +202,43 @@ async def test_a_rotated_certificate_is_served_to_new_connections_while_a_conver
             # And a new gRPC connection is made with the new certificate.
             assert await health(orchestrator.target, client) == (grpc.StatusCode.OK, "")
         assert any(e.get("event") == "tls certificate reloaded" for e in orchestrator.events())
+
+
+async def test_a_half_rewritten_pair_keeps_the_old_certificate_until_the_key_follows(
+    tmp_path: Path, start_service: StartService
+) -> None:
+    """cert-manager may replace the certificate a moment before the key: the server must not
+    switch to a certificate whose key it does not have, and must switch once the key is there."""
+    authority = Authority()
+    (tmp_path / "ca.pem").write_bytes(authority.certificate)
+    old = authority.issue("stage")
+    old.write(tmp_path, "stage")
+    stage = start_service(
+        "stt_stub", f"--tls-cert={tmp_path / 'stage.pem'}", f"--tls-key={tmp_path / 'stage-key.pem'}"
+    )
+    probe = ChannelTls(tmp_path / "ca.pem", *(Pki.client_pair(tmp_path, authority)))
+    assert await asyncio.to_thread(served_certificate_serial, stage.port, probe) == serial_number(
+        old.certificate
+    )
+    new = authority.issue("stage")
+    Issued(new.certificate, old.key).write(tmp_path, "stage")
+    assert await asyncio.to_thread(served_certificate_serial, stage.port, probe) == serial_number(
+        old.certificate
+    )
+    new.write(tmp_path, "stage")
+    assert await asyncio.to_thread(served_certificate_serial, stage.port, probe) == serial_number(
+        new.certificate
+    )
+    assert any("not a certificate and its key" in e.get("error", "") for e in stage.events())
+
+
+def test_a_key_that_is_not_the_certificates_stops_the_server_with_the_reason(pki: Pki) -> None:
+    with pytest.raises(RuntimeError) as failure:
+        ServiceProcess(
+            "stt_stub",
+            ["--port", "0", "--tls-cert", str(pki.pem("server")), "--tls-key", str(pki.key("client"))],
+        )
+    assert "are not a certificate and its key" in str(failure.value)
 
 
 # --- grpcurl and reflection -------------------------------------------------------------------------
@@ -356,3 +399,43 @@ async def test_the_health_check_command_speaks_mutual_tls(secure: SecureStack) -
     by_environment = await asyncio.to_thread(run_module, "voicepipe.healthcheck", target, env=variables)
     assert by_environment.returncode == 0, by_environment.stderr
     assert (await asyncio.to_thread(run_module, "voicepipe.healthcheck", target)).returncode == 1
+
+
+def test_grpcurl_converses_with_an_mtls_orchestrator_given_a_token(secure: SecureStack) -> None:
+    """The README's recipe for a secured orchestrator: mTLS flags and the token as a header."""
+    client = secure.certificates.channel("client")
+    conversation = requests(
+        {"config": {"input_audio_format": {"encoding": "AUDIO_ENCODING_LINEAR16"}}},
+        {"text": {"text": "my name is Ada"}},
+        {"control": {"type": "CONTROL_TYPE_END_OF_INPUT"}},
+    )
+    command = [
+        GRPCURL,
+        "-cacert",
+        str(client.ca),
+        "-cert",
+        str(client.certificate),
+        "-key",
+        str(client.key),
+        "-H",
+        f"authorization: Bearer {secure.token}",
+        "-d",
+        "@",
+        secure.orchestrator.target,
+        "voice.v1.VoiceAgentService/Converse",
+    ]
+    done = subprocess.run(
+        command, input=conversation, capture_output=True, text=True, timeout=GRPCURL_TIMEOUT_S, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    completed = [e["turn_completed"]["agent_text"] for e in json_stream(done.stdout) if "turn_completed" in e]
+    assert completed == ["Nice to meet you, Ada."]
+    without_token = subprocess.run(
+        [*command[:7], *command[9:]],
+        input=conversation,
+        capture_output=True,
+        text=True,
+        timeout=GRPCURL_TIMEOUT_S,
+        check=False,
+    )
+    assert "Unauthenticated" in without_token.stderr, without_token.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -119,29 +120,42 @@ class ServerCertificateFiles:
         return tuple(stamp)
 
     def load(self) -> grpc.ServerCertificateConfiguration:
+        """The configuration the files hold now; ValueError if they are unreadable or the key
+        does not belong to the certificate."""
         with self._lock:
-            stamp = self._current_stamp()
-            configuration = self._configuration()
+            stamp, configuration = self._stamped_configuration()
             self._stamp = stamp
             return configuration
 
-    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+    def _stamped_configuration(self) -> tuple[_Stamp, grpc.ServerCertificateConfiguration]:
+        """The files' configuration and their stamp. The stamp is empty (so the next look loads
+        again) when a file changed while being read, as between the certificate's and the key's
+        rewrite."""
+        before = self._current_stamp()
+        try:
+            # Only to check that the pair matches: grpcio would refuse every handshake otherwise.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self._tls.certificate, self._tls.key)
+        except (ssl.SSLError, OSError) as error:
+            raise ValueError(
+                f"{self._tls.certificate} and {self._tls.key} are not a certificate and its key: {error}"
+            ) from None
         pair = (_read(self._tls.key, "TLS key"), _read(self._tls.certificate, "TLS certificate"))
         client_ca = _read(self._tls.client_ca, "client CA") if self._tls.client_ca else None
-        return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
+        configuration = grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
+        return (before if self._current_stamp() == before else ()), configuration
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by grpcio before every handshake. A file that cannot be read right now (in the
-        middle of a rewrite) keeps the configuration already loaded; the next handshake retries."""
+        """Called by grpcio before every handshake. Files that cannot be used right now (in the
+        middle of a rewrite: missing, or a new certificate beside the old key) keep the
+        configuration already loaded; the next handshake looks again."""
         try:
             with self._lock:
-                stamp = self._current_stamp()
-                if stamp == self._stamp:
+                if self._current_stamp() == self._stamp:
                     return None
-                configuration = self._configuration()
+                stamp, configuration = self._stamped_configuration()
                 self._stamp = stamp
         except ValueError as error:
-            log.warning("tls files unreadable; keeping the loaded certificate", extra={"error": str(error)})
+            log.warning("tls files not usable; keeping the loaded certificate", extra={"error": str(error)})
             return None
         log.info("tls certificate reloaded", extra={"certificate": str(self._tls.certificate)})
         return configuration
