@@ -8,14 +8,24 @@ PROTOS := $(wildcard protos/voice/v1/*.proto)
 GENERATED := voice/v1/.generated
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: install protos test chaos lint demo up certs bench bench-short clean
+.PHONY: install protos test chaos lint demo demo-stubs up certs bench bench-short clean
 
 install: $(INSTALLED) $(GENERATED)
+
+# llama-cpp-python compiles llama.cpp from source. Portable: a native build (-march=native) can
+# use instructions the CPU advertises but a VM does not enable (AMX here: SIGILL at run time).
+# Exported: every pip install below builds it the same way.
+export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,certs]'
+	@echo "installing (the first install compiles llama.cpp: ~6 min on 2 cores, then cached; log in $(VENV)/install.log)"
+	set -o pipefail; $(PY) -m pip install -v -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs]' 2>&1 \
+		| tee $(VENV)/install.log \
+		| awk -F'[][/]' '/^ *\[[0-9]+\/[0-9]+\] / { if ($$2 % 20 == 0 || $$2 == $$3) { \
+			print "  compiling llama.cpp: " $$2 "/" $$3; fflush() } }' \
+		|| { tail -30 $(VENV)/install.log; exit 1; }
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.
@@ -55,15 +65,19 @@ up: install
 certs: install
 	$(PY) -m voicepipe.certs out/certs
 
+# A real spoken conversation (Whisper, the local LLM, espeak-ng); demo-stubs: the stub stack.
 demo: install
 	$(PY) -m orchestrator.demo
 
+demo-stubs: install
+	$(PY) -m orchestrator.demo --stubs
+
 bench: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,certs,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,bench]'
 	$(PY) -m bench
 
 bench-short: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,certs,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,bench]'
 	$(PY) -m bench --short
 
 clean:

@@ -1,36 +1,54 @@
-"""`make demo`: the local stack with the realistic latency profile, and a spoken three-turn
-conversation through it, in real time, including a barge-in. Prints the transcripts and the
-latency table, writes the reply audio to out/demo/, then stops the stack."""
+"""`make demo`: a spoken three-turn conversation through the local stack, in real time, one turn
+interrupted by a barge-in. Prints the transcripts, replies and the per-turn latency table, writes
+the reply audio to out/demo/, then stops the stack.
+
+By default the stack is real: Whisper hears, the local language model answers and espeak-ng
+speaks; the caller is espeak-ng too, in another voice. `--stubs` (`make demo-stubs`) runs the
+stub stack with the realistic latency profile instead: fast and deterministic.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 
-from orchestrator.stack import start_stack
+from orchestrator.stack import STUBS, start_stack
 from voicepipe_client.cli import converse, parse_args
 
-SCRIPT = [
+REAL = {"stt": "whisper", "llm": "openai", "tts": "espeak"}
+# The caller speaks with a British voice; the agent answers in espeak's default American one.
+REAL_SCRIPT = [
+    "--speaker", "espeak:en-gb",
+    "--say", "Hello, my name is Ada.",
+    "--say", "Please tell me a story about a robot.",
+    # Spoken over the story once the caller has heard a second of it: the agent stops.
+    "--barge-in", "What is my name?",
+]  # fmt: skip
+STUB_SCRIPT = [
     "--say", "Hello, my name is Ada.",
     "--say", "Please tell me a story.",
-    # Spoken over the story once the caller has heard a second of it: the agent stops.
     "--barge-in", "What is my name?",
 ]  # fmt: skip
 
 
-async def demo() -> int:
-    print("starting the local stack (realistic latency profile)...", file=sys.stderr, flush=True)
-    stack = await start_stack("realistic", ephemeral=True)
+async def demo(stubs: bool) -> int:
+    what = "stub stack (realistic latency profile)" if stubs else "real stack (Whisper, local LLM, espeak-ng)"
+    print(f"starting the {what}...", file=sys.stderr, flush=True)
+    stack = await start_stack("realistic", ephemeral=True, engines=STUBS if stubs else REAL)
     try:
         assert stack.orchestrator is not None
-        args = parse_args(["--target", stack.orchestrator.target, "--out-dir", "out/demo", *SCRIPT])
+        script = STUB_SCRIPT if stubs else REAL_SCRIPT
+        args = parse_args(["--target", stack.orchestrator.target, "--out-dir", "out/demo", *script])
         return await converse(args)
     finally:
         stack.stop()
 
 
 def main() -> None:
-    raise SystemExit(asyncio.run(demo()))
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.demo", description=__doc__)
+    parser.add_argument("--stubs", action="store_true", help="the stub stack instead of the real engines")
+    raise SystemExit(asyncio.run(demo(parser.parse_args().stubs)))
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ async def health_status(channel: grpc.aio.Channel, service: str) -> int:
 
 
 def watch_health(
-    channel: grpc.aio.Channel, service: str
+    channel: grpc.aio.Channel, service: str, timeout_s: float = CALL_TIMEOUT_S
 ) -> grpc.aio.UnaryStreamCall[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]:
     watch: grpc.aio.UnaryStreamMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
     watch = channel.unary_stream(
@@ -277,7 +277,7 @@ def watch_health(
         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
         response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
-    return watch(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT_S)
+    return watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
 
 
 async def assert_drains_on_sigterm(process: ServiceProcess, service: str) -> None:
