@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 MAX_SESSION_ID_CHARS = 128
 # A client must send its config this soon after opening the call.
 CONFIG_TIMEOUT_S = 10.0
+# A refused call first waits this long for the client's first message: a grpc.aio client whose
+# write crosses the server's status reports INTERNAL instead of that status (grpc/grpc#36066).
+REFUSAL_READ_S = 1.0
 
 
 class SessionSlots:
@@ -72,7 +76,7 @@ class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
         except Refused as refused:
             SESSIONS_REJECTED.labels(refused.reason).inc()
             log.info("session refused", extra={"code": refused.code.name, "detail": refused.message})
-            await context.abort(refused.code, refused.message)
+            await self._refuse(request_iterator, context, refused.code, refused.message)
             return
         tenant_var.set(admission.tenant)
         release_slot = self._slots.acquire()
@@ -85,7 +89,9 @@ class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
         if release_slot is None:
             release()
             SESSIONS_REJECTED.labels("session_limit").inc()
-            await context.abort(
+            await self._refuse(
+                request_iterator,
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"session limit of {self._slots.limit} concurrent conversations reached; retry later",
             )
@@ -103,6 +109,20 @@ class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
             log.info("session ended")
         finally:
             release()
+
+    @staticmethod
+    async def _refuse(
+        requests: AsyncIterator[pb.ConverseRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
+        """Ends a call that is not admitted, once its first message (the config) is in or after
+        REFUSAL_READ_S, so that the client's config write does not cross the status."""
+        with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+            async with asyncio.timeout(REFUSAL_READ_S):
+                await anext(requests, None)
+        await context.abort(code, message)
 
     async def _open(
         self,

@@ -167,6 +167,9 @@ async def converse(args: argparse.Namespace) -> int:
         microphone = Microphone(realtime=not args.fast)
         conversation = Conversation(channel, settings, microphone=microphone, timeout_s=args.timeout)
         async with conversation:
+            # Nothing more is written before the server has opened the session (or refused it:
+            # a write crossing the refusal would hide its status, grpc/grpc#36066).
+            await conversation.assembler.session_started.wait()
             previous: Turn | None = None
             for (kind, value), phrase in zip(args.steps, audio, strict=True):
                 if previous is not None and kind != "barge_in":
