@@ -8,7 +8,8 @@ Each round starts one stack per variant and measures one N=1 run of the `compare
 each; rounds alternate the variants so that a quiet or a busy spell of the machine falls on all of
 them. A last round measures one N=60 step of `mixed` per variant for CPU and the latency tail.
 Environment variables of a variant apply to every process: the stack and the load generators.
-`--loaded-rounds` repeats the N=60 steps, alternating the variants too.
+`--loaded-rounds` repeats the N=60 steps, alternating the variants too; `--loaded-sessions` sets
+their N (a saturated machine starves the orchestrator and hides its own CPU).
 """
 
 from __future__ import annotations
@@ -125,7 +126,10 @@ async def main() -> None:
     parser.add_argument("comparison", choices=tuple(COMPARISONS))
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--loaded-rounds", type=int, default=1)
+    parser.add_argument("--loaded-sessions", type=int, default=LOADED_SESSIONS, help="N of the loaded steps")
     args = parser.parse_args()
+    if args.rounds < 1 or args.loaded_rounds < 1:
+        parser.error("--rounds and --loaded-rounds must be at least 1")
     variants = COMPARISONS[args.comparison]
     singles: dict[str, list[StepResult]] = {v.name: [] for v in variants}
     loaded: dict[str, list[StepResult]] = {v.name: [] for v in variants}
@@ -138,7 +142,7 @@ async def main() -> None:
                 print(f"round {round_index + 1} {variant.name}: added p50 {added:.2f} ms", flush=True)
         for round_index in range(args.loaded_rounds):
             for variant in variants:
-                step = await _measure(variant, LOADED_SESSIONS, 1, certificates)
+                step = await _measure(variant, args.loaded_sessions, 1, certificates)
                 loaded[variant.name].append(step)
                 print(
                     f"loaded round {round_index + 1} {variant.name}: added p50/p99"
@@ -149,7 +153,7 @@ async def main() -> None:
                 )
 
     parts = " | ".join(part.replace("_", " ") for part in ADDED_PARTS)
-    n = LOADED_SESSIONS
+    n = args.loaded_sessions
     print(
         f"\n| variant | N=1 added p50 per run | median | {parts} |"
         f" N={n} added p50 / p99 (medians) | orchestrator CPU at N={n} | CPU per session |"
