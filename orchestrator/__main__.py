@@ -57,6 +57,13 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
         default=100,
         help="concurrent conversations of one tenant unless its entry says otherwise (0: no own limit)",
     )
+    flags.add(
+        "--end-of-utterance-silence-ms",
+        type=int,
+        default=0,
+        help="silence that ends the user's utterance, asked of the STT stage (0: the stage's default,"
+        " 120 ms; real speech, with pauses inside sentences, wants 400 or more)",
+    )
     ChannelTls.add_flags(flags, "--upstream-tls", peer="each stage")
     return flags.parse(argv)
 
@@ -81,6 +88,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_output_events=args.max_output_events,
         slow_client_timeout_s=args.slow_client_timeout,
         reply_audio_lead_s=args.reply_audio_lead_ms / 1000,
+        end_of_utterance_silence_ms=args.end_of_utterance_silence_ms,
     )
     service = GrpcService(
         "orchestrator",

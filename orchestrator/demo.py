@@ -17,10 +17,11 @@ from orchestrator.stack import STUBS, start_stack
 from voicepipe_client.cli import converse, parse_args
 
 REAL = {"stt": "whisper", "llm": "openai", "tts": "espeak"}
-# The caller speaks with a British voice; the agent answers in espeak's default American one.
+# The caller speaks with a British voice (received pronunciation, which tiny.en hears best of
+# espeak's English voices); the agent answers in espeak's default American one.
 REAL_SCRIPT = [
-    "--speaker", "espeak:en-gb",
-    "--say", "Hello, my name is Ada.",
+    "--speaker", "espeak:en-gb-x-rp",
+    "--say", "Hello, my name is Sam.",
     "--say", "Please tell me a story about a robot.",
     # Spoken over the story once the caller has heard a second of it: the agent stops.
     "--barge-in", "What is my name?",

@@ -1,5 +1,5 @@
-"""One conversation: reads the client's stream, runs the STT link and one turn at a time, and
-handles barge-in. Every task it starts is cancelled and awaited when the conversation ends."""
+"""One conversation: reads the client's stream, follows what the STT link reports, and hands
+the turns to the TurnRunner. Every task it starts is cancelled and awaited when it ends."""
 
 from __future__ import annotations
 
@@ -13,21 +13,27 @@ from typing import Any
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from orchestrator.metrics import TURNS
 from orchestrator.output import SessionFailed, SessionOutput
-from orchestrator.stt_link import FinalTranscript, SpeechRecognitionLink
-from orchestrator.turn import StageFailed, Turn, TurnSettings
+from orchestrator.retry import StageFailed
+from orchestrator.stt_link import (
+    FinalTranscript,
+    InterimTranscript,
+    SpeechRecognitionLink,
+    SpeechStarted,
+    SttFailed,
+)
+from orchestrator.timings import TurnTimings
+from orchestrator.turn import TurnSettings
+from orchestrator.turns import TurnContext, TurnRequest, TurnRunner, report_stage_error
 from orchestrator.upstreams import Upstreams
-from voice.v1 import common_pb2, language_model_pb2
+from voice.v1 import common_pb2, speech_to_text_pb2
 from voice.v1 import voice_agent_pb2 as pb
+from voicepipe.aio import cancel_and_wait
 from voicepipe.audio_format import InvalidInput, PcmFormat
-from voicepipe.logs import turn_id_var
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 4096
-# Turns waiting while the agent answers an earlier one (typed turns queue; speech interrupts).
-MAX_QUEUED_TURNS = 16
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class SessionLimits:
     max_output_events: int
     slow_client_timeout_s: float
     reply_audio_lead_s: float
+    end_of_utterance_silence_ms: int = 0  # asked of the STT stage (0: its default)
 
 
 class Conversation:
@@ -55,38 +62,28 @@ class Conversation:
     ) -> None:
         self.session_id = session_id
         self.input_format = input_format
-        self.turn_settings = turn_settings
-        self.upstreams = upstreams
-        self.limits = limits
         self.output = SessionOutput(limits.max_output_events, limits.slow_client_timeout_s, self._stop)
         self._on_stop = on_stop
         self._tasks: list[asyncio.Task[None]] = []
-        self.history: list[language_model_pb2.ChatMessage] = []
-        if system_prompt:
-            self.history.append(
-                language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_SYSTEM, content=system_prompt)
-            )
-        self._session_deadline = min(
-            time.monotonic() + limits.session_budget_s, client_deadline or float("inf")
+        session_deadline = min(time.monotonic() + limits.session_budget_s, client_deadline or float("inf"))
+        self._turns = TurnRunner(
+            TurnContext(
+                session_id, turn_settings, upstreams, self.output, limits.turn_budget_s, session_deadline
+            ),
+            system_prompt,
         )
-        self._turn_count = 0
-        self._turn: Turn | None = None
-        self._turn_task: asyncio.Task[None] | None = None
-        self._turn_requests: asyncio.Queue[_TurnRequest | None] = asyncio.Queue(MAX_QUEUED_TURNS + 1)
-        self._runner_idle = False  # the turn runner waits for a request; nothing is being played
         self._stt = SpeechRecognitionLink(
             upstreams.stt,
             input_format,
-            common_pb2.Correlation(session_id=session_id),
-            lambda: self._session_deadline,
-            on_speech_started=self._on_speech_started,
-            on_transcript=self._on_interim,
-            on_final=self._on_final,
-            on_error=self._on_stt_error,
+            self._correlation(),
+            session_deadline,
+            speech_to_text_pb2.EndpointingConfig(
+                end_of_utterance_silence_ms=limits.end_of_utterance_silence_ms
+            ),
         )
 
-    def _correlation(self, turn_id: str = "") -> common_pb2.Correlation:
-        return common_pb2.Correlation(session_id=self.session_id, turn_id=turn_id)
+    def _correlation(self) -> common_pb2.Correlation:
+        return common_pb2.Correlation(session_id=self.session_id)
 
     async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[pb.ConverseResponse]:
         """The Converse response stream; `requests` is what follows the config message."""
@@ -96,31 +93,34 @@ class Conversation:
             )
         )
         stt = self._supervised(self._stt.run(), "stt")
-        turns = self._supervised(self._run_turns(), "turns")
-        reader = self._supervised(self._read(requests, stt, turns), "reader")
-        self._tasks = [reader, stt, turns]
+        listener = self._supervised(self._listen(), "stt-events")
+        turns = self._supervised(self._turns.run(), "turns")
+        reader = self._supervised(self._read(requests, listener, turns), "reader")
+        self._tasks = [reader, stt, listener, turns]
         try:
             async for response in self.output.responses():
                 yield response
         finally:
             self._stop()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_and_wait(*self._tasks)
 
     def _stop(self) -> None:
-        """Stops the session's work (and with it every upstream call) and frees its slot."""
+        """Stops the session's work (and with it every upstream call) and frees its slot. Called
+        by the output as soon as the session fails (the stream may be stuck writing to a client
+        that does not read); run() awaits the tasks when the stream ends."""
         for task in self._tasks:
             task.cancel()
         self._on_stop()
 
     def _supervised(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """A session task whose unexpected failure ends the session with INTERNAL instead of
+        """A session task whose failure ends the session (INTERNAL when unexpected) instead of
         leaving the client waiting on a stream that nothing feeds any more."""
 
         async def supervise() -> None:
             try:
                 await work
-            except SessionFailed:
-                pass  # already queued for the client
+            except SessionFailed as failure:
+                self.output.fail(failure)  # already queued, where it was raised
             except Exception as error:
                 log.exception("session task failed", extra={"task": name})
                 self.output.fail(
@@ -130,7 +130,7 @@ class Conversation:
         return asyncio.create_task(supervise(), name=f"session-{self.session_id}-{name}")
 
     async def _read(
-        self, requests: AsyncIterator[Any], stt: asyncio.Task[None], turns: asyncio.Task[None]
+        self, requests: AsyncIterator[Any], listener: asyncio.Task[None], turns: asyncio.Task[None]
     ) -> None:
         """Client input until END_OF_INPUT or half-close; then finish the last turn and end."""
         try:
@@ -147,7 +147,7 @@ class Conversation:
                         )
                     # A typed turn waits for the turn being played (speech interrupts it instead).
                     arrived = time.monotonic()
-                    self._queue_turn(_TurnRequest(text, arrived, Duration(), arrived))
+                    self._turns.submit(TurnRequest(text, TurnTimings(arrived, Duration(), arrived)))
                 elif kind == "control":
                     if request.control.type != pb.CONTROL_TYPE_END_OF_INPUT:
                         raise InvalidInput(
@@ -159,174 +159,37 @@ class Conversation:
                 else:
                     raise InvalidInput("empty request: set one of config, audio, text or control")
             self._stt.end_input()
-            await stt
-            await self._turn_requests.put(None)
+            await listener  # ends after the link's last event
+            await self._turns.finish()
             await turns
             self.output.close()
         except InvalidInput as error:
             self.output.fail(SessionFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error)))
 
-    # --- STT events --------------------------------------------------------------------------
+    async def _listen(self) -> None:
+        """What STT reports: barge-in, transcripts for the client, and the turns they start."""
+        async for event in self._stt.events():
+            match event:
+                case SpeechStarted():
+                    self._turns.interrupt()
+                case InterimTranscript():
+                    await self._transcript(event.text, event.start, event.end, is_final=False)
+                case FinalTranscript():
+                    # The turn first: when the conversation is idle its Generate request leaves
+                    # now, ahead of this event to the client.
+                    timings = TurnTimings(event.speech_ended_at, event.finalization, event.received_at)
+                    self._turns.submit_speech(event.text, timings)
+                    await self._transcript(event.text, event.start, event.end, is_final=True)
+                case SttFailed():
+                    failure = StageFailed(pb.STAGE_STT, event.code, event.message)
+                    await report_stage_error(self.output, failure, self._correlation())
 
-    async def _on_speech_started(self) -> None:
-        self._interrupt()
-
-    async def _on_interim(self, text: str, start: Duration, end: Duration) -> None:
+    async def _transcript(self, text: str, start: Duration, end: Duration, *, is_final: bool) -> None:
         await self.output.put(
             pb.ConverseResponse(
                 user_transcript=pb.UserTranscript(
-                    text=text, is_final=False, audio_start_offset=start, audio_end_offset=end
+                    text=text, is_final=is_final, audio_start_offset=start, audio_end_offset=end
                 ),
                 correlation=self._correlation(),
             )
         )
-
-    async def _on_final(self, final: FinalTranscript) -> None:
-        # The turn first: when the conversation is idle its Generate request leaves now, ahead of
-        # this event to the client.
-        if final.text.strip():
-            self._queue_turn(
-                _TurnRequest(final.text, final.speech_ended_at, final.finalization, final.received_at)
-            )
-        await self.output.put(
-            pb.ConverseResponse(
-                user_transcript=pb.UserTranscript(
-                    text=final.text, is_final=True, audio_start_offset=final.start, audio_end_offset=final.end
-                ),
-                correlation=self._correlation(),
-            )
-        )
-
-    async def _on_stt_error(self, code: str, message: str) -> None:
-        await self._error(pb.STAGE_STT, code, message, "")
-
-    async def _error(self, stage: pb.Stage.ValueType, code: str, message: str, turn_id: str) -> None:
-        log.warning("stage error", extra={"stage": pb.Stage.Name(stage), "code": code, "detail": message})
-        await self.output.put(
-            pb.ConverseResponse(
-                error=pb.SessionError(stage=stage, code=code, message=message),
-                correlation=self._correlation(turn_id),
-            )
-        )
-
-    # --- turns ---------------------------------------------------------------------------------
-
-    def _queue_turn(self, request: _TurnRequest) -> None:
-        if self._runner_idle and self._turn_requests.empty():
-            # Nothing is playing or waiting: the turn starts now (see Turn.open_generation).
-            request.turn = self._new_turn(request)
-            request.turn.open_generation()
-        try:
-            self._turn_requests.put_nowait(request)
-        except asyncio.QueueFull:
-            failure = SessionFailed(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"more than {MAX_QUEUED_TURNS} turns are waiting for the agent to answer",
-            )
-            self.output.fail(failure)
-            raise failure from None
-
-    async def _run_turns(self) -> None:
-        """One turn at a time, in order; barge-in cancels the one playing (see _interrupt)."""
-        try:
-            while True:
-                self._runner_idle = True
-                request = await self._turn_requests.get()
-                self._runner_idle = False
-                if request is None:
-                    return
-                await self._play_turn(request)
-        finally:
-            self._runner_idle = False
-            while not self._turn_requests.empty():  # the session ended with turns waiting
-                if (waiting := self._turn_requests.get_nowait()) is not None and waiting.turn:
-                    waiting.turn.close()
-
-    async def _play_turn(self, request: _TurnRequest) -> None:
-        turn = request.turn or self._new_turn(request)
-        try:
-            await self.output.put(
-                pb.ConverseResponse(
-                    turn_started=pb.TurnStarted(user_text=request.text), correlation=turn.correlation
-                )
-            )
-            token = turn_id_var.set(turn.turn_id)
-            task = asyncio.create_task(turn.run(), name=f"session-{self.session_id}-turn-{turn.turn_id}")
-            turn_id_var.reset(token)
-            self._turn, self._turn_task = turn, task
-            try:
-                await asyncio.wait([task])
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                self._turn_task = None
-        finally:
-            turn.close()
-        await self._end_turn(turn, task)
-
-    def _new_turn(self, request: _TurnRequest) -> Turn:
-        self._turn_count += 1
-        turn_id = str(self._turn_count)
-        self.history.append(
-            language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_USER, content=request.text)
-        )
-        turn = Turn(
-            turn_id=turn_id,
-            messages=list(self.history),
-            correlation=self._correlation(turn_id),
-            settings=self.turn_settings,
-            upstreams=self.upstreams,
-            output=self.output,
-            speech_ended_at=request.speech_ended_at,
-            stt_finalization=request.stt_finalization,
-            transcript_received_at=request.transcript_received_at,
-            deadline=min(time.monotonic() + self.limits.turn_budget_s, self._session_deadline),
-        )
-        return turn
-
-    async def _end_turn(self, turn: Turn, task: asyncio.Task[None]) -> None:
-        """Reports how the turn ended; the history keeps what the user heard of the reply."""
-        if task.cancelled():  # barge-in
-            TURNS.labels("interrupted").inc()
-            self._remember_reply(turn.heard_text)
-            log.info("turn interrupted", extra={"turn": turn.turn_id, "heard_chars": turn.heard_chars})
-            await self.output.put(
-                pb.ConverseResponse(
-                    turn_interrupted=pb.TurnInterrupted(heard_text=turn.heard_text),
-                    correlation=turn.correlation,
-                )
-            )
-        elif isinstance(failure := task.exception(), StageFailed):
-            TURNS.labels("failed").inc()
-            self._remember_reply(turn.heard_text)
-            await self._error(failure.stage, failure.code, failure.message, turn.turn_id)
-        elif failure is not None:
-            raise failure
-        else:
-            TURNS.labels("completed").inc()
-            self._remember_reply(turn.reply_text)
-            await self.output.put(turn.completed_event())
-            log.info("turn completed", extra={"turn": turn.turn_id, "reply_chars": len(turn.reply_text)})
-
-    def _remember_reply(self, text: str) -> None:
-        if text:
-            self.history.append(
-                language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_ASSISTANT, content=text)
-            )
-
-    def _interrupt(self) -> None:
-        """Barge-in: stop the turn being played at once; no more of its audio leaves."""
-        turn, task = self._turn, self._turn_task
-        if turn is None or task is None or task.done() or turn.interrupted:
-            return
-        turn.interrupted = True
-        task.cancel()
-
-
-@dataclass(slots=True)
-class _TurnRequest:
-    text: str
-    speech_ended_at: float  # monotonic time the user stopped speaking (or the text arrived)
-    stt_finalization: Duration
-    transcript_received_at: float  # when the final transcript arrived (a text turn: speech_ended_at)
-    turn: Turn | None = None  # already started, when it arrived while the conversation was idle

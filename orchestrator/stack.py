@@ -35,6 +35,9 @@ ENGINES = {
     "tts": {"stub": "tts_stub", "espeak": "tts_espeak"},
 }
 STUBS = {role: "stub" for role in ENGINES}
+# Silence that ends an utterance of real speech: the contract's default (120 ms) suits the stub
+# audio code, but people pause inside sentences (see BENCHMARKS.md for the measured trade-off).
+REAL_SPEECH_END_OF_UTTERANCE_MS = 400
 # Loading a model (Whisper, espeak's voices) takes longer than a stub's start.
 READY_TIMEOUT_S = 120.0
 
@@ -77,10 +80,16 @@ class LocalStack:
 
     stages: dict[str, ServiceProcess] = field(default_factory=dict)
     orchestrator: ServiceProcess | None = None
+    # The local language model the openai LLM stage talks to, when the stack started one.
+    llm_backend: ServiceProcess | None = None
 
     @property
     def processes(self) -> list[ServiceProcess]:
-        return [*([self.orchestrator] if self.orchestrator else []), *self.stages.values()]
+        return [
+            *([self.orchestrator] if self.orchestrator else []),
+            *self.stages.values(),
+            *([self.llm_backend] if self.llm_backend else []),
+        ]
 
     def stop(self) -> None:
         for process in self.processes:
@@ -108,6 +117,8 @@ async def start_stack(
                 *(certificates.server_flags(role) if certificates else []),
                 *(stage_flags or {}).get(role, []),
             ]
+            if module == "llm_openai" and "--base-url" not in extra:
+                extra += ["--base-url", await start_llm_backend(stack, ephemeral)]
             stack.stages[role] = await asyncio.to_thread(
                 ServiceProcess,
                 module,
@@ -123,6 +134,8 @@ async def start_stack(
             if certificates
             else []
         )
+        if engines["stt"] != "stub" and "--end-of-utterance-silence-ms" not in (orchestrator_flags or []):
+            targets += ["--end-of-utterance-silence-ms", str(REAL_SPEECH_END_OF_UTTERANCE_MS)]
         stack.orchestrator = await asyncio.to_thread(
             ServiceProcess,
             "orchestrator",
@@ -139,6 +152,15 @@ async def start_stack(
         stack.stop()
         raise
     return stack
+
+
+async def start_llm_backend(stack: LocalStack, ephemeral: bool) -> str:
+    """Starts the bundled local model (llama.cpp's OpenAI-compatible server) and returns its API
+    root; imported here so a stub-only install does not need the engine's packages."""
+    from llm_openai import backend
+
+    stack.llm_backend = await asyncio.to_thread(backend.start, 0 if ephemeral else backend.DEFAULT_PORT)
+    return backend.base_url(stack.llm_backend)
 
 
 async def run(args: argparse.Namespace) -> None:

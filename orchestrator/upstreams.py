@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge
 
 from orchestrator.breaker import CircuitBreaker
 from voicepipe import keepalive
+from voicepipe.aio import cancel_and_wait
 from voicepipe.tls import ChannelTls, open_channel
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,7 @@ class Upstream:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         await self.channel.close()
 
     async def _set_serving(self, serving: bool, reason: str) -> None:

@@ -285,6 +285,29 @@ async def test_metrics_describe_the_turns(stack: LocalStack) -> None:
 # --- barge-in and disconnects -------------------------------------------------------------------
 
 
+async def test_speech_resumed_before_any_reply_audio_joins_one_turn() -> None:
+    """A pause long enough to end an utterance, then more words before the agent has said
+    anything: the first turn is withdrawn and the words are answered together, once."""
+    # The LLM's first token takes 2 s, so no reply audio leaves before the user goes on.
+    async with instant_stack(stage_flags={"llm": ["--first-token-ms", "2000"]}) as stack:
+        assert stack.orchestrator is not None
+        async with open_channel(stack.orchestrator.target) as channel:
+            caller = await Caller(channel, session_id="e2e-resumed").open()
+            async with caller:
+                await caller.speak("My name is")
+                await caller.speak("Ada.")
+                withdrawn = await caller.turn_ended("1")
+                joined = await caller.turn_ended("2", timeout_s=15)
+                await caller.end_input()
+                assert await caller.ended(timeout_s=15) == (OK, "")
+    assert withdrawn.user_text == "My name is"
+    assert withdrawn.interrupted is not None and withdrawn.interrupted.heard_text == ""
+    assert not withdrawn.audio
+    assert joined.user_text == "My name is Ada."
+    assert joined.completed is not None and joined.agent_text == "Nice to meet you, Ada."
+    assert [e.correlation.turn_id for e in caller.events if e.HasField("turn_started")] == ["1", "2"]
+
+
 async def test_barge_in_stops_the_reply_and_keeps_only_what_was_heard(paced: PacedStack) -> None:
     requests_before = len(paced.llm_proxy.requests)
     async with open_channel(paced.orchestrator.target) as channel:

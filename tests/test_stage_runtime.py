@@ -15,6 +15,8 @@ import pytest
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
+from bench import recordings
+from bench.recordings import padded
 from stubs import audio_code, replies
 from tests.conftest import StartService
 from tests.helpers import (
@@ -28,6 +30,7 @@ from tests.helpers import (
     method_descriptor,
     open_channel,
     read_metric,
+    split,
     spoken,
     start_raw,
     wait_for_metric,
@@ -142,6 +145,26 @@ def llm_text(responses: list[bytes]) -> str:
     return "".join(r.delta.text for r in parsed if r.HasField("delta"))
 
 
+# Real speech ("go forward ten meters", from pocketsphinx-testdata) in messages of 1 s.
+WHISPER = (
+    [
+        StageServer(
+            "stt_whisper",
+            STT,
+            [
+                STT_CONFIG,
+                *(
+                    speech_to_text_pb2.TranscribeRequest(audio=piece)
+                    for piece in split(PCM16_FORMAT.encode(padded(recordings.goforward().audio)), 32_000)
+                ),
+            ],
+            fault_knobs=False,
+        )
+    ]
+    if recordings.available()
+    else []
+)
+
 STAGES = [
     # With 5 s of processing the STT call is also cancelled while a final result is held back.
     StageServer(
@@ -156,6 +179,7 @@ STAGES = [
     ),
     StageServer("llm_stub", LLM, [HELLO], busy_flags=(("--tokens-per-second", "20"),), says=llm_text),
     StageServer("tts_espeak", TTS, [TTS_CONFIG, TTS_SEGMENT], fault_knobs=False),
+    *WHISPER,
     # The SDK's own proof: an engine of a few lines, defined in the tests.
     StageServer("tests.echo_engine", LLM, [ECHO], busy_flags=(("--word-delay", "0.2"),), says=llm_text),
 ]

@@ -1,0 +1,94 @@
+"""Session audio kept for the STT link to replay: since the end of the last final transcript
+(bounded), so that a new Transcribe call after a broken one starts exactly where the last final
+transcript ended."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+from voicepipe.audio_format import PcmFormat
+
+log = logging.getLogger(__name__)
+
+# Audio kept for replay while no utterance is open; speech that STT has not reported yet is
+# never older than this.
+IDLE_REPLAY_S = 2.0
+# Upper bound on audio kept for replay (an utterance, or audio buffered while STT is down).
+MAX_REPLAY_S = 60.0
+
+
+@dataclass(slots=True)
+class _Chunk:
+    seq: int
+    start_sample: int
+    data: bytes
+    arrived_at: float
+
+
+class ReplayBuffer:
+    """Session audio since the end of the last final transcript, numbered for the writer."""
+
+    def __init__(self, fmt: PcmFormat) -> None:
+        self.fmt = fmt
+        self._chunks: collections.deque[_Chunk] = collections.deque()
+        self.next_seq = 0
+        self.end_sample = 0
+        self.changed = asyncio.Event()
+
+    def append(self, data: bytes, arrived_at: float) -> None:
+        self._chunks.append(_Chunk(self.next_seq, self.end_sample, data, arrived_at))
+        self.next_seq += 1
+        self.end_sample += len(data) // self.fmt.bytes_per_sample
+        self.changed.set()
+
+    @property
+    def first_seq(self) -> int:
+        return self._chunks[0].seq if self._chunks else self.next_seq
+
+    @property
+    def start_sample(self) -> int:
+        return self._chunks[0].start_sample if self._chunks else self.end_sample
+
+    def chunk(self, seq: int) -> _Chunk:
+        return self._chunks[seq - self.first_seq]
+
+    def arrival_of(self, sample: int) -> float:
+        """When the audio holding `sample` arrived (the latest arrival if it is not held)."""
+        for chunk in reversed(self._chunks):
+            if chunk.start_sample <= sample:
+                return chunk.arrived_at
+        return self._chunks[0].arrived_at if self._chunks else time.monotonic()
+
+    def trim_before(self, sample: int, *, sent_seq: int) -> None:
+        """Forgets audio before `sample`, cutting a chunk in two where needed, so that a replay
+        starts exactly there. Chunks not yet sent (seq >= sent_seq) are kept whole."""
+        bps = self.fmt.bytes_per_sample
+        while self._chunks and self._chunks[0].seq < sent_seq:
+            head = self._chunks[0]
+            head_end = head.start_sample + len(head.data) // bps
+            if head_end <= sample:
+                self._chunks.popleft()
+            else:
+                if head.start_sample < sample:
+                    cut = (sample - head.start_sample) * bps
+                    head.data = head.data[cut:]
+                    head.start_sample = sample
+                break
+
+    def bound(self, *, utterance_open: bool, sent_seq: int) -> None:
+        keep_s = MAX_REPLAY_S if utterance_open else IDLE_REPLAY_S
+        self.trim_before(self.end_sample - int(keep_s * self.fmt.sample_rate), sent_seq=sent_seq)
+        if self.end_sample - self.start_sample > MAX_REPLAY_S * self.fmt.sample_rate:
+            # STT has been unreachable for over a minute: drop the oldest audio, and say so.
+            log.error("stt replay buffer full; dropping audio", extra={"limit_s": MAX_REPLAY_S})
+            self.trim_before(
+                self.end_sample - int(MAX_REPLAY_S * self.fmt.sample_rate), sent_seq=self.next_seq
+            )
+
+    @property
+    def held_seconds(self) -> float:
+        return (self.end_sample - self.start_sample) / self.fmt.sample_rate

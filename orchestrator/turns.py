@@ -1,0 +1,231 @@
+"""The conversation's turns, one at a time and in order, and the history they build.
+
+A typed turn waits for the turn being played; speech interrupts it (barge-in). A turn that
+arrives while nothing is playing or waiting starts at once: its Generate request leaves before
+the caller queues anything else for the client (Early Generate; the runner is its only owner,
+and closes every turn it started).
+
+A spoken turn that the user talks over before any of its reply audio has left was answering a
+pause, not the end of what the user meant to say: it is withdrawn (the client sees it
+interrupted with nothing heard, the history forgets it) and its words open the user's next
+spoken turn, so one utterance with a pause in it gets one answer, not two."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from orchestrator.metrics import TURNS
+from orchestrator.output import SessionFailed, SessionOutput
+from orchestrator.retry import StageFailed
+from orchestrator.timings import TurnTimings
+from orchestrator.turn import Turn, TurnSettings
+from orchestrator.upstreams import Upstreams
+from voice.v1 import common_pb2, language_model_pb2
+from voice.v1 import voice_agent_pb2 as pb
+from voicepipe.aio import cancel_and_wait
+from voicepipe.logs import turn_id_var
+
+log = logging.getLogger(__name__)
+
+# Turns waiting while the agent answers an earlier one (typed turns queue; speech interrupts).
+MAX_QUEUED_TURNS = 16
+
+
+@dataclass(slots=True)
+class TurnRequest:
+    text: str
+    timings: TurnTimings
+    turn: Turn | None = None  # already started, when it arrived while the conversation was idle
+    spoken: bool = False  # from a final transcript (not typed)
+    message: language_model_pb2.ChatMessage | None = None  # its place in the history
+
+
+@dataclass(frozen=True)
+class TurnContext:
+    """What every turn of a conversation shares."""
+
+    session_id: str
+    settings: TurnSettings
+    upstreams: Upstreams
+    output: SessionOutput
+    turn_budget_s: float  # deadline for one turn's LLM and TTS calls
+    session_deadline: float
+
+
+class TurnRunner:
+    """Runs the conversation's turns (as `run()`, its task) and remembers what was said."""
+
+    def __init__(self, context: TurnContext, system_prompt: str) -> None:
+        self._context = context
+        self._output = context.output
+        self.history: list[language_model_pb2.ChatMessage] = []
+        if system_prompt:
+            self.history.append(
+                language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_SYSTEM, content=system_prompt)
+            )
+        self._turn_count = 0
+        self._requests: asyncio.Queue[TurnRequest | None] = asyncio.Queue(MAX_QUEUED_TURNS + 1)
+        self._idle = False  # the runner waits for a request; nothing is being played
+        self._playing: tuple[TurnRequest, Turn, asyncio.Task[None]] | None = None
+        self._withdrawn: TurnRequest | None = None  # its words open the next spoken turn
+
+    def submit_speech(self, text: str, timings: TurnTimings) -> None:
+        """A final transcript: a turn, opened by the words of a turn withdrawn before it."""
+        words = [self._withdrawn.text if self._withdrawn else "", text.strip()]
+        self._withdrawn = None
+        if joined := " ".join(word for word in words if word):
+            self.submit(TurnRequest(joined, timings, spoken=True))
+
+    def submit(self, request: TurnRequest) -> None:
+        """Queues a turn; raises SessionFailed (and fails the session) when too many wait."""
+        if self._idle and self._requests.empty():
+            # Nothing is playing or waiting: the turn starts now (see Turn.open_early).
+            request.turn = self._new_turn(request)
+            request.turn.open_early()
+        try:
+            self._requests.put_nowait(request)
+        except asyncio.QueueFull:
+            failure = SessionFailed(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {MAX_QUEUED_TURNS} turns are waiting for the agent to answer",
+            )
+            self._output.fail(failure)
+            raise failure from None
+
+    async def finish(self) -> None:
+        """No more turns: run() returns once the ones queued have been played (a withdrawn
+        turn that no later words joined is answered after all)."""
+        if (withdrawn := self._withdrawn) is not None:
+            self.submit_speech("", withdrawn.timings)
+        await self._requests.put(None)
+
+    def interrupt(self) -> None:
+        """Barge-in: stop the turn being played at once; no more of its audio leaves. A spoken
+        turn none of whose audio has left is withdrawn (see the module's docstring)."""
+        if self._playing is None:
+            return
+        request, turn, task = self._playing
+        if task.done() or turn.playout.interrupted:
+            return
+        if request.spoken and turn.timings.first_audio_at is None:
+            self._withdrawn = request
+            if request.message is not None:
+                self.history.remove(request.message)
+        turn.interrupt()
+        # At once, not when the runner next runs: the turn sends nothing more from now on. The
+        # runner awaits the task (see _play).
+        task.cancel()
+
+    async def run(self) -> None:
+        """One turn at a time, in order, until finish()."""
+        try:
+            while True:
+                self._idle = True
+                request = await self._requests.get()
+                self._idle = False
+                if request is None:
+                    return
+                turn = request.turn or self._new_turn(request)
+                try:
+                    await self._play(request, turn)
+                finally:
+                    turn.close()
+        finally:
+            self._idle = False
+            while not self._requests.empty():  # the session ended with turns waiting
+                if (waiting := self._requests.get_nowait()) is not None and waiting.turn:
+                    waiting.turn.close()
+
+    def _new_turn(self, request: TurnRequest) -> Turn:
+        self._turn_count += 1
+        turn_id = str(self._turn_count)
+        request.message = language_model_pb2.ChatMessage(
+            role=language_model_pb2.ROLE_USER, content=request.text
+        )
+        self.history.append(request.message)
+        context = self._context
+        return Turn(
+            messages=list(self.history),
+            correlation=common_pb2.Correlation(session_id=context.session_id, turn_id=turn_id),
+            settings=context.settings,
+            upstreams=context.upstreams,
+            output=context.output,
+            timings=request.timings,
+            deadline=min(time.monotonic() + context.turn_budget_s, context.session_deadline),
+        )
+
+    async def _play(self, request: TurnRequest, turn: Turn) -> None:
+        await self._output.put(
+            pb.ConverseResponse(
+                turn_started=pb.TurnStarted(user_text=request.text), correlation=turn.correlation
+            )
+        )
+        token = turn_id_var.set(turn.turn_id)
+        task = asyncio.create_task(turn.run(), name=f"session-{self._context.session_id}-turn-{turn.turn_id}")
+        turn_id_var.reset(token)
+        self._playing = (request, turn, task)
+        try:
+            await asyncio.wait([task])
+        finally:
+            self._playing = None
+            await cancel_and_wait(task)
+        await self._report(request, turn, task)
+
+    async def _report(self, request: TurnRequest, turn: Turn, task: asyncio.Task[None]) -> None:
+        """Says how the turn ended; the history keeps what the user heard of the reply."""
+        if task.cancelled() and request is self._withdrawn:
+            TURNS.labels("withdrawn").inc()
+            log.info("turn withdrawn: the user went on speaking", extra={"turn": turn.turn_id})
+            await self._output.put(
+                pb.ConverseResponse(turn_interrupted=pb.TurnInterrupted(), correlation=turn.correlation)
+            )
+        elif task.cancelled():  # barge-in
+            TURNS.labels("interrupted").inc()
+            self._remember_reply(turn.heard_text)
+            log.info(
+                "turn interrupted", extra={"turn": turn.turn_id, "heard_chars": turn.playout.heard_chars}
+            )
+            await self._output.put(
+                pb.ConverseResponse(
+                    turn_interrupted=pb.TurnInterrupted(heard_text=turn.heard_text),
+                    correlation=turn.correlation,
+                )
+            )
+        elif isinstance(failure := task.exception(), StageFailed):
+            TURNS.labels("failed").inc()
+            self._remember_reply(turn.heard_text)
+            await report_stage_error(self._output, failure, turn.correlation)
+        elif failure is not None:
+            raise failure
+        else:
+            TURNS.labels("completed").inc()
+            self._remember_reply(turn.reply.text)
+            await self._output.put(turn.completed_event())
+            log.info("turn completed", extra={"turn": turn.turn_id, "reply_chars": len(turn.reply.text)})
+
+    def _remember_reply(self, text: str) -> None:
+        if text:
+            self.history.append(
+                language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_ASSISTANT, content=text)
+            )
+
+
+async def report_stage_error(
+    output: SessionOutput, failure: StageFailed, correlation: common_pb2.Correlation
+) -> None:
+    """A stage's failure as the client's error event (and a warning in the log)."""
+    log.warning(
+        "stage error",
+        extra={"stage": pb.Stage.Name(failure.stage), "code": failure.code, "detail": failure.message},
+    )
+    await output.put(
+        pb.ConverseResponse(
+            error=pb.SessionError(stage=failure.stage, code=failure.code, message=failure.message),
+            correlation=correlation,
+        )
+    )

@@ -1,0 +1,268 @@
+"""The Whisper stage as its clients see it, on real human speech (Debian's pocketsphinx-testdata)
+with the bundled tiny.en model: `python -m stt_whisper` over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+
+import grpc
+import numpy as np
+import pytest
+
+from bench import recordings
+from bench.recordings import Recording, normalise, padded
+from orchestrator.stack import STUBS, start_stack
+from tests.helpers import CallOutcome, collect, exchange, open_channel, running
+from tests.stack_fixtures import Caller
+from voice.v1 import speech_to_text_pb2, speech_to_text_pb2_grpc
+from voicepipe import durations
+from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
+from voicepipe.pcm import Resampler, Samples
+from voicepipe.processes import ServiceProcess
+from voicepipe_client import Utterance
+
+pb = speech_to_text_pb2
+pytestmark = pytest.mark.skipif(
+    not recordings.available(), reason="needs Debian's pocketsphinx-testdata (apt-get install it)"
+)
+
+RATE = 16_000
+PCM16 = PcmFormat(LINEAR16, RATE)
+SPEECH_STARTED = pb.SPEECH_EVENT_TYPE_SPEECH_STARTED
+END_OF_UTTERANCE = pb.SPEECH_EVENT_TYPE_END_OF_UTTERANCE
+MAX_SESSIONS = 3
+CALL_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def stt() -> Iterator[ServiceProcess]:
+    with running(
+        "stt_whisper", "--max-sessions", str(MAX_SESSIONS), "--interim-interval-ms", "400"
+    ) as process:
+        yield process
+
+
+def config(
+    fmt: PcmFormat = PCM16, *, interim_results: bool = False, silence_ms: int = 300, language: str = ""
+) -> pb.TranscribeRequest:
+    return pb.TranscribeRequest(
+        config=pb.TranscriptionConfig(
+            audio_format=fmt.to_proto(),
+            language_code=language,
+            interim_results=interim_results,
+            endpointing=pb.EndpointingConfig(end_of_utterance_silence_ms=silence_ms),
+        )
+    )
+
+
+def audio_requests(data: bytes, sizes: Iterator[int]) -> list[pb.TranscribeRequest]:
+    pieces, position = [], 0
+    for size in sizes:
+        if position >= len(data):
+            break
+        pieces.append(pb.TranscribeRequest(audio=data[position : position + size]))
+        position += size
+    return pieces
+
+
+def every(size: int) -> Iterator[int]:
+    return itertools.repeat(size)
+
+
+async def transcribe(
+    stt: ServiceProcess, first: pb.TranscribeRequest, requests: Sequence[pb.TranscribeRequest]
+) -> CallOutcome[pb.TranscribeResponse]:
+    """One call; its deadline allows for decoding on a loaded 2-core machine."""
+    async with open_channel(stt.target) as channel:
+        call = speech_to_text_pb2_grpc.SpeechToTextServiceStub(channel).Transcribe(timeout=CALL_TIMEOUT_S)
+        for request in (first, *requests):
+            await call.write(request)
+        await call.done_writing()
+        return await collect(call)
+
+
+async def hear(stt: ServiceProcess, audio: Samples, silence_ms: int = 300) -> list[pb.TranscribeResponse]:
+    """Sends 16 kHz audio in 20 ms messages, as fast as the stage takes it."""
+    data = PCM16.encode(audio)
+    outcome = await transcribe(stt, config(silence_ms=silence_ms), audio_requests(data, every(640)))
+    return outcome.assert_ok()
+
+
+def finals(responses: Sequence[pb.TranscribeResponse]) -> list[pb.TranscriptionResult]:
+    return [r.result for r in responses if r.HasField("result") and r.result.is_final]
+
+
+def seconds(result: pb.TranscriptionResult) -> tuple[float, float]:
+    return (
+        durations.to_seconds(result.audio_start_offset),
+        durations.to_seconds(result.audio_end_offset),
+    )
+
+
+@pytest.mark.parametrize(
+    "recording",
+    [recordings.goforward(), *recordings.librivox()[::4]],  # goforward, 0870, 0930
+    ids=lambda r: r.name,
+)
+async def test_spoken_sentence_is_transcribed(stt: ServiceProcess, recording: Recording) -> None:
+    responses = await hear(stt, padded(recording.audio))
+    kinds = [r.speech_event.type if r.HasField("speech_event") else "final" for r in responses]
+    assert kinds == [SPEECH_STARTED, "final", END_OF_UTTERANCE]
+    [final] = finals(responses)
+    assert normalise(final.transcript) == recording.reference
+    # The speech lies between the padding before (0.5 s) and after the recording.
+    start, end = seconds(final)
+    assert 0.45 < start < end < 0.5 + recording.seconds
+    assert end - start > 0.5 * recording.seconds
+    assert 0 < final.confidence <= 1 and final.stability == 1.0
+    # The stage's own time, from the audio holding the end of speech to the final (the audio was
+    # sent faster than real time, so the endpointing silence took less than its length).
+    assert 0 < durations.to_seconds(final.finalization_time) < 10
+
+
+async def test_any_chunking_gives_the_same_finals(stt: ServiceProcess) -> None:
+    gap = np.zeros(RATE, np.int16)
+    audio = padded(np.concatenate([recordings.goforward().audio, gap, recordings.librivox()[4].audio]))
+    data = PCM16.encode(audio)
+    rng = np.random.default_rng(7)
+    chunkings = [every(640), every(64_000), (2 * int(n) for n in rng.integers(1, 1500, 100_000))]
+    results = []
+    for sizes in chunkings:
+        outcome = await transcribe(stt, config(), audio_requests(data, sizes))
+        results.append([(f.transcript, seconds(f)) for f in finals(outcome.assert_ok())])
+    assert [normalise(text) for text, _ in results[0]] == [
+        "go forward ten meters",
+        "he might even have been made amiable himself",
+    ]
+    assert results[0] == results[1] == results[2]
+
+
+async def test_8khz_mulaw_is_transcribed(stt: ServiceProcess) -> None:
+    """Telephone audio: the stage takes 8 kHz G.711 mu-law and hears it at 16 kHz."""
+    down = Resampler(RATE, 8000)
+    audio = padded(recordings.goforward().audio)
+    telephone = PcmFormat(MULAW, 8000)
+    data = telephone.encode(np.concatenate([down(audio), down.flush()]))
+    outcome = await transcribe(stt, config(telephone), audio_requests(data, every(160)))
+    [final] = finals(outcome.assert_ok())
+    assert normalise(final.transcript) == "go forward ten meters"
+    start, end = seconds(final)
+    assert 0.45 < start < end < 0.5 + recordings.goforward().seconds
+
+
+async def test_silence_and_noise_give_no_transcript(stt: ServiceProcess) -> None:
+    rng = np.random.default_rng(3)
+    silence = np.zeros(2 * RATE, np.int16)
+    hiss = rng.normal(0, 300, 3 * RATE).astype(np.int16)
+    hum = (2000 * np.sin(2 * np.pi * 50 * np.arange(3 * RATE) / RATE)).astype(np.int16)
+    responses = await hear(stt, np.concatenate([silence, hiss, silence, hum, silence]))
+    assert [f.transcript for f in finals(responses) if f.transcript] == []
+
+
+async def test_interims_arrive_before_the_final_and_stable_prefixes_hold(stt: ServiceProcess) -> None:
+    """A caller speaking in real time (20 ms every 20 ms) sees the growing utterance."""
+    recording = recordings.librivox()[0]  # 7 s
+    data = PCM16.encode(padded(recording.audio, after_s=0.6))
+    async with open_channel(stt.target) as channel:
+        call = speech_to_text_pb2_grpc.SpeechToTextServiceStub(channel).Transcribe(timeout=CALL_TIMEOUT_S)
+        writer = asyncio.create_task(_speak_in_real_time(call, data), name="test-realtime-writer")
+        try:
+            outcome = await collect(call)
+            await writer
+        finally:
+            writer.cancel()
+    results = [r.result for r in outcome.assert_ok() if r.HasField("result")]
+    assert results[-1].is_final and not any(r.is_final for r in results[:-1])
+    interims = results[:-1]
+    assert len(interims) >= 3, [r.transcript for r in interims]
+    stable = ""
+    for interim in interims:
+        prefix = interim.transcript[: round(interim.stability * len(interim.transcript))]
+        assert prefix.startswith(stable), (stable, interim.transcript)
+        stable = prefix
+    assert stable, "nothing was ever reported stable"
+    assert normalise(results[-1].transcript) == recording.reference
+
+
+async def _speak_in_real_time(
+    call: grpc.aio.StreamStreamCall[pb.TranscribeRequest, pb.TranscribeResponse], data: bytes
+) -> None:
+    await call.write(config(interim_results=True))
+    started = time.monotonic()
+    for index, request in enumerate(audio_requests(data, every(640))):
+        await asyncio.sleep(max(0.0, started + index * 0.02 - time.monotonic()))  # a real-time source
+        await call.write(request)
+    await call.done_writing()
+
+
+async def test_long_speech_is_cut_into_finals_with_nothing_lost(stt: ServiceProcess) -> None:
+    """Over 30 s of speech whose pauses are all shorter than the endpointing silence."""
+    gap = np.zeros(RATE // 10, np.int16)
+    sentences = [*recordings.librivox(), recordings.goforward(), recordings.librivox()[1]]
+    audio = np.concatenate([part for r in sentences for part in (r.audio, gap)])
+    assert len(audio) > 30 * RATE
+    said = finals(await hear(stt, padded(audio), silence_ms=2000))
+    assert len(said) >= 2
+    for before, after in itertools.pairwise(said):
+        # The next utterance starts where the last one was cut.
+        assert seconds(before)[1] <= seconds(after)[0] < seconds(before)[1] + 0.1
+    heard = normalise(" ".join(f.transcript for f in said)).split()
+    reference = normalise(" ".join(r.reference for r in sentences)).split()
+    assert len(set(reference) - set(heard)) <= 3, set(reference) - set(heard)
+    assert abs(len(heard) - len(reference)) <= 3
+
+
+async def test_unsupported_language_is_refused_naming_the_models_languages(stt: ServiceProcess) -> None:
+    outcome = await transcribe(stt, config(language="fr-FR"), [])
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'fr-FR'" in outcome.details and "recognises: en" in outcome.details
+    ok = await transcribe(stt, config(language="en-GB"), audio_requests(bytes(6400), every(640)))
+    assert ok.assert_ok() == []
+
+
+async def test_calls_beyond_the_session_limit_are_refused(stt: ServiceProcess) -> None:
+    async with open_channel(stt.target) as channel:
+        stub = speech_to_text_pb2_grpc.SpeechToTextServiceStub(channel)
+        held = [stub.Transcribe(timeout=30) for _ in range(MAX_SESSIONS)]
+        try:
+            for call in held:
+                await call.write(config())
+                await call.initial_metadata()  # the stage accepts a call by sending its headers
+            refused = await exchange(stub.Transcribe, [config()])
+            assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            for call in held:
+                await call.done_writing()
+        for call in held:
+            assert (await collect(call)).assert_ok() == []
+
+
+def test_a_model_that_would_need_a_download_fails_clearly() -> None:
+    """A hub name not in the local cache: the stage does not start, and says why (no fetch)."""
+    refused = pytest.raises(RuntimeError, match="never downloads models")
+    with refused, running("stt_whisper", "--model", "small.en"):
+        pass
+
+
+async def test_a_spoken_turn_through_the_orchestrator() -> None:
+    """The orchestrator with the Whisper stage as its STT (the stub LLM and TTS): a caller's
+    recorded sentence becomes the turn's user text, and the agent answers it."""
+    stack = await start_stack("instant", ephemeral=True, engines={**STUBS, "stt": "whisper"})
+    try:
+        assert stack.orchestrator is not None
+        async with open_channel(stack.orchestrator.target) as channel, Caller(channel) as caller:
+            await caller.open()
+            await caller.conversation.speak(
+                Utterance.from_samples(padded(recordings.goforward().audio), PCM16)
+            )
+            turn = await caller.turn_ended("1", timeout_s=30)
+            await caller.end_input()
+            assert await caller.ended(timeout_s=30) == (grpc.StatusCode.OK, "")
+        assert [normalise(text) for text in caller.final_transcripts()] == ["go forward ten meters"]
+        assert normalise(turn.user_text) == "go forward ten meters"
+        assert turn.completed is not None and turn.agent_text and turn.audio_bytes > 0
+    finally:
+        await asyncio.to_thread(stack.stop)
