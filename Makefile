@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/voice/v1/*.proto)
 GENERATED := voice/v1/.generated
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: install protos test chaos lint demo demo-stubs up bench bench-short clean
+.PHONY: install protos test chaos lint demo demo-stubs up certs bench bench-short clean
 
 install: $(INSTALLED) $(GENERATED)
 
@@ -21,7 +21,7 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "installing (the first install compiles llama.cpp: ~6 min on 2 cores, then cached; log in $(VENV)/install.log)"
-	set -o pipefail; $(PY) -m pip install -v -e '.[dev,tts-espeak,stt-whisper,llm-openai]' 2>&1 \
+	set -o pipefail; $(PY) -m pip install -v -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs]' 2>&1 \
 		| tee $(VENV)/install.log \
 		| awk -F'[][/]' '/^ *\[[0-9]+\/[0-9]+\] / { if ($$2 % 20 == 0 || $$2 == $$3) { \
 			print "  compiling llama.cpp: " $$2 "/" $$3; fflush() } }' \
@@ -52,12 +52,18 @@ lint: install
 	$(BUF) lint protos
 
 # The four services on their default ports, stopped together by Ctrl-C; each role runs its stub
-# unless told otherwise: `make up STT=whisper LLM=openai TTS=espeak`.
+# unless told otherwise: `make up STT=whisper LLM=openai TTS=espeak`. `make up CERTS=out/certs`
+# runs every link with mutual TLS (after `make certs`).
 STT ?= stub
 LLM ?= stub
 TTS ?= stub
+CERTS ?=
 up: install
-	$(PY) -m orchestrator.stack --stt $(STT) --llm $(LLM) --tts $(TTS)
+	$(PY) -m orchestrator.stack --stt $(STT) --llm $(LLM) --tts $(TTS) $(if $(CERTS),--certs $(CERTS))
+
+# A local CA and one certificate per service (and one for clients) in out/certs.
+certs: install
+	$(PY) -m voicepipe.certs out/certs
 
 # A real spoken conversation (Whisper, the local LLM, espeak-ng); demo-stubs: the stub stack.
 demo: install
@@ -67,11 +73,11 @@ demo-stubs: install
 	$(PY) -m orchestrator.demo --stubs
 
 bench: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,bench]'
 	$(PY) -m bench
 
 bench-short: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,bench]'
 	$(PY) -m bench --short
 
 clean:

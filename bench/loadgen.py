@@ -43,6 +43,7 @@ from bench.workload import (
 )
 from stubs import audio_code
 from voice.v1 import voice_agent_pb2 as pb
+from voicepipe.tls import ChannelTls
 from voicepipe_client import (
     Conversation,
     Microphone,
@@ -127,9 +128,13 @@ def _seconds(duration: Any) -> float:
     return float(duration.ToNanoseconds()) / 1e9
 
 
+# TLS as the VOICEPIPE_CLIENT_TLS_* variables say (bench.variants sets them for its TLS stack).
+CLIENT_TLS = ChannelTls.from_environment("client")
+
+
 def _channel(target: str) -> grpc.aio.Channel:
     # Each caller is its own client with its own connection, as phones and browsers are.
-    return connect(target, own_connection=True)
+    return connect(target, own_connection=True, tls=CLIENT_TLS)
 
 
 SESSION = SessionSettings(FORMAT, FORMAT)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
+from orchestrator import auth
 from orchestrator.service import VoiceAgentServicer
 from orchestrator.session import SessionLimits
 from orchestrator.upstreams import Upstreams
 from voice.v1 import voice_agent_pb2, voice_agent_pb2_grpc
 from voicepipe.config import FlagParser, ServerSettings
 from voicepipe.server import GrpcService, Registration, run, wait_for_shutdown_signal
+from voicepipe.tls import ChannelTls
+
+log = logging.getLogger("orchestrator")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,12 +46,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how far reply audio may run ahead of real-time playback (bounds what barge-in discards)",
     )
     flags.add(
+        "--tokens-file",
+        type=str,
+        default="",
+        help="JSON file of tenants and their token hashes; Converse then needs a bearer token (empty: open)",
+    )
+    flags.add(
+        "--tenant-max-sessions",
+        type=int,
+        default=100,
+        help="concurrent conversations of one tenant unless its entry says otherwise (0: no own limit)",
+    )
+    flags.add(
         "--end-of-utterance-silence-ms",
         type=int,
         default=0,
         help="silence that ends the user's utterance, asked of the STT stage (0: the stage's default,"
         " 120 ms; real speech, with pauses inside sentences, wants 400 or more)",
     )
+    ChannelTls.add_flags(flags, "--upstream-tls", peer="each stage")
     return flags.parse(argv)
 
 
@@ -57,7 +75,13 @@ async def serve(args: argparse.Namespace) -> None:
         if service is not None:
             await service.set_serving(all_serving)
 
-    upstreams = Upstreams(args.stt, args.llm, args.tts, follow_upstreams)
+    settings = ServerSettings.from_args(args)
+    gate = auth.gate(args.tokens_file, args.tenant_max_sessions)
+    if args.tokens_file and settings.tls is None:
+        log.warning("tokens are accepted over plaintext: anyone on the path can read them; serve TLS")
+    upstreams = Upstreams(
+        args.stt, args.llm, args.tts, follow_upstreams, tls=ChannelTls.from_args(args, "upstream_tls")
+    )
     limits = SessionLimits(
         turn_budget_s=args.turn_timeout,
         session_budget_s=args.session_timeout,
@@ -68,12 +92,12 @@ async def serve(args: argparse.Namespace) -> None:
     )
     service = GrpcService(
         "orchestrator",
-        ServerSettings.from_args(args),
+        settings,
         [
             Registration(
                 voice_agent_pb2.DESCRIPTOR.services_by_name["VoiceAgentService"].full_name,
                 voice_agent_pb2_grpc.add_VoiceAgentServiceServicer_to_server,
-                VoiceAgentServicer(upstreams, limits, args.max_sessions),
+                VoiceAgentServicer(upstreams, limits, args.max_sessions, gate),
             )
         ],
     )

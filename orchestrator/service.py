@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -11,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from orchestrator.auth import Gate, OpenGate, Refused
 from orchestrator.metrics import ACTIVE_SESSIONS, SESSIONS_REJECTED
 from orchestrator.output import SessionFailed
 from orchestrator.session import Conversation, SessionLimits
@@ -19,13 +21,16 @@ from orchestrator.upstreams import Upstreams
 from voice.v1 import common_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.audio_format import InvalidInput, parse_audio_format
-from voicepipe.logs import session_id_var
+from voicepipe.logs import session_id_var, tenant_var
 
 log = logging.getLogger(__name__)
 
 MAX_SESSION_ID_CHARS = 128
 # A client must send its config this soon after opening the call.
 CONFIG_TIMEOUT_S = 10.0
+# A refused call first waits this long for the client's first message: a grpc.aio client whose
+# write crosses the server's status reports INTERNAL instead of that status (grpc/grpc#36066).
+REFUSAL_READ_S = 1.0
 
 
 class SessionSlots:
@@ -55,18 +60,38 @@ class SessionSlots:
 
 
 class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
-    def __init__(self, upstreams: Upstreams, limits: SessionLimits, max_sessions: int) -> None:
+    def __init__(
+        self, upstreams: Upstreams, limits: SessionLimits, max_sessions: int, gate: Gate | None = None
+    ) -> None:
         self._upstreams = upstreams
         self._limits = limits
         self._slots = SessionSlots(max_sessions)
+        self._gate = gate or OpenGate()
 
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ConverseResponse]:
-        release = self._slots.acquire()
-        if release is None:
+        try:
+            admission = self._gate.admit(context.invocation_metadata())
+        except Refused as refused:
+            SESSIONS_REJECTED.labels(refused.reason).inc()
+            log.info("session refused", extra={"code": refused.code.name, "detail": refused.message})
+            await self._refuse(request_iterator, context, refused.code, refused.message)
+            return
+        tenant_var.set(admission.tenant)
+        release_slot = self._slots.acquire()
+
+        def release() -> None:
+            admission.release()
+            if release_slot is not None:
+                release_slot()
+
+        if release_slot is None:
+            release()
             SESSIONS_REJECTED.labels("session_limit").inc()
-            await context.abort(
+            await self._refuse(
+                request_iterator,
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"session limit of {self._slots.limit} concurrent conversations reached; retry later",
             )
@@ -84,6 +109,20 @@ class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
             log.info("session ended")
         finally:
             release()
+
+    @staticmethod
+    async def _refuse(
+        requests: AsyncIterator[pb.ConverseRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
+        """Ends a call that is not admitted, once its first message (the config) is in or after
+        REFUSAL_READ_S, so that the client's config write does not cross the status."""
+        with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+            async with asyncio.timeout(REFUSAL_READ_S):
+                await anext(requests, None)
+        await context.abort(code, message)
 
     async def _open(
         self,

@@ -4,6 +4,11 @@ Each role runs the stub or a real engine:
 
     python -m orchestrator.stack [--stt stub|whisper] [--llm stub|openai] [--tts stub|espeak]
                                  [--latency-profile realistic] [--ephemeral-ports]
+                                 [--certs out/certs]
+
+With `--certs` (a directory written by `make certs`), every link is mutual TLS: each service
+serves its own certificate and requires one from the same CA; the orchestrator presents its
+certificate to the stages, and clients present `client.pem`.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe.server import wait_for_shutdown_signal
+from voicepipe.tls import ChannelTls
 
 # role -> (gRPC port, metrics port), and each role's engines by name -> the module that serves it.
 PORTS = {"stt": (50052, 9602), "llm": (50053, 9603), "tts": (50054, 9604)}
@@ -33,6 +40,38 @@ STUBS = {role: "stub" for role in ENGINES}
 REAL_SPEECH_END_OF_UTTERANCE_MS = 400
 # Loading a model (Whisper, espeak's voices) takes longer than a stub's start.
 READY_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class StackCertificates:
+    """A directory in the layout of `python -m voicepipe.certs`: `ca.pem`, `<name>.pem`, `<name>-key.pem`."""
+
+    directory: Path
+
+    def _pair(self, name: str) -> tuple[Path, Path]:
+        return self.directory / f"{name}.pem", self.directory / f"{name}-key.pem"
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "ca.pem"
+
+    def server_flags(self, name: str) -> list[str]:
+        """What makes service `name` serve its certificate and require clients of the same CA."""
+        certificate, key = self._pair(name)
+        return [f"--tls-cert={certificate}", f"--tls-key={key}", f"--tls-client-ca={self.ca}"]
+
+    def channel(self, name: str) -> ChannelTls:
+        """A channel that verifies servers by the CA and presents `name`'s certificate."""
+        certificate, key = self._pair(name)
+        return ChannelTls(self.ca, certificate, key)
+
+    def upstream_flags(self) -> list[str]:
+        certificate, key = self._pair("orchestrator")
+        return [
+            f"--upstream-tls-ca={self.ca}",
+            f"--upstream-tls-cert={certificate}",
+            f"--upstream-tls-key={key}",
+        ]
 
 
 @dataclass
@@ -64,15 +103,18 @@ async def start_stack(
     engines: Mapping[str, str] = STUBS,
     stage_flags: dict[str, list[str]] | None = None,
     orchestrator_flags: list[str] | None = None,
+    certificates: StackCertificates | None = None,
 ) -> LocalStack:
     """Starts the stages (the engine `engines` names for each role; the stubs take the latency
-    profile), then the orchestrator wired to them."""
+    profile), then the orchestrator wired to them; mutual TLS on every link with `certificates`."""
     stack = LocalStack()
+    health_tls = certificates.channel("orchestrator") if certificates else None
     try:
         for role, (port, metrics) in PORTS.items():
             module = ENGINES[role][engines[role]]
             extra = [
                 *(["--latency-profile", latency_profile] if module.endswith("_stub") else []),
+                *(certificates.server_flags(role) if certificates else []),
                 *(stage_flags or {}).get(role, []),
             ]
             if module == "llm_openai" and "--base-url" not in extra:
@@ -83,18 +125,29 @@ async def start_stack(
                 stage_args(0 if ephemeral else port, 0 if ephemeral else metrics, *extra),
                 ready_timeout_s=READY_TIMEOUT_S,
             )
-        await asyncio.gather(*(wait_until_serving(p.target, 30) for p in stack.stages.values()))
+        await asyncio.gather(
+            *(wait_until_serving(p.target, 30, tls=health_tls) for p in stack.stages.values())
+        )
         targets = [f"--{name}={process.target}" for name, process in stack.stages.items()]
+        tls_flags = (
+            [*certificates.server_flags("orchestrator"), *certificates.upstream_flags()]
+            if certificates
+            else []
+        )
         if engines["stt"] != "stub" and "--end-of-utterance-silence-ms" not in (orchestrator_flags or []):
             targets += ["--end-of-utterance-silence-ms", str(REAL_SPEECH_END_OF_UTTERANCE_MS)]
         stack.orchestrator = await asyncio.to_thread(
             ServiceProcess,
             "orchestrator",
             stage_args(
-                0 if ephemeral else 50051, 0 if ephemeral else 9601, *targets, *(orchestrator_flags or [])
+                0 if ephemeral else 50051,
+                0 if ephemeral else 9601,
+                *targets,
+                *tls_flags,
+                *(orchestrator_flags or []),
             ),
         )
-        await wait_until_serving(stack.orchestrator.target, 30)
+        await wait_until_serving(stack.orchestrator.target, 30, tls=health_tls)
     except BaseException:
         stack.stop()
         raise
@@ -112,7 +165,10 @@ async def start_llm_backend(stack: LocalStack, ephemeral: bool) -> str:
 
 async def run(args: argparse.Namespace) -> None:
     engines = {role: getattr(args, role) for role in ENGINES}
-    stack = await start_stack(args.latency_profile, ephemeral=args.ephemeral_ports, engines=engines)
+    certificates = StackCertificates(args.certs) if args.certs else None
+    stack = await start_stack(
+        args.latency_profile, ephemeral=args.ephemeral_ports, engines=engines, certificates=certificates
+    )
     try:
         summary = {p.module: {"grpc": p.target, "metrics": p.metrics_port} for p in stack.processes}
         print(json.dumps({"event": "stack ready", "services": summary}), file=sys.stderr, flush=True)
@@ -125,6 +181,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.stack", description=__doc__)
     parser.add_argument("--latency-profile", default="realistic", choices=("instant", "realistic"))
     parser.add_argument("--ephemeral-ports", action="store_true", help="let the OS choose every port")
+    parser.add_argument(
+        "--certs",
+        type=Path,
+        default=None,
+        help="mutual TLS on every link with the certificates of `make certs`",
+    )
     for role, choices in ENGINES.items():
         parser.add_argument(f"--{role}", default="stub", choices=tuple(choices), help=f"the {role} engine")
     with contextlib.suppress(KeyboardInterrupt):

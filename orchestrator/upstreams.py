@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge
 from orchestrator.breaker import CircuitBreaker
 from voicepipe import keepalive
 from voicepipe.aio import cancel_and_wait
+from voicepipe.tls import ChannelTls, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Upstream:
         target: str,
         service_name: str,
         on_health_change: Callable[[], Awaitable[None]],
+        tls: ChannelTls | None = None,
     ) -> None:
         self.name = name
         self.target = target
@@ -87,8 +89,9 @@ class Upstream:
         self.serving = False
         self.breaker = CircuitBreaker(name)
         self._on_health_change = on_health_change
-        self.channel = grpc.aio.insecure_channel(
+        self.channel = open_channel(
             target,
+            tls,
             options=[
                 *keepalive.client_options(),
                 # Retries as configured above (on by default; stated so it is not lost).
@@ -161,16 +164,23 @@ class Upstreams:
     """The three stages; the orchestrator is healthy only while all of them are."""
 
     def __init__(
-        self, stt: str, llm: str, tts: str, on_health_change: Callable[[bool], Awaitable[None]]
+        self,
+        stt: str,
+        llm: str,
+        tts: str,
+        on_health_change: Callable[[bool], Awaitable[None]],
+        *,
+        tls: ChannelTls | None = None,
     ) -> None:
+        """`tls`: how every stage channel verifies its stage and authenticates (None: plaintext)."""
         self._notify = on_health_change
 
         async def changed() -> None:
             await self._notify(self.all_serving)
 
-        self.stt = Upstream("stt", stt, "voice.v1.SpeechToTextService", changed)
-        self.llm = Upstream("llm", llm, "voice.v1.LanguageModelService", changed)
-        self.tts = Upstream("tts", tts, "voice.v1.TextToSpeechService", changed)
+        self.stt = Upstream("stt", stt, "voice.v1.SpeechToTextService", changed, tls)
+        self.llm = Upstream("llm", llm, "voice.v1.LanguageModelService", changed, tls)
+        self.tts = Upstream("tts", tts, "voice.v1.TextToSpeechService", changed, tls)
 
     @property
     def all(self) -> tuple[Upstream, Upstream, Upstream]:

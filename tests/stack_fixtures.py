@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from orchestrator.stack import LocalStack, start_stack
+from orchestrator.stack import LocalStack, StackCertificates, start_stack
 from stubs import audio_code
 from voice.v1 import language_model_pb2
 from voice.v1 import voice_agent_pb2 as pb
@@ -42,11 +42,19 @@ EVENT_TIMEOUT_S = 10.0
 
 @asynccontextmanager
 async def instant_stack(
-    *, stage_flags: dict[str, list[str]] | None = None, orchestrator_flags: Sequence[str] = ()
+    *,
+    stage_flags: dict[str, list[str]] | None = None,
+    orchestrator_flags: Sequence[str] = (),
+    certificates: StackCertificates | None = None,
 ) -> AsyncIterator[LocalStack]:
-    """The four services on ephemeral ports with the `instant` latency profile; stopped on exit."""
+    """The four services on ephemeral ports with the `instant` latency profile (mutual TLS on
+    every link with `certificates`); stopped on exit."""
     stack = await start_stack(
-        "instant", ephemeral=True, stage_flags=stage_flags, orchestrator_flags=list(orchestrator_flags)
+        "instant",
+        ephemeral=True,
+        stage_flags=stage_flags,
+        orchestrator_flags=list(orchestrator_flags),
+        certificates=certificates,
     )
     try:
         yield stack

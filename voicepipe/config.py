@@ -12,7 +12,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from voicepipe.tls import ServerTls
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_bool(value: str) -> bool:
+    """`true`/`false` (also yes/no, on/off, 1/0) as a flag's or a variable's value."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def env_var_name(service: str, flag: str) -> str:
@@ -63,6 +75,8 @@ class ServerSettings:
     max_connection_age_s: float
     max_connection_age_grace_s: float
     event_loop: str
+    tls: ServerTls | None = None
+    reflection: bool = True
 
     @staticmethod
     def add_flags(flags: FlagParser, *, port: int, metrics_port: int) -> None:
@@ -101,6 +115,13 @@ class ServerSettings:
             choices=("uvloop", "asyncio"),
             help="event loop implementation (uvloop measured ~10 %% less CPU; see BENCHMARKS.md)",
         )
+        ServerTls.add_flags(flags)
+        flags.add(
+            "--reflection",
+            type=parse_bool,
+            default=True,
+            help="serve gRPC reflection (false in production: clients then need the protos)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerSettings:
@@ -113,4 +134,6 @@ class ServerSettings:
             max_connection_age_s=args.max_connection_age,
             max_connection_age_grace_s=args.max_connection_age_grace,
             event_loop=args.event_loop,
+            tls=ServerTls.from_args(args),
+            reflection=args.reflection,
         )

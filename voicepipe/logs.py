@@ -13,6 +13,8 @@ from typing import Any
 # line written on behalf of a session carries its ids without passing them around.
 session_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="")
 turn_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("turn_id", default="")
+# The tenant a conversation was admitted for (orchestrator.auth), on every line of its session.
+tenant_var: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="")
 
 
 def bind_correlation(session_id: str, turn_id: str = "") -> None:
@@ -48,6 +50,8 @@ class JsonFormatter(logging.Formatter):
             line["session_id"] = session_id
         if turn_id := turn_id_var.get():
             line["turn_id"] = turn_id
+        if tenant := tenant_var.get():
+            line["tenant"] = tenant
         for key, value in vars(record).items():
             if key not in _RECORD_ATTRIBUTES:
                 line[key] = value

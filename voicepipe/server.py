@@ -120,14 +120,15 @@ class GrpcService:
         for registration in self.registrations:
             registration.add_to_server(registration.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [
-                *(r.full_name for r in self.registrations),
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            self.server,
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                [
+                    *(r.full_name for r in self.registrations),
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                self.server,
+            )
         self.port = 0
         self.metrics_port = -1
 
@@ -135,7 +136,16 @@ class GrpcService:
         """Binds, starts serving, and logs the "ready" line with the bound ports."""
         watch_event_loop(asyncio.get_running_loop())
         await self.set_serving(serving)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        tls = self.settings.tls
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            try:
+                credentials = tls.credentials()
+            except ValueError as error:
+                raise SystemExit(f"cannot serve TLS: {error}") from None
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}")
         if self.settings.metrics_port >= 0:
@@ -147,6 +157,8 @@ class GrpcService:
                 "host": self.settings.host,
                 "port": self.port,
                 "metrics_port": self.metrics_port,
+                "tls": tls.mode if tls else "off",
+                "reflection": self.settings.reflection,
             },
         )
 

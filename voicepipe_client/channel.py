@@ -1,11 +1,20 @@
 """Channels to the orchestrator with the keepalive and message limits every link of the project
-uses (voicepipe.keepalive), so that a client finds a dead connection as fast as the services do."""
+uses (voicepipe.keepalive), so that a client finds a dead connection as fast as the services do;
+TLS (voicepipe.tls) and a bearer token when the orchestrator asks for them.
+
+The token goes out as `authorization: Bearer <token>` on every call. Over TLS it is gRPC call
+credentials (which gRPC never sends over plaintext); over a plaintext channel, meant for local
+development only, an interceptor adds the same metadata, readable by anyone on the path."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterable, Callable, Iterable
+from typing import Any
 
 import grpc
 
 from voicepipe import keepalive
+from voicepipe.tls import ChannelTls, open_channel
 
 
 def channel_options(*, own_connection: bool = False) -> list[tuple[str, int]]:
@@ -17,6 +26,35 @@ def channel_options(*, own_connection: bool = False) -> list[tuple[str, int]]:
     return options
 
 
-def connect(target: str, *, own_connection: bool = False) -> grpc.aio.Channel:
-    """An insecure channel to `target` (host:port or any gRPC target)."""
-    return grpc.aio.insecure_channel(target, options=channel_options(own_connection=own_connection))
+class PlaintextBearerToken(grpc.aio.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to the streaming calls (Converse) of a plaintext
+    channel. (grpc.aio files an interceptor under one kind of call only.)"""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._header)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_stream_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: AsyncIterable[Any] | Iterable[Any],
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def connect(
+    target: str, *, own_connection: bool = False, tls: ChannelTls | None = None, token: str = ""
+) -> grpc.aio.Channel:
+    """A channel to `target` (host:port or any gRPC target): plaintext unless `tls` is given;
+    `token` authenticates every call."""
+    options = channel_options(own_connection=own_connection)
+    if tls is not None:
+        credentials = grpc.access_token_call_credentials(token) if token else None
+        return open_channel(target, tls, options, call_credentials=credentials)
+    return open_channel(target, None, options, interceptors=[PlaintextBearerToken(token)] if token else [])

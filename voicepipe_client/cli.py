@@ -24,6 +24,8 @@ from voice.v1 import common_pb2
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe import pcm
 from voicepipe.audio_format import PcmFormat
+from voicepipe.config import FlagParser
+from voicepipe.tls import ChannelTls
 from voicepipe_client.audio import Speaker, Utterance
 from voicepipe_client.channel import connect
 from voicepipe_client.conversation import Conversation, SessionSettings
@@ -88,8 +90,16 @@ class _Step(argparse.Action):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m voicepipe_client", description=__doc__.split("\n\n")[0])
+    flags = FlagParser("client", __doc__.split("\n\n")[0], module="voicepipe_client")
+    parser = flags.parser
     parser.add_argument("--target", default="127.0.0.1:50051", help="orchestrator gRPC target")
+    ChannelTls.add_flags(flags, peer="the orchestrator")
+    flags.add(
+        "--token",
+        type=str,
+        default="",
+        help="bearer token of your tenant (prefer the variable: a flag shows in the process list)",
+    )
     parser.add_argument(
         "--say", dest="say", action=_Step, help="speak TEXT in the stub audio code (repeatable)"
     )
@@ -116,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timeout", type=float, default=120.0, help="deadline of the whole conversation, seconds"
     )
     parser.set_defaults(steps=[])
-    return parser.parse_args(argv)
+    return flags.parse(argv)
 
 
 def speaker(name: str) -> Speaker:
@@ -153,10 +163,13 @@ async def converse(args: argparse.Namespace) -> int:
     fmt = PcmFormat(common_pb2.AUDIO_ENCODING_LINEAR16, args.sample_rate)
     audio = utterances(args, fmt)
     settings = SessionSettings(input_format=fmt, output_format=fmt)
-    async with connect(args.target) as channel:
+    async with connect(args.target, tls=ChannelTls.from_args(args), token=args.token) as channel:
         microphone = Microphone(realtime=not args.fast)
         conversation = Conversation(channel, settings, microphone=microphone, timeout_s=args.timeout)
         async with conversation:
+            # Nothing more is written before the server has opened the session (or refused it:
+            # a write crossing the refusal would hide its status, grpc/grpc#36066).
+            await conversation.assembler.session_started.wait()
             previous: Turn | None = None
             for (kind, value), phrase in zip(args.steps, audio, strict=True):
                 if previous is not None and kind != "barge_in":
