@@ -48,9 +48,10 @@ MARKUP_WORDS = {
     "https",
     "colon",
 }
-# The tiny model hears espeak's voice imperfectly ("cup and coffee"); a voice that read markup,
-# garbled the audio or lost words scores far above this.
-MAX_WER = 0.4
+# The tiny model hears espeak's voice imperfectly ("cup and coffee"), and not the same way on
+# every machine (0.2 to 0.43 measured over these six sentences); a voice that garbled the audio or
+# lost words scores far above this, and markup read out fails the check on MARKUP_WORDS.
+MAX_WER = 0.5
 
 
 def words(text: str) -> str:
