@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from cryptography import x509
 
 from tests.test_compose import (
-    COMPOSE_TIMEOUT_S,
     HEALTHCHECK_TIMEOUT_S,
     STAGES,
     STUBS,
     clear_voicepipe_environment,
+    compose_config,
     container_environment,
     module_and_flags,
     parser,
@@ -45,23 +42,7 @@ OVERRIDE = "docker-compose.tls.yml"
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    executable = shutil.which("docker-compose")
-    if executable is None:
-        pytest.fail("docker-compose is not installed (apt-get install docker-compose; .ci/run does)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "VOICEPIPE_"))}
-    completed = subprocess.run(
-        [executable, "--file", "docker-compose.yml", "--file", OVERRIDE, "config"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=COMPOSE_TIMEOUT_S,
-        check=False,
-    )
-    assert completed.returncode == 0, f"docker-compose config rejected the files:\n{completed.stderr}"
-    model = yaml.safe_load(completed.stdout)
-    assert isinstance(model, dict)
-    return model
+    return compose_config(("docker-compose.yml", OVERRIDE))
 
 
 @pytest.fixture(scope="module")

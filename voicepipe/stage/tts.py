@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -218,7 +219,8 @@ class SegmentChunker:
         self._buffer: Samples = np.zeros(0, dtype=np.int16)
         self._sent = 0  # client-rate samples sent
         self._engine_samples = 0
-        self._marks: list[tuple[int, int]] = []  # (engine samples so far, text_end), in order
+        # (engine samples so far, text_end) of each piece, in order
+        self._marks: collections.deque[tuple[int, int]] = collections.deque()
         self._text_end = 0
         self.chunks = 0
 
@@ -250,7 +252,7 @@ class SegmentChunker:
         text_start = self._text_end
         # The text of every piece whose audio ends by this chunk's end (compared in engine samples).
         while self._marks and self._marks[0][0] * self._rate <= self._sent * self._engine_rate:
-            self._text_end = max(self._text_end, self._marks.pop(0)[1])
+            self._text_end = max(self._text_end, self._marks.popleft()[1])
         if last and self._marks:
             self._text_end = max(self._text_end, self._marks[-1][1])
             self._marks.clear()
