@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from orchestrator import auth
+from orchestrator.sentences import FIRST_CLAUSE_MIN_WORDS, FIRST_SEGMENTS
 from orchestrator.service import VoiceAgentServicer
 from orchestrator.session import SessionLimits
 from orchestrator.upstreams import Upstreams
@@ -64,6 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="silence that ends the user's utterance, asked of the STT stage (0: the stage's default,"
         " 120 ms; real speech, with pauses inside sentences, wants 400 or more)",
     )
+    flags.add(
+        "--first-segment",
+        type=str,
+        default="clause",
+        choices=FIRST_SEGMENTS,
+        help="where a reply's first TTS segment may end: at a clause (comma, semicolon, colon, dash)"
+        f" once it has {FIRST_CLAUSE_MIN_WORDS} words, or only at the end of its first sentence;"
+        " later segments are whole sentences",
+    )
     ChannelTls.add_flags(flags, "--upstream-tls", peer="each stage")
     return flags.parse(argv)
 
@@ -89,6 +99,7 @@ async def serve(args: argparse.Namespace) -> None:
         slow_client_timeout_s=args.slow_client_timeout,
         reply_audio_lead_s=args.reply_audio_lead_ms / 1000,
         end_of_utterance_silence_ms=args.end_of_utterance_silence_ms,
+        first_segment=args.first_segment,
     )
     service = GrpcService(
         "orchestrator",

@@ -1,5 +1,6 @@
 """The reply's text as the LLM streams it: handed to the client, and cut into sentences (the
-segments TTS speaks) that are queued for the TTS stream in order."""
+segments TTS speaks; the first may be a clause, see sentences.py) that are queued for the TTS
+stream in order."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from google.protobuf.duration_pb2 import Duration
 
 from orchestrator.output import SessionOutput
-from orchestrator.sentences import SentenceChunker
+from orchestrator.sentences import FirstSegment, SentenceChunker
 from orchestrator.timings import TurnTimings
 from voice.v1 import common_pb2
 from voice.v1 import voice_agent_pb2 as pb
@@ -32,14 +33,18 @@ class Reply:
     """Written by the turn's LLM stream, read by its TTS stream."""
 
     def __init__(
-        self, output: SessionOutput, correlation: common_pb2.Correlation, timings: TurnTimings
+        self,
+        output: SessionOutput,
+        correlation: common_pb2.Correlation,
+        timings: TurnTimings,
+        first_segment: FirstSegment,
     ) -> None:
         self.text = ""
         self.segments: list[Segment] = []
         self._output = output
         self._correlation = correlation
         self._timings = timings
-        self._chunker = SentenceChunker()
+        self._chunker = SentenceChunker(first_segment)
         self._queue: asyncio.Queue[Segment | None] = asyncio.Queue(MAX_QUEUED_SEGMENTS)
 
     async def add(self, text: str, elapsed: Duration) -> None:

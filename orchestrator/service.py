@@ -168,7 +168,10 @@ class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
             session_id=config.session_id or uuid.uuid4().hex[:16],
             input_format=input_format,
             turn_settings=TurnSettings(
-                output_format=output_format, voice=config.voice, audio_lead_s=self._limits.reply_audio_lead_s
+                output_format=output_format,
+                voice=config.voice,
+                audio_lead_s=self._limits.reply_audio_lead_s,
+                first_segment=self._limits.first_segment,
             ),
             system_prompt=config.system_prompt,
             upstreams=self._upstreams,

@@ -15,6 +15,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from orchestrator.output import SessionFailed, SessionOutput
 from orchestrator.retry import StageFailed
+from orchestrator.sentences import FirstSegment
 from orchestrator.stt_link import (
     FinalTranscript,
     InterimTranscript,
@@ -44,6 +45,7 @@ class SessionLimits:
     slow_client_timeout_s: float
     reply_audio_lead_s: float
     end_of_utterance_silence_ms: int = 0  # asked of the STT stage (0: its default)
+    first_segment: FirstSegment = "clause"  # where a reply's first TTS segment may end
 
 
 class Conversation:

@@ -15,6 +15,7 @@ from orchestrator.generation import Generation
 from orchestrator.output import Deferred, SessionOutput
 from orchestrator.playout import Playout
 from orchestrator.reply import Reply
+from orchestrator.sentences import FirstSegment
 from orchestrator.synthesis import Synthesis
 from orchestrator.timings import TurnTimings
 from orchestrator.upstreams import Upstreams
@@ -36,6 +37,7 @@ class TurnSettings:
     # Reply audio is released in real time, at most this far ahead of playback, so that on
     # barge-in the caller has not been sent much more than it heard, and the history is honest.
     audio_lead_s: float
+    first_segment: FirstSegment  # where the reply's first TTS segment may end
 
 
 class Turn:
@@ -54,7 +56,7 @@ class Turn:
         self.turn_id = correlation.turn_id
         self.correlation = correlation
         self.timings = timings
-        self.reply = Reply(output, correlation, timings)
+        self.reply = Reply(output, correlation, timings, settings.first_segment)
         self.playout = Playout(settings.output_format, settings.audio_lead_s, output, correlation, timings)
         self._generation = Generation(upstreams.llm, messages, correlation, deadline, timings)
         self._synthesis = Synthesis(
