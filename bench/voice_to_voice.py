@@ -1,31 +1,47 @@
 """Voice-to-voice latency with all three real engines local (Whisper tiny.en, the bundled
 SmolLM2 behind the OpenAI-compatible stage, espeak-ng): from the end of the user's speech to the
-first reply audio the client receives, split into STT finalisation, LLM time to first sentence,
-TTS first audio and the orchestrator's part, with the stack's CPU per session.
+first reply audio the client receives, split into STT finalisation, LLM time to the first TTS
+segment, TTS first audio and the orchestrator's part, with the stack's CPU per session.
 
-    python -m bench.voice_to_voice [--turns 20] [--silence-ms 250,400,600] [--rounds 2]
+    python -m bench.voice_to_voice [--turns 20] [--silence-ms 250,400]
+        [--first-segment clause,sentence]
 
-Each round starts one stack per endpointing silence (the orchestrator's
---end-of-utterance-silence-ms) and speaks the same phrases to each in real time, one
-conversation per stack, so that the variants meet the same machine. The caller speaks through
-espeak-ng in another voice than the agent's.
+A variant is one endpointing silence (the orchestrator's --end-of-utterance-silence-ms) with one
+first-segment policy (its --first-segment); every combination given is measured side by side:
+one orchestrator per variant, all on the same three stages, one conversation each, and every
+phrase is spoken to each conversation in turn (the order rotating from phrase to phrase), so the
+variants meet the same machine, the same warm models and the same moments of load from others.
+Each conversation's first turn warms up and is not measured. The caller speaks through espeak-ng
+in another voice than the agent's, in real time.
+
+It also measures what preemptive generation on an interim transcript could gain at most: for
+each final transcript, how long before it the last interim arrived and whether that interim
+(or a stable one: two interims in a row with the same words, as LocalAgreement-2 commits them)
+already said what the final says.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
 
 from bench import procstat
+from bench.recordings import normalise
 from orchestrator.stack import LocalStack, start_stack
 from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import common_pb2
+from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.audio_format import PcmFormat
 from voicepipe.durations import to_seconds
+from voicepipe.healthcheck import wait_until_serving
+from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe_client import Conversation, Microphone, SessionSettings, Utterance, connect
+from voicepipe_client.turns import Turn, TurnAssembler
 
 REAL = {"stt": "whisper", "llm": "openai", "tts": "espeak"}
 FMT = PcmFormat(common_pb2.AUDIO_ENCODING_LINEAR16, 16_000)
@@ -44,51 +60,155 @@ PHRASES = (
     "Where do penguins live?",
 )
 TURN_TIMEOUT_S = 60.0
-FIGURES = ("voice_to_voice", "stt_finalization", "llm_first_sentence", "tts_first_audio", "orchestrator")
+SESSION_TIMEOUT_S = 7200.0
+# Each conversation's first turn, not measured: the first decode and generation of a fresh
+# stack pay for loading caches.
+WARM_UP = "Good morning."
+PARTS = ("stt_finalization", "llm_first_segment", "tts_first_audio", "orchestrator")
+
+
+@dataclass
+class Interims:
+    """Per final transcript: what the interims before it already said, and when."""
+
+    finals: int = 0
+    last_interim_lead_s: list[float] = field(default_factory=list)  # last interim -> final
+    last_interim_matched: int = 0  # ... that said the final's words
+    stable_match_lead_s: list[float] = field(default_factory=list)  # first stable match -> final
+
+
+class InterimListener:
+    """Follows the user transcripts of one conversation (an EventListener of its assembler)."""
+
+    def __init__(self, variant: Variant) -> None:
+        self._variant = variant
+        self._seen: list[tuple[float, str]] = []  # this utterance's interims: arrival, words
+
+    def on_event(self, response: pb.ConverseResponse) -> None:
+        if response.WhichOneof("event") != "user_transcript":
+            return
+        now, words = time.monotonic(), normalise(response.user_transcript.text)
+        if not response.user_transcript.is_final:
+            self._seen.append((now, words))
+            return
+        seen, self._seen = self._seen, []
+        interims = self._variant.interims
+        interims.finals += 1
+        if not seen:
+            return
+        interims.last_interim_lead_s.append(now - seen[-1][0])
+        interims.last_interim_matched += seen[-1][1] == words
+        for (_, before), (at, text) in itertools.pairwise(seen):
+            if before == text == words:
+                interims.stable_match_lead_s.append(now - at)
+                break
+
+    def on_end(self) -> None:
+        pass
 
 
 @dataclass
 class Variant:
     silence_ms: int
-    figures: dict[str, list[float]] = field(default_factory=lambda: {f: [] for f in FIGURES})
-    cpu_s: float = 0.0
-    wall_s: float = 0.0
+    first_segment: str
+    v2v: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
+    interims: Interims = field(default_factory=Interims)
+    orchestrator_cpu_s: float = 0.0
     failed: int = 0
 
+    @property
+    def label(self) -> str:
+        return f"{self.silence_ms} ms | {self.first_segment}"
 
-async def converse(stack: LocalStack, phrases: list[Utterance], variant: Variant) -> None:
+    @property
+    def flags(self) -> list[str]:
+        return [
+            "--end-of-utterance-silence-ms",
+            str(self.silence_ms),
+            "--first-segment",
+            self.first_segment,
+        ]
+
+    def record(self, turn: Turn) -> None:
+        if turn.completed is None or turn.ttfa_s is None:
+            self.failed += 1
+            return
+        lat = turn.completed.latency
+        self.v2v.append(turn.ttfa_s)
+        self.parts["stt_finalization"].append(to_seconds(lat.stt_finalization))
+        self.parts["llm_first_segment"].append(to_seconds(lat.llm_time_to_first_sentence))
+        self.parts["tts_first_audio"].append(to_seconds(lat.tts_time_to_first_audio))
+        self.parts["orchestrator"].append(to_seconds(lat.orchestrator_added))
+
+
+async def start_orchestrators(stack: LocalStack, variants: list[Variant]) -> list[ServiceProcess]:
+    """One orchestrator per variant after the stack's own (the first variant's), on the same stages."""
     assert stack.orchestrator is not None
-    async with connect(stack.orchestrator.target) as channel:
-        conversation = Conversation(
-            channel, SessionSettings(FMT, FMT), microphone=Microphone(realtime=True), timeout_s=600
-        )
-        async with conversation:
-            for phrase in phrases:
-                turn = conversation.say(phrase)
-                await asyncio.wait_for(turn.done.wait(), TURN_TIMEOUT_S)
-                if turn.completed is None or turn.ttfa_s is None:
-                    variant.failed += 1
-                    continue
-                lat = turn.completed.latency
-                variant.figures["voice_to_voice"].append(turn.ttfa_s)
-                variant.figures["stt_finalization"].append(to_seconds(lat.stt_finalization))
-                variant.figures["llm_first_sentence"].append(to_seconds(lat.llm_time_to_first_sentence))
-                variant.figures["tts_first_audio"].append(to_seconds(lat.tts_time_to_first_audio))
-                variant.figures["orchestrator"].append(to_seconds(lat.orchestrator_added))
-            await conversation.finish()
-
-
-async def measure(variant: Variant, phrases: list[Utterance]) -> None:
-    flags = ["--end-of-utterance-silence-ms", str(variant.silence_ms)]
-    stack = await start_stack("realistic", ephemeral=True, engines=REAL, orchestrator_flags=flags)
+    targets = [f"--{role}={process.target}" for role, process in stack.stages.items()]
+    started = [stack.orchestrator]
     try:
-        pids = [p.process.pid for p in stack.processes]
-        cpu_before = sum(procstat.sample(pid).cpu_s for pid in pids)
-        started = time.monotonic()
-        await converse(stack, phrases, variant)
-        variant.wall_s += time.monotonic() - started
-        variant.cpu_s += sum(procstat.sample(pid).cpu_s for pid in pids) - cpu_before
+        for variant in variants[1:]:
+            process = await asyncio.to_thread(
+                ServiceProcess, "orchestrator", stage_args(0, 0, *targets, *variant.flags)
+            )
+            started.append(process)
+            await wait_until_serving(process.target, 30)
+    except BaseException:
+        for process in started[1:]:
+            process.stop()
+        raise
+    return started
+
+
+async def say(conversation: Conversation, phrase: Utterance) -> Turn:
+    turn = conversation.say(phrase)
+    await asyncio.wait_for(turn.done.wait(), TURN_TIMEOUT_S)
+    return turn
+
+
+async def run(variants: list[Variant], phrases: list[Utterance], warm_up: Utterance) -> tuple[float, float]:
+    """Speaks every phrase to each variant's conversation in turn; returns the stack's CPU
+    seconds and the wall seconds of the measured turns."""
+    stack = await start_stack("realistic", ephemeral=True, engines=REAL, orchestrator_flags=variants[0].flags)
+    orchestrators: list[ServiceProcess] = []
+    try:
+        orchestrators = await start_orchestrators(stack, variants)
+        async with contextlib.AsyncExitStack() as exits:
+            conversations = []
+            for variant, orchestrator in zip(variants, orchestrators, strict=True):
+                channel = await exits.enter_async_context(connect(orchestrator.target))
+                conversation = Conversation(
+                    channel,
+                    SessionSettings(FMT, FMT),
+                    microphone=Microphone(realtime=True),
+                    timeout_s=SESSION_TIMEOUT_S,
+                    assembler=TurnAssembler(FMT, listener=InterimListener(variant)),
+                )
+                conversations.append(await exits.enter_async_context(conversation))
+            for conversation in conversations:  # loads the models' caches; not measured
+                await say(conversation, warm_up)
+            for variant in variants:
+                variant.interims = Interims()
+            pids = [p.process.pid for p in [*stack.processes, *orchestrators[1:]]]
+            cpu_before = sum(procstat.sample(pid).cpu_s for pid in pids)
+            orchestrator_before = [procstat.sample(p.process.pid).cpu_s for p in orchestrators]
+            started = time.monotonic()
+            for index, phrase in enumerate(phrases):
+                # The order rotates with every phrase, so no variant always goes first.
+                for k in range(len(variants)):
+                    which = (index + k) % len(variants)
+                    variants[which].record(await say(conversations[which], phrase))
+            wall = time.monotonic() - started
+            for variant, process, before in zip(variants, orchestrators, orchestrator_before, strict=True):
+                variant.orchestrator_cpu_s = procstat.sample(process.process.pid).cpu_s - before
+            cpu = sum(procstat.sample(pid).cpu_s for pid in pids) - cpu_before
+            for conversation in conversations:
+                await conversation.finish()
+        return cpu, wall
     finally:
+        for process in orchestrators[1:]:
+            process.stop()
         await asyncio.to_thread(stack.stop)
 
 
@@ -97,49 +217,69 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def report(variants: list[Variant]) -> str:
+def ms(values: list[float]) -> str:
+    """p50 / p95 in milliseconds."""
+    if not values:
+        return "-"
+    return f"{statistics.median(values) * 1000:.0f} / {percentile(values, 0.95) * 1000:.0f}"
+
+
+def report(variants: list[Variant], stack_cpu: float, wall: float) -> str:
     lines = [
-        "| end-of-utterance silence | turns | voice-to-voice p50 / p95 | STT final p50 | LLM 1st sentence p50"
-        " | TTS 1st audio p50 | orchestrator p50 | stack CPU (cores, one session) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| endpointing | first segment | turns | voice-to-voice p50 / p95 | STT final | LLM 1st segment"
+        " | TTS 1st audio | orchestrator | orchestrator CPU (cores) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
-        f = {name: values for name, values in v.figures.items()}
-        if not f["voice_to_voice"]:
-            lines.append(f"| {v.silence_ms} ms | 0 ({v.failed} failed) | | | | | | |")
-            continue
-
-        def ms(name: str, figures: dict[str, list[float]] = f) -> str:
-            return f"{statistics.median(figures[name]) * 1000:.0f} ms"
-
-        v2v = f["voice_to_voice"]
+        failed = f" ({v.failed} failed)" if v.failed else ""
+        cpu = f"{v.orchestrator_cpu_s / wall:.3f}"
         lines.append(
-            f"| {v.silence_ms} ms | {len(v2v)}{f' ({v.failed} failed)' if v.failed else ''}"
-            f" | {statistics.median(v2v) * 1000:.0f} / {percentile(v2v, 0.95) * 1000:.0f} ms"
-            f" | {ms('stt_finalization')} | {ms('llm_first_sentence')} | {ms('tts_first_audio')}"
-            f" | {ms('orchestrator')} | {v.cpu_s / v.wall_s:.2f} |"
+            f"| {v.label} | {len(v.v2v)}{failed} | {ms(v.v2v)} ms | "
+            + " | ".join(ms(v.parts[p]) for p in PARTS)
+            + f" | {cpu} |"
+        )
+    lines += [
+        "",
+        f"Stack CPU (every process, all sessions, one speaking at a time): {stack_cpu:.2f} cores"
+        f" over {wall:.0f} s.",
+        "",
+        "| endpointing | first segment | finals | last interim -> final p50 / p95 | last interim said"
+        " the final | stable interim said the final | its lead p50 / p95 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        i = v.interims
+        lines.append(
+            f"| {v.label} | {i.finals} | {ms(i.last_interim_lead_s)} ms | {i.last_interim_matched}"
+            f" | {len(i.stable_match_lead_s)} | {ms(i.stable_match_lead_s)} ms |"
         )
     return "\n".join(lines)
 
 
 async def main(args: argparse.Namespace) -> None:
     speaker = EspeakSpeaker(CALLER_VOICE)
-    per_round = max(1, args.turns // args.rounds)
-    phrases = [Utterance.spoken(speaker, PHRASES[i % len(PHRASES)], FMT) for i in range(per_round)]
+    phrases = [Utterance.spoken(speaker, PHRASES[i % len(PHRASES)], FMT) for i in range(args.turns)]
+    warm_up = Utterance.spoken(speaker, WARM_UP, FMT)
     speaker.close()
-    variants = [Variant(int(ms)) for ms in args.silence_ms.split(",")]
-    for round_index in range(args.rounds):
-        for variant in variants if round_index % 2 == 0 else reversed(variants):
-            print(f"round {round_index + 1}: {variant.silence_ms} ms endpointing", flush=True)
-            await measure(variant, phrases)
-    print(report(variants))
+    variants = [
+        Variant(int(silence), first)
+        for silence in args.silence_ms.split(",")
+        for first in args.first_segment.split(",")
+    ]
+    print("variants: " + ", ".join(v.label.replace(" | ", " ") for v in variants), flush=True)
+    stack_cpu, wall = await run(variants, phrases, warm_up)
+    print(report(variants, stack_cpu / wall, wall))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.voice_to_voice", description=__doc__)
-    parser.add_argument("--turns", type=int, default=20, help="turns per variant, over all rounds")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--turns", type=int, default=20, help="turns per variant")
     parser.add_argument(
         "--silence-ms", default="400", help="endpointing silences to compare, comma-separated"
+    )
+    parser.add_argument(
+        "--first-segment",
+        default="clause,sentence",
+        help="first-segment policies to compare (the orchestrator's --first-segment), comma-separated",
     )
     asyncio.run(main(parser.parse_args()))
