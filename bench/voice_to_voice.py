@@ -60,6 +60,9 @@ PHRASES = (
     "Where do penguins live?",
 )
 TURN_TIMEOUT_S = 60.0
+# The conversations outlive the servers' default connection age (300 s), which would end them
+# (the orchestrator's) or make the STT link resume mid-run (the stages'): turned off here.
+NO_CONNECTION_AGE = ["--max-connection-age", "0"]
 SESSION_TIMEOUT_S = 7200.0
 # Each conversation's first turn, not measured: the first decode and generation of a fresh
 # stack pay for loading caches.
@@ -128,6 +131,7 @@ class Variant:
             str(self.silence_ms),
             "--first-segment",
             self.first_segment,
+            *NO_CONNECTION_AGE,
         ]
 
     def record(self, turn: Turn) -> None:
@@ -162,15 +166,25 @@ async def start_orchestrators(stack: LocalStack, variants: list[Variant]) -> lis
 
 
 async def say(conversation: Conversation, phrase: Utterance) -> Turn:
+    if conversation.code is not None:
+        raise RuntimeError(f"a conversation ended early: {conversation.code.name} {conversation.details}")
     turn = conversation.say(phrase)
     await asyncio.wait_for(turn.done.wait(), TURN_TIMEOUT_S)
+    for error in turn.errors:
+        print(f"turn failed: {pb.Stage.Name(error.stage)} {error.code} {error.message}", flush=True)
     return turn
 
 
 async def run(variants: list[Variant], phrases: list[Utterance], warm_up: Utterance) -> tuple[float, float]:
     """Speaks every phrase to each variant's conversation in turn; returns the stack's CPU
     seconds and the wall seconds of the measured turns."""
-    stack = await start_stack("realistic", ephemeral=True, engines=REAL, orchestrator_flags=variants[0].flags)
+    stack = await start_stack(
+        "realistic",
+        ephemeral=True,
+        engines=REAL,
+        stage_flags={role: NO_CONNECTION_AGE for role in REAL},
+        orchestrator_flags=variants[0].flags,
+    )
     orchestrators: list[ServiceProcess] = []
     try:
         orchestrators = await start_orchestrators(stack, variants)
