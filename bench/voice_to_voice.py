@@ -3,16 +3,18 @@ SmolLM2 behind the OpenAI-compatible stage, espeak-ng): from the end of the user
 first reply audio the client receives, split into STT finalisation, LLM time to the first TTS
 segment, TTS first audio and the orchestrator's part, with the stack's CPU per session.
 
-    python -m bench.voice_to_voice [--turns 20] [--silence-ms 250,400]
-        [--first-segment clause,sentence]
+    python -m bench.voice_to_voice [--turns 20] [--turns-per-conversation 5]
+        [--silence-ms 250,400] [--first-segment clause,sentence]
 
 A variant is one endpointing silence (the orchestrator's --end-of-utterance-silence-ms) with one
 first-segment policy (its --first-segment); every combination given is measured side by side:
-one orchestrator per variant, all on the same three stages, one conversation each, and every
-phrase is spoken to each conversation in turn (the order rotating from phrase to phrase), so the
-variants meet the same machine, the same warm models and the same moments of load from others.
-Each conversation's first turn warms up and is not measured. The caller speaks through espeak-ng
-in another voice than the agent's, in real time.
+one orchestrator per variant, all on the same three stages. The phrases are spoken in rounds of
+one conversation per variant, with the same phrases, the variants taking turns (the order
+rotating from round to round), so that they meet the same machine, the same warm models and the
+same stretches of load from others. (Conversations, not single turns, alternate: the local LLM
+server caches one prompt, which turn-by-turn alternation would invalidate every turn.) The
+stack's first turn warms up and is not measured. The caller speaks through espeak-ng in another
+voice than the agent's, in real time.
 
 It also measures what preemptive generation on an interim transcript could gain at most: for
 each final transcript, how long before it the last interim arrived and whether that interim
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import statistics
 import time
@@ -63,9 +64,9 @@ TURN_TIMEOUT_S = 60.0
 # The conversations outlive the servers' default connection age (300 s), which would end them
 # (the orchestrator's) or make the STT link resume mid-run (the stages'): turned off here.
 NO_CONNECTION_AGE = ["--max-connection-age", "0"]
-SESSION_TIMEOUT_S = 7200.0
-# Each conversation's first turn, not measured: the first decode and generation of a fresh
-# stack pay for loading caches.
+SESSION_TIMEOUT_S = 600.0
+# The stack's first turn, not measured: the first decode and generation of a fresh stack pay for
+# loading caches.
 WARM_UP = "Good morning."
 PARTS = ("stt_finalization", "llm_first_segment", "tts_first_audio", "orchestrator")
 
@@ -117,7 +118,6 @@ class Variant:
     v2v: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
     interims: Interims = field(default_factory=Interims)
-    orchestrator_cpu_s: float = 0.0
     failed: int = 0
 
     @property
@@ -175,9 +175,27 @@ async def say(conversation: Conversation, phrase: Utterance) -> Turn:
     return turn
 
 
-async def run(variants: list[Variant], phrases: list[Utterance], warm_up: Utterance) -> tuple[float, float]:
-    """Speaks every phrase to each variant's conversation in turn; returns the stack's CPU
-    seconds and the wall seconds of the measured turns."""
+async def converse(orchestrator: ServiceProcess, variant: Variant, phrases: list[Utterance]) -> None:
+    """One conversation: the phrases, each spoken once the reply to the one before has played."""
+    async with connect(orchestrator.target) as channel:
+        conversation = Conversation(
+            channel,
+            SessionSettings(FMT, FMT),
+            microphone=Microphone(realtime=True),
+            timeout_s=SESSION_TIMEOUT_S,
+            assembler=TurnAssembler(FMT, listener=InterimListener(variant)),
+        )
+        async with conversation:
+            for phrase in phrases:
+                variant.record(await say(conversation, phrase))
+            await conversation.finish()
+
+
+async def run(
+    variants: list[Variant], rounds: list[list[Utterance]], warm_up: Utterance
+) -> tuple[float, float]:
+    """Every round's phrases as one conversation with each variant in turn; returns the stack's
+    CPU seconds and the wall seconds of the measured conversations."""
     stack = await start_stack(
         "realistic",
         ephemeral=True,
@@ -188,38 +206,17 @@ async def run(variants: list[Variant], phrases: list[Utterance], warm_up: Uttera
     orchestrators: list[ServiceProcess] = []
     try:
         orchestrators = await start_orchestrators(stack, variants)
-        async with contextlib.AsyncExitStack() as exits:
-            conversations = []
-            for variant, orchestrator in zip(variants, orchestrators, strict=True):
-                channel = await exits.enter_async_context(connect(orchestrator.target))
-                conversation = Conversation(
-                    channel,
-                    SessionSettings(FMT, FMT),
-                    microphone=Microphone(realtime=True),
-                    timeout_s=SESSION_TIMEOUT_S,
-                    assembler=TurnAssembler(FMT, listener=InterimListener(variant)),
-                )
-                conversations.append(await exits.enter_async_context(conversation))
-            for conversation in conversations:  # loads the models' caches; not measured
-                await say(conversation, warm_up)
-            for variant in variants:
-                variant.interims = Interims()
-            pids = [p.process.pid for p in [*stack.processes, *orchestrators[1:]]]
-            cpu_before = sum(procstat.sample(pid).cpu_s for pid in pids)
-            orchestrator_before = [procstat.sample(p.process.pid).cpu_s for p in orchestrators]
-            started = time.monotonic()
-            for index, phrase in enumerate(phrases):
-                # The order rotates with every phrase, so no variant always goes first.
-                for k in range(len(variants)):
-                    which = (index + k) % len(variants)
-                    variants[which].record(await say(conversations[which], phrase))
-            wall = time.monotonic() - started
-            for variant, process, before in zip(variants, orchestrators, orchestrator_before, strict=True):
-                variant.orchestrator_cpu_s = procstat.sample(process.process.pid).cpu_s - before
-            cpu = sum(procstat.sample(pid).cpu_s for pid in pids) - cpu_before
-            for conversation in conversations:
-                await conversation.finish()
-        return cpu, wall
+        await converse(orchestrators[0], Variant(0, "warm-up"), [warm_up])
+        pids = [p.process.pid for p in [*stack.processes, *orchestrators[1:]]]
+        cpu_before = sum(procstat.sample(pid).cpu_s for pid in pids)
+        started = time.monotonic()
+        for index, phrases in enumerate(rounds):
+            # The order rotates from round to round, so no variant always goes first.
+            for k in range(len(variants)):
+                which = (index + k) % len(variants)
+                await converse(orchestrators[which], variants[which], phrases)
+        wall = time.monotonic() - started
+        return sum(procstat.sample(pid).cpu_s for pid in pids) - cpu_before, wall
     finally:
         for process in orchestrators[1:]:
             process.stop()
@@ -241,21 +238,19 @@ def ms(values: list[float]) -> str:
 def report(variants: list[Variant], stack_cpu: float, wall: float) -> str:
     lines = [
         "| endpointing | first segment | turns | voice-to-voice p50 / p95 | STT final | LLM 1st segment"
-        " | TTS 1st audio | orchestrator | orchestrator CPU (cores) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " | TTS 1st audio | orchestrator |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
         failed = f" ({v.failed} failed)" if v.failed else ""
-        cpu = f"{v.orchestrator_cpu_s / wall:.3f}"
         lines.append(
             f"| {v.label} | {len(v.v2v)}{failed} | {ms(v.v2v)} ms | "
             + " | ".join(ms(v.parts[p]) for p in PARTS)
-            + f" | {cpu} |"
+            + " |"
         )
     lines += [
         "",
-        f"Stack CPU (every process, all sessions, one speaking at a time): {stack_cpu:.2f} cores"
-        f" over {wall:.0f} s.",
+        f"Stack CPU (every process, one session at a time): {stack_cpu:.2f} cores over {wall:.0f} s.",
         "",
         "| endpointing | first segment | finals | last interim -> final p50 / p95 | last interim said"
         " the final | stable interim said the final | its lead p50 / p95 |",
@@ -273,6 +268,8 @@ def report(variants: list[Variant], stack_cpu: float, wall: float) -> str:
 async def main(args: argparse.Namespace) -> None:
     speaker = EspeakSpeaker(CALLER_VOICE)
     phrases = [Utterance.spoken(speaker, PHRASES[i % len(PHRASES)], FMT) for i in range(args.turns)]
+    per = args.turns_per_conversation
+    rounds = [phrases[start : start + per] for start in range(0, len(phrases), per)]
     warm_up = Utterance.spoken(speaker, WARM_UP, FMT)
     speaker.close()
     variants = [
@@ -281,13 +278,19 @@ async def main(args: argparse.Namespace) -> None:
         for first in args.first_segment.split(",")
     ]
     print("variants: " + ", ".join(v.label.replace(" | ", " ") for v in variants), flush=True)
-    stack_cpu, wall = await run(variants, phrases, warm_up)
+    stack_cpu, wall = await run(variants, rounds, warm_up)
     print(report(variants, stack_cpu / wall, wall))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.voice_to_voice", description=__doc__)
     parser.add_argument("--turns", type=int, default=20, help="turns per variant")
+    parser.add_argument(
+        "--turns-per-conversation",
+        type=int,
+        default=5,
+        help="turns of one conversation; the variants take turns conversation by conversation",
+    )
     parser.add_argument(
         "--silence-ms", default="400", help="endpointing silences to compare, comma-separated"
     )
