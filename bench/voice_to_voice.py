@@ -27,12 +27,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
 
 from bench import procstat
 from bench.recordings import normalise
+from orchestrator.sentences import SentenceChunker
 from orchestrator.stack import LocalStack, start_stack
 from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import common_pb2
@@ -111,6 +113,15 @@ class InterimListener:
         pass
 
 
+def first_segment(reply: str, policy: str) -> str:
+    """The first segment the orchestrator cut from `reply` (streamed a word at a time)."""
+    chunker = SentenceChunker("clause" if policy == "clause" else "sentence")
+    for word in re.split(r"(?<=\s)", reply):
+        if segments := chunker.push(word):
+            return segments[0]
+    return reply
+
+
 @dataclass
 class Variant:
     silence_ms: int
@@ -119,6 +130,7 @@ class Variant:
     parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
     interims: Interims = field(default_factory=Interims)
     failed: int = 0
+    clause_first: int = 0  # replies whose first segment was a clause under this policy
 
     @property
     def label(self) -> str:
@@ -139,6 +151,9 @@ class Variant:
             self.failed += 1
             return
         lat = turn.completed.latency
+        self.clause_first += first_segment(turn.completed.agent_text, self.first_segment) != first_segment(
+            turn.completed.agent_text, "sentence"
+        )
         self.v2v.append(turn.ttfa_s)
         self.parts["stt_finalization"].append(to_seconds(lat.stt_finalization))
         self.parts["llm_first_segment"].append(to_seconds(lat.llm_time_to_first_sentence))
@@ -238,15 +253,15 @@ def ms(values: list[float]) -> str:
 def report(variants: list[Variant], stack_cpu: float, wall: float) -> str:
     lines = [
         "| endpointing | first segment | turns | voice-to-voice p50 / p95 | STT final | LLM 1st segment"
-        " | TTS 1st audio | orchestrator |",
-        "|---|---|---|---|---|---|---|---|",
+        " | TTS 1st audio | orchestrator | first segment a clause |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
         failed = f" ({v.failed} failed)" if v.failed else ""
         lines.append(
             f"| {v.label} | {len(v.v2v)}{failed} | {ms(v.v2v)} ms | "
             + " | ".join(ms(v.parts[p]) for p in PARTS)
-            + " |"
+            + f" | {v.clause_first} |"
         )
     lines += [
         "",
