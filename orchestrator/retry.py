@@ -4,9 +4,11 @@ turn's streams use it, each with its own stopping rule."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from tenacity import (
@@ -23,6 +25,8 @@ from orchestrator.metrics import RESUMPTIONS
 from voice.v1 import voice_agent_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Calls one of a turn's streams may take before the turn fails.
 TURN_STREAM_ATTEMPTS = 5
@@ -55,17 +59,8 @@ class Resumption:
     def _retried(self, error: BaseException) -> bool:
         return is_transient(error) and (self.retry_breaker_open or not isinstance(error, BreakerOpen))
 
-    async def run(
-        self,
-        attempt: Callable[[], Awaitable[None]],
-        *,
-        log_fields: Callable[[], dict[str, object]] = dict,
-        before_retry: Callable[[BaseException | None], Awaitable[None]] | None = None,
-    ) -> None:
-        """Runs attempt() until it returns; raises the last failure when it is not worth a retry
-        or the stopping rule says so."""
-
-        async def before_sleep(state: RetryCallState) -> None:
+    def _retrying(self, log_fields: Callable[[], dict[str, object]]) -> AsyncRetrying:
+        def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             reason = error.code().name if isinstance(error, grpc.aio.AioRpcError) else type(error).__name__
             RESUMPTIONS.labels(self.stage, reason).inc()
@@ -73,19 +68,31 @@ class Resumption:
                 f"{self.stage} stream broken; resuming",
                 extra={"reason": str(error), **log_fields(), "attempt": state.attempt_number},
             )
-            if before_retry is not None:
-                await before_retry(error)
 
-        retrying = AsyncRetrying(
+        return AsyncRetrying(
             retry=retry_if_exception(self._retried),
             stop=self.stop,
             wait=wait_exponential_jitter(initial=self.initial_wait_s, max=self.max_wait_s),
             before_sleep=before_sleep,
             reraise=True,
         )
-        async for attempt_state in retrying:
+
+    async def run(self, attempt: Callable[[], Awaitable[None]]) -> None:
+        """Runs attempt() until it returns; raises the last failure when it is not worth a retry
+        or the stopping rule says so."""
+        async for attempt_state in self._retrying(dict):
             with attempt_state:
                 await attempt()
+
+    async def stream(
+        self, attempt: Callable[[], AsyncGenerator[T, None]], *, log_fields: Callable[[], dict[str, object]]
+    ) -> AsyncIterator[T]:
+        """run() for an attempt that yields: what each attempt yields is passed on at once."""
+        async for attempt_state in self._retrying(log_fields):
+            with attempt_state:
+                async with contextlib.aclosing(attempt()) as items:
+                    async for item in items:
+                        yield item
 
 
 class StageFailed(Exception):
