@@ -5,6 +5,8 @@ turn's streams use it, each with its own stopping rule."""
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -14,7 +16,6 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 
 from orchestrator.breaker import BreakerOpen
@@ -64,6 +65,18 @@ class Resumption:
     ) -> None:
         """Runs attempt() until it returns; raises the last failure when it is not worth a retry
         or the stopping rule says so."""
+        started = 0.0  # when the latest attempt started
+        backoff_from = 1  # the attempt the exponential wait counts from
+
+        def wait(state: RetryCallState) -> float:
+            """Exponential from initial_wait_s with as much jitter; a stream that broke after
+            running a while (longer than the longest wait) is resumed as promptly as at first,
+            not after the wait its earlier failures had grown to."""
+            nonlocal backoff_from
+            if time.monotonic() - started >= self.max_wait_s:
+                backoff_from = state.attempt_number
+            grown = self.initial_wait_s * 2.0 ** (state.attempt_number - backoff_from)
+            return min(self.max_wait_s, grown + random.uniform(0, self.initial_wait_s))
 
         async def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
@@ -79,11 +92,12 @@ class Resumption:
         retrying = AsyncRetrying(
             retry=retry_if_exception(self._retried),
             stop=self.stop,
-            wait=wait_exponential_jitter(initial=self.initial_wait_s, max=self.max_wait_s),
+            wait=wait,
             before_sleep=before_sleep,
             reraise=True,
         )
         async for attempt_state in retrying:
+            started = time.monotonic()
             with attempt_state:
                 await attempt()
 

@@ -110,8 +110,9 @@ class SpeechRecognitionLink:
         self._unavailable_reported = False
 
     def feed(self, audio: bytes) -> None:
-        self.buffer.append(audio, time.monotonic())
-        self.buffer.bound(utterance_open=self._utterance_open, sent_seq=self._sent_seq)
+        now = time.monotonic()
+        self.buffer.append(audio, now)
+        self.buffer.bound(utterance_open=self._utterance_open, sent_seq=self._sent_seq, now=now)
 
     def end_input(self) -> None:
         self._input_ended = True
@@ -163,13 +164,16 @@ class SpeechRecognitionLink:
         return self._stub.Transcribe(timeout=timeout, metadata=self._metadata, wait_for_ready=True)
 
     async def _transcribe_once(self) -> None:
-        async with StageCall.open(self._upstream, self._deadline, self._start) as call:
-            base_sample = self.buffer.start_sample
-            self._sent_seq = self.buffer.first_seq
-            writer = call.start_writer(self._write(call.rpc), name=self._writer_name)
-            async for response in call.rpc:
-                await self._handle(response, base_sample)
-            await writer
+        try:
+            async with StageCall.open(self._upstream, self._deadline, self._start) as call:
+                base_sample = self.buffer.start_sample
+                self._sent_seq = self.buffer.first_seq
+                writer = call.start_writer(self._write(call.rpc), name=self._writer_name)
+                async for response in call.rpc:
+                    await self._handle(response, base_sample)
+                await writer
+        finally:
+            self.buffer.forget_sent()
         self._unavailable_reported = False
 
     async def _write(self, rpc: Any) -> None:
@@ -190,6 +194,7 @@ class SpeechRecognitionLink:
                     size += len(data)
                     end += 1
                 await rpc.write(speech_to_text_pb2.TranscribeRequest(audio=b"".join(parts)))
+                buffer.mark_sent(self._sent_seq, end, time.monotonic())
                 self._sent_seq = end
             if self._input_ended:
                 await rpc.done_writing()
