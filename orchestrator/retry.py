@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -16,7 +18,6 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 
 from orchestrator.breaker import BreakerOpen
@@ -45,6 +46,27 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+class _Backoff:
+    """The wait before a new attempt: exponential from `initial_s` with as much jitter, capped at
+    `max_s`; a stream that broke after running a while (longer than the longest wait) is resumed
+    as promptly as at first, not after the wait its earlier failures had grown to."""
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self._initial_s = initial_s
+        self._max_s = max_s
+        self._started = 0.0  # when the latest attempt started
+        self._counted_from = 1  # the attempt the exponential wait counts from
+
+    def attempt_started(self) -> None:
+        self._started = time.monotonic()
+
+    def __call__(self, state: RetryCallState) -> float:
+        if time.monotonic() - self._started >= self._max_s:
+            self._counted_from = state.attempt_number
+        grown = self._initial_s * 2.0 ** (state.attempt_number - self._counted_from)
+        return min(self._max_s, grown + random.uniform(0, self._initial_s))
+
+
 @dataclass(frozen=True)
 class Resumption:
     """How one stream is resumed. A turn gives up at once while the stage's breaker is open (the
@@ -59,7 +81,7 @@ class Resumption:
     def _retried(self, error: BaseException) -> bool:
         return is_transient(error) and (self.retry_breaker_open or not isinstance(error, BreakerOpen))
 
-    def _retrying(self, log_fields: Callable[[], dict[str, object]]) -> AsyncRetrying:
+    def _retrying(self, backoff: _Backoff, log_fields: Callable[[], dict[str, object]]) -> AsyncRetrying:
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             reason = error.code().name if isinstance(error, grpc.aio.AioRpcError) else type(error).__name__
@@ -72,7 +94,7 @@ class Resumption:
         return AsyncRetrying(
             retry=retry_if_exception(self._retried),
             stop=self.stop,
-            wait=wait_exponential_jitter(initial=self.initial_wait_s, max=self.max_wait_s),
+            wait=backoff,
             before_sleep=before_sleep,
             reraise=True,
         )
@@ -80,7 +102,9 @@ class Resumption:
     async def run(self, attempt: Callable[[], Awaitable[None]]) -> None:
         """Runs attempt() until it returns; raises the last failure when it is not worth a retry
         or the stopping rule says so."""
-        async for attempt_state in self._retrying(dict):
+        backoff = _Backoff(self.initial_wait_s, self.max_wait_s)
+        async for attempt_state in self._retrying(backoff, dict):
+            backoff.attempt_started()
             with attempt_state:
                 await attempt()
 
@@ -88,7 +112,9 @@ class Resumption:
         self, attempt: Callable[[], AsyncGenerator[T, None]], *, log_fields: Callable[[], dict[str, object]]
     ) -> AsyncIterator[T]:
         """run() for an attempt that yields: what each attempt yields is passed on at once."""
-        async for attempt_state in self._retrying(log_fields):
+        backoff = _Backoff(self.initial_wait_s, self.max_wait_s)
+        async for attempt_state in self._retrying(backoff, log_fields):
+            backoff.attempt_started()
             with attempt_state:
                 async with contextlib.aclosing(attempt()) as items:
                     async for item in items:

@@ -106,8 +106,9 @@ class SpeechRecognitionLink:
         self._unavailable_reported = False
 
     def feed(self, audio: bytes) -> None:
-        self.buffer.append(audio, time.monotonic())
-        self.buffer.bound(utterance_open=self._utterance_open, sent_seq=self._sent_seq)
+        now = time.monotonic()
+        self.buffer.append(audio, now)
+        self.buffer.bound(utterance_open=self._utterance_open, sent_seq=self._sent_seq, now=now)
 
     def end_input(self) -> None:
         self._input_ended = True
@@ -149,14 +150,17 @@ class SpeechRecognitionLink:
                     f"{error}; audio is kept (up to {MAX_REPLAY_S:g} s) and transcribed when it is back",
                 )
             raise
-        async with call:
-            base_sample = self.buffer.start_sample
-            self._sent_seq = self.buffer.first_seq
-            writer = call.start_writer(self._write(call.rpc), name=self._writer_name)
-            async for response in call.rpc:
-                if (event := self._event(response, base_sample)) is not None:
-                    yield event
-            await writer
+        try:
+            async with call:
+                base_sample = self.buffer.start_sample
+                self._sent_seq = self.buffer.first_seq
+                writer = call.start_writer(self._write(call.rpc), name=self._writer_name)
+                async for response in call.rpc:
+                    if (event := self._event(response, base_sample)) is not None:
+                        yield event
+                await writer
+        finally:
+            self.buffer.forget_sent()
         self._unavailable_reported = False
 
     async def _write(self, rpc: Any) -> None:
@@ -177,6 +181,7 @@ class SpeechRecognitionLink:
                     size += len(data)
                     end += 1
                 await rpc.write(speech_to_text_pb2.TranscribeRequest(audio=b"".join(parts)))
+                buffer.mark_sent(self._sent_seq, end, time.monotonic())
                 self._sent_seq = end
             if self._input_ended:
                 await rpc.done_writing()
