@@ -1,6 +1,14 @@
-"""A turn's Generate call, resumed when it breaks: the LLM regenerates, and the new text is
-spliced onto the reply only if it starts with exactly what was already delivered (deterministic
-decoding); anything else fails the turn rather than speak a different reply."""
+"""A turn's Generate call, resumed when it breaks.
+
+Until text of the reply has been delivered (to the client and to TTS), a broken call is simply
+made again. After that the LLM regenerates, and the new text is spliced onto the reply only if it
+starts with exactly what was delivered: greedy decoding on a deterministic backend repeats
+itself, so the caller hears one whole reply. A sampled regeneration almost never does, and
+waiting longer cannot make it match, so one regeneration decides, at its first character that
+differs from the delivered text (or at its end, if it ends before reaching it): the call is
+dropped and the reply ends where the delivered text ends. The caller hears all of it (the
+unfinished last sentence too, so speech matches the text shown), the history keeps it, and the
+turn ends with a cut-short notice instead of TurnCompleted (`cut_short`, see turns.py)."""
 
 from __future__ import annotations
 
@@ -40,6 +48,8 @@ class Generation:
         self._timings = timings
         self._delivered = ""  # text already handed to the client and to TTS
         self._opened: StageCall | None = None
+        # Set when the reply was ended at the delivered text: the notice for the client.
+        self.cut_short: StageFailed | None = None
 
     def open_early(self) -> None:
         """Sends the Generate request now, ahead of whatever the caller does next (the LLM is on
@@ -58,7 +68,8 @@ class Generation:
         """Raises StageFailed when the LLM fails for good."""
         started = time.monotonic()
         await resume_turn_stream(pb.STAGE_LLM, lambda: self._attempt(reply))
-        await reply.finish()  # flushes a reply whose stream ended without GenerationComplete
+        # Flushes a reply whose stream ended without GenerationComplete, or was cut short.
+        await reply.finish()
         log.debug("llm done", extra={"chars": len(reply.text), "s": time.monotonic() - started})
 
     def _open(self) -> StageCall:
@@ -83,15 +94,28 @@ class Generation:
                     continue
                 received += response.delta.text
                 if not self._continues(received):
-                    raise StageFailed(
-                        pb.STAGE_LLM, "DATA_LOSS", "regenerated reply differs from the one being spoken"
-                    )
+                    self._cut_short()
+                    return  # the call is cancelled: the LLM stops generating
                 if len(received) <= len(self._delivered):
                     continue
                 self._timings.last_llm_elapsed = response.delta.elapsed
                 new_text = received[len(self._delivered) :]
                 self._delivered = received
                 await reply.add(new_text, response.delta.elapsed)
+            if len(received) < len(self._delivered):  # the regeneration ended short of it
+                self._cut_short()
+
+    def _cut_short(self) -> None:
+        chars = len(self._delivered)
+        log.warning(
+            "regenerated reply differs from the text delivered; the reply ends there", extra={"chars": chars}
+        )
+        self.cut_short = StageFailed(
+            pb.STAGE_LLM,
+            "DATA_LOSS",
+            f"reply cut short after {chars} characters: the LLM stream broke and its regeneration"
+            " differs from the text already delivered",
+        )
 
     def _continues(self, received: str) -> bool:
         """Whether a (regenerated) stream still agrees with the text delivered so far."""

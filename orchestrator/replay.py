@@ -1,6 +1,12 @@
 """Session audio kept for the STT link to replay: since the end of the last final transcript
 (bounded), so that a new Transcribe call after a broken one starts exactly where the last final
-transcript ended."""
+transcript ended.
+
+Between utterances the buffer is bounded by what STT has heard: only audio that a call still
+alive carried to STT a while ago can be dropped, as STT would have reported speech starting in
+it by now. Audio sent on a call that broke counts as unheard (its speech event may have been
+lost with the call), and so does audio held while STT is unreachable: the start of an utterance
+spoken during an outage is never dropped."""
 
 from __future__ import annotations
 
@@ -14,8 +20,8 @@ from voicepipe.audio_format import PcmFormat
 
 log = logging.getLogger(__name__)
 
-# Audio kept for replay while no utterance is open; speech that STT has not reported yet is
-# never older than this.
+# How long after STT was sent audio it has surely reported any speech starting in it (when no
+# utterance is open, older audio that a live call carried is dropped).
 IDLE_REPLAY_S = 2.0
 # Upper bound on audio kept for replay (an utterance, or audio buffered while STT is down).
 MAX_REPLAY_S = 60.0
@@ -27,6 +33,7 @@ class _Chunk:
     start_sample: int
     data: bytes
     arrived_at: float
+    sent_at: float | None = None  # when the live call sent it (None: not sent on the live call)
 
 
 class ReplayBuffer:
@@ -63,6 +70,24 @@ class ReplayBuffer:
                 return chunk.arrived_at
         return self._chunks[0].arrived_at if self._chunks else time.monotonic()
 
+    def mark_sent(self, first_seq: int, end_seq: int, sent_at: float) -> None:
+        for seq in range(max(first_seq, self.first_seq), end_seq):  # some may be dropped since
+            self.chunk(seq).sent_at = sent_at
+
+    def forget_sent(self) -> None:
+        """The call broke: what it sent may not have been heard."""
+        for chunk in self._chunks:
+            chunk.sent_at = None
+
+    def _heard_until(self, now: float) -> int:
+        """The end of the leading audio that the live call sent at least IDLE_REPLAY_S ago."""
+        end = self.start_sample
+        for chunk in self._chunks:
+            if chunk.sent_at is None or chunk.sent_at > now - IDLE_REPLAY_S:
+                break
+            end = chunk.start_sample + len(chunk.data) // self.fmt.bytes_per_sample
+        return end
+
     def trim_before(self, sample: int, *, sent_seq: int) -> None:
         """Forgets audio before `sample`, cutting a chunk in two where needed, so that a replay
         starts exactly there. Chunks not yet sent (seq >= sent_seq) are kept whole."""
@@ -79,9 +104,11 @@ class ReplayBuffer:
                     head.start_sample = sample
                 break
 
-    def bound(self, *, utterance_open: bool, sent_seq: int) -> None:
-        keep_s = MAX_REPLAY_S if utterance_open else IDLE_REPLAY_S
-        self.trim_before(self.end_sample - int(keep_s * self.fmt.sample_rate), sent_seq=sent_seq)
+    def bound(self, *, utterance_open: bool, sent_seq: int, now: float) -> None:
+        keep_from = self.end_sample - int(MAX_REPLAY_S * self.fmt.sample_rate)
+        if not utterance_open:
+            keep_from = max(keep_from, self._heard_until(now))
+        self.trim_before(keep_from, sent_seq=sent_seq)
         if self.end_sample - self.start_sample > MAX_REPLAY_S * self.fmt.sample_rate:
             # STT has been unreachable for over a minute: drop the oldest audio, and say so.
             log.error("stt replay buffer full; dropping audio", extra={"limit_s": MAX_REPLAY_S})

@@ -4,9 +4,13 @@ turn's streams use it, each with its own stopping rule."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from tenacity import (
@@ -14,7 +18,6 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 
 from orchestrator.breaker import BreakerOpen
@@ -23,6 +26,8 @@ from orchestrator.metrics import RESUMPTIONS
 from voice.v1 import voice_agent_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Calls one of a turn's streams may take before the turn fails.
 TURN_STREAM_ATTEMPTS = 5
@@ -41,6 +46,27 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+class _Backoff:
+    """The wait before a new attempt: exponential from `initial_s` with as much jitter, capped at
+    `max_s`; a stream that broke after running a while (longer than the longest wait) is resumed
+    as promptly as at first, not after the wait its earlier failures had grown to."""
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self._initial_s = initial_s
+        self._max_s = max_s
+        self._started = 0.0  # when the latest attempt started
+        self._counted_from = 1  # the attempt the exponential wait counts from
+
+    def attempt_started(self) -> None:
+        self._started = time.monotonic()
+
+    def __call__(self, state: RetryCallState) -> float:
+        if time.monotonic() - self._started >= self._max_s:
+            self._counted_from = state.attempt_number
+        grown = self._initial_s * 2.0 ** (state.attempt_number - self._counted_from)
+        return min(self._max_s, grown + random.uniform(0, self._initial_s))
+
+
 @dataclass(frozen=True)
 class Resumption:
     """How one stream is resumed. A turn gives up at once while the stage's breaker is open (the
@@ -55,17 +81,8 @@ class Resumption:
     def _retried(self, error: BaseException) -> bool:
         return is_transient(error) and (self.retry_breaker_open or not isinstance(error, BreakerOpen))
 
-    async def run(
-        self,
-        attempt: Callable[[], Awaitable[None]],
-        *,
-        log_fields: Callable[[], dict[str, object]] = dict,
-        before_retry: Callable[[BaseException | None], Awaitable[None]] | None = None,
-    ) -> None:
-        """Runs attempt() until it returns; raises the last failure when it is not worth a retry
-        or the stopping rule says so."""
-
-        async def before_sleep(state: RetryCallState) -> None:
+    def _retrying(self, backoff: _Backoff, log_fields: Callable[[], dict[str, object]]) -> AsyncRetrying:
+        def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             reason = error.code().name if isinstance(error, grpc.aio.AioRpcError) else type(error).__name__
             RESUMPTIONS.labels(self.stage, reason).inc()
@@ -73,19 +90,35 @@ class Resumption:
                 f"{self.stage} stream broken; resuming",
                 extra={"reason": str(error), **log_fields(), "attempt": state.attempt_number},
             )
-            if before_retry is not None:
-                await before_retry(error)
 
-        retrying = AsyncRetrying(
+        return AsyncRetrying(
             retry=retry_if_exception(self._retried),
             stop=self.stop,
-            wait=wait_exponential_jitter(initial=self.initial_wait_s, max=self.max_wait_s),
+            wait=backoff,
             before_sleep=before_sleep,
             reraise=True,
         )
-        async for attempt_state in retrying:
+
+    async def run(self, attempt: Callable[[], Awaitable[None]]) -> None:
+        """Runs attempt() until it returns; raises the last failure when it is not worth a retry
+        or the stopping rule says so."""
+        backoff = _Backoff(self.initial_wait_s, self.max_wait_s)
+        async for attempt_state in self._retrying(backoff, dict):
+            backoff.attempt_started()
             with attempt_state:
                 await attempt()
+
+    async def stream(
+        self, attempt: Callable[[], AsyncGenerator[T, None]], *, log_fields: Callable[[], dict[str, object]]
+    ) -> AsyncIterator[T]:
+        """run() for an attempt that yields: what each attempt yields is passed on at once."""
+        backoff = _Backoff(self.initial_wait_s, self.max_wait_s)
+        async for attempt_state in self._retrying(backoff, log_fields):
+            backoff.attempt_started()
+            with attempt_state:
+                async with contextlib.aclosing(attempt()) as items:
+                    async for item in items:
+                        yield item
 
 
 class StageFailed(Exception):

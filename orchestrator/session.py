@@ -4,6 +4,7 @@ the turns to the TurnRunner. Every task it starts is cancelled and awaited when 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -94,11 +95,10 @@ class Conversation:
                 session_started=pb.SessionStarted(session_id=self.session_id), correlation=self._correlation()
             )
         )
-        stt = self._supervised(self._stt.run(), "stt")
-        listener = self._supervised(self._listen(), "stt-events")
+        listener = self._supervised(self._listen(), "stt")
         turns = self._supervised(self._turns.run(), "turns")
         reader = self._supervised(self._read(requests, listener, turns), "reader")
-        self._tasks = [reader, stt, listener, turns]
+        self._tasks = [reader, listener, turns]
         try:
             async for response in self.output.responses():
                 yield response
@@ -169,22 +169,24 @@ class Conversation:
             self.output.fail(SessionFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error)))
 
     async def _listen(self) -> None:
-        """What STT reports: barge-in, transcripts for the client, and the turns they start."""
-        async for event in self._stt.events():
-            match event:
-                case SpeechStarted():
-                    self._turns.interrupt()
-                case InterimTranscript():
-                    await self._transcript(event.text, event.start, event.end, is_final=False)
-                case FinalTranscript():
-                    # The turn first: when the conversation is idle its Generate request leaves
-                    # now, ahead of this event to the client.
-                    timings = TurnTimings(event.speech_ended_at, event.finalization, event.received_at)
-                    self._turns.submit_speech(event.text, timings)
-                    await self._transcript(event.text, event.start, event.end, is_final=True)
-                case SttFailed():
-                    failure = StageFailed(pb.STAGE_STT, event.code, event.message)
-                    await report_stage_error(self.output, failure, self._correlation())
+        """What STT reports: barge-in, transcripts for the client, and the turns they start. The
+        link's call lives as long as this loop (aclosing: a cancelled session closes it now)."""
+        async with contextlib.aclosing(self._stt.events()) as events:
+            async for event in events:
+                match event:
+                    case SpeechStarted():
+                        self._turns.interrupt()
+                    case InterimTranscript():
+                        await self._transcript(event.text, event.start, event.end, is_final=False)
+                    case FinalTranscript():
+                        # The turn first: when the conversation is idle its Generate request leaves
+                        # now, ahead of this event to the client.
+                        timings = TurnTimings(event.speech_ended_at, event.finalization, event.received_at)
+                        self._turns.submit_speech(event.text, timings)
+                        await self._transcript(event.text, event.start, event.end, is_final=True)
+                    case SttFailed():
+                        failure = StageFailed(pb.STAGE_STT, event.code, event.message)
+                        await report_stage_error(self.output, failure, self._correlation())
 
     async def _transcript(self, text: str, start: Duration, end: Duration, *, is_final: bool) -> None:
         await self.output.put(

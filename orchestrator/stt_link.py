@@ -4,14 +4,15 @@ Audio not yet covered by a final transcript is kept (see replay.py); when the ca
 (connection reset, GOAWAY past its grace, stage restart) a new call replays it from the end of
 the last final transcript, so the transcripts come out exactly as if nothing had happened.
 
-The link is a task and a channel: `run()` holds the call and puts what STT reports into the
-channel, in order; the conversation reads it with `events()`, which ends after the link."""
+The link is an async generator: the conversation iterates `events()`, which holds the call and
+yields what STT reports, in order, and ends after the link. The link reads on only when the
+conversation asks for the next event, so a final transcript's turn (its Generate request) starts
+before anything else is done, with no hand-over between tasks on the way."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +33,6 @@ DRAIN_AFTER_INPUT_S = 5.0
 
 # Client audio messages coalesced into one STT message at most (within the STT's size limit).
 MAX_CHUNKS_PER_MESSAGE = 8
-
-# Events the link may be ahead of the conversation; the link then waits (the conversation itself
-# waits on the client, which is bounded by the slow-client timeout).
-MAX_QUEUED_EVENTS = 64
 
 SPEECH_STARTED = speech_to_text_pb2.SPEECH_EVENT_TYPE_SPEECH_STARTED
 
@@ -74,7 +71,7 @@ SpeechEvent = SpeechStarted | InterimTranscript | FinalTranscript | SttFailed
 
 
 class SpeechRecognitionLink:
-    """Runs the session's Transcribe call (as `run()`, the link's task) and reports events."""
+    """Runs the session's Transcribe call while `events()` is iterated, and reports events."""
 
     def __init__(
         self,
@@ -98,7 +95,6 @@ class SpeechRecognitionLink:
         self._metadata = call_metadata(correlation)
         self._writer_name = f"session-{correlation.session_id}-stt-writer"
         self._deadline = deadline
-        self._events: asyncio.Queue[SpeechEvent | None] = asyncio.Queue(MAX_QUEUED_EVENTS)
         self._resumption = Resumption(
             "stt", stop=self._drained, initial_wait_s=0.05, max_wait_s=1.0, retry_breaker_open=True
         )
@@ -110,38 +106,29 @@ class SpeechRecognitionLink:
         self._unavailable_reported = False
 
     def feed(self, audio: bytes) -> None:
-        self.buffer.append(audio, time.monotonic())
-        self.buffer.bound(utterance_open=self._utterance_open, sent_seq=self._sent_seq)
+        now = time.monotonic()
+        self.buffer.append(audio, now)
+        self.buffer.bound(utterance_open=self._utterance_open, sent_seq=self._sent_seq, now=now)
 
     def end_input(self) -> None:
         self._input_ended = True
         self._input_ended_at = time.monotonic()
         self.buffer.changed.set()
 
-    async def events(self) -> AsyncIterator[SpeechEvent]:
-        """What STT reports, in order, until the link has ended."""
-        while (event := await self._events.get()) is not None:
-            yield event
-
-    async def run(self) -> None:
-        """Until the input has ended and every final transcript is out; reopens broken calls."""
+    async def events(self) -> AsyncGenerator[SpeechEvent, None]:
+        """What STT reports, in order, until the input has ended and every final transcript is
+        out; broken calls are reopened. Close it (aclosing) to end the call early."""
         try:
-            await self._resumption.run(
-                self._transcribe_once,
-                log_fields=lambda: {"replay_s": self.buffer.held_seconds},
-                before_retry=self._before_retry,
-            )
+            async for event in self._resumption.stream(
+                self._transcribe_once, log_fields=lambda: {"replay_s": self.buffer.held_seconds}
+            ):
+                yield event
         except grpc.aio.AioRpcError as error:
-            await self._events.put(
-                SttFailed(error.code().name, f"speech recognition failed: {error.details()}")
-            )
+            yield SttFailed(error.code().name, f"speech recognition failed: {error.details()}")
         except DeadlinePassed:
-            await self._events.put(
-                SttFailed("DEADLINE_EXCEEDED", "speech recognition failed: Deadline Exceeded")
-            )
+            yield SttFailed("DEADLINE_EXCEEDED", "speech recognition failed: Deadline Exceeded")
         except BreakerOpen as error:
-            await self._events.put(SttFailed("UNAVAILABLE", str(error)))
-        await self._events.put(None)
+            yield SttFailed("UNAVAILABLE", str(error))
 
     def _drained(self, _state: RetryCallState) -> bool:
         """While the caller talks, keep trying; once input has ended, give up after a while."""
@@ -149,27 +136,31 @@ class SpeechRecognitionLink:
             self._input_ended_at is not None and time.monotonic() - self._input_ended_at > DRAIN_AFTER_INPUT_S
         )
 
-    async def _before_retry(self, error: BaseException | None) -> None:
-        if isinstance(error, BreakerOpen) and not self._unavailable_reported:
-            self._unavailable_reported = True
-            await self._events.put(
-                SttFailed(
-                    "UNAVAILABLE",
-                    f"{error}; audio is kept (up to {MAX_REPLAY_S:g} s) and transcribed when it is back",
-                )
-            )
-
     def _start(self, timeout: float) -> Any:
         return self._stub.Transcribe(timeout=timeout, metadata=self._metadata, wait_for_ready=True)
 
-    async def _transcribe_once(self) -> None:
-        async with StageCall.open(self._upstream, self._deadline, self._start) as call:
-            base_sample = self.buffer.start_sample
-            self._sent_seq = self.buffer.first_seq
-            writer = call.start_writer(self._write(call.rpc), name=self._writer_name)
-            async for response in call.rpc:
-                await self._handle(response, base_sample)
-            await writer
+    async def _transcribe_once(self) -> AsyncGenerator[SpeechEvent, None]:
+        try:
+            call = StageCall.open(self._upstream, self._deadline, self._start)
+        except BreakerOpen as error:
+            if not self._unavailable_reported:  # said once; the link keeps trying
+                self._unavailable_reported = True
+                yield SttFailed(
+                    "UNAVAILABLE",
+                    f"{error}; audio is kept (up to {MAX_REPLAY_S:g} s) and transcribed when it is back",
+                )
+            raise
+        try:
+            async with call:
+                base_sample = self.buffer.start_sample
+                self._sent_seq = self.buffer.first_seq
+                writer = call.start_writer(self._write(call.rpc), name=self._writer_name)
+                async for response in call.rpc:
+                    if (event := self._event(response, base_sample)) is not None:
+                        yield event
+                await writer
+        finally:
+            self.buffer.forget_sent()
         self._unavailable_reported = False
 
     async def _write(self, rpc: Any) -> None:
@@ -190,6 +181,7 @@ class SpeechRecognitionLink:
                     size += len(data)
                     end += 1
                 await rpc.write(speech_to_text_pb2.TranscribeRequest(audio=b"".join(parts)))
+                buffer.mark_sent(self._sent_seq, end, time.monotonic())
                 self._sent_seq = end
             if self._input_ended:
                 await rpc.done_writing()
@@ -197,32 +189,26 @@ class SpeechRecognitionLink:
             buffer.changed.clear()
             await buffer.changed.wait()
 
-    async def _handle(self, response: speech_to_text_pb2.TranscribeResponse, base_sample: int) -> None:
+    def _event(self, response: speech_to_text_pb2.TranscribeResponse, base_sample: int) -> SpeechEvent | None:
         rate = self._fmt.sample_rate
         if response.HasField("speech_event"):
-            if response.speech_event.type == SPEECH_STARTED:
-                self._utterance_open = True
-                await self._events.put(SpeechStarted())
-            return
+            if response.speech_event.type != SPEECH_STARTED:
+                return None
+            self._utterance_open = True
+            return SpeechStarted()
         result = response.result
         start = _shift(result.audio_start_offset, base_sample, rate)
         end = _shift(result.audio_end_offset, base_sample, rate)
         if not result.is_final:
-            await self._events.put(InterimTranscript(result.transcript, start, end))
-            return
+            return InterimTranscript(result.transcript, start, end)
         received_at = time.monotonic()
         end_sample = base_sample + _samples(result.audio_end_offset, rate)
         speech_ended_at = self.buffer.arrival_of(max(0, end_sample - 1))
         self.buffer.trim_before(end_sample, sent_seq=self._sent_seq)
         self._utterance_open = False
-        await self._events.put(
-            FinalTranscript(
-                result.transcript, start, end, result.finalization_time, speech_ended_at, received_at
-            )
+        return FinalTranscript(
+            result.transcript, start, end, result.finalization_time, speech_ended_at, received_at
         )
-        # The conversation acts on it (a turn that starts now sends its Generate request) before
-        # this task goes back to reading the call: the LLM is on the critical path, STT is idle.
-        await asyncio.sleep(0)
 
 
 def _samples(offset: Duration, rate: int) -> int:

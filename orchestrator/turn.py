@@ -15,6 +15,7 @@ from orchestrator.generation import Generation
 from orchestrator.output import Deferred, SessionOutput
 from orchestrator.playout import Playout
 from orchestrator.reply import Reply
+from orchestrator.retry import StageFailed
 from orchestrator.sentences import FirstSegment
 from orchestrator.synthesis import Synthesis
 from orchestrator.timings import TurnTimings
@@ -71,6 +72,11 @@ class Turn:
     @property
     def heard_text(self) -> str:
         return self.reply.text[: self.playout.heard_chars]
+
+    @property
+    def cut_short(self) -> StageFailed | None:
+        """Why the reply ended at the text already delivered (see generation.py), if it did."""
+        return self._generation.cut_short
 
     def open_early(self) -> None:
         """Sends the Generate request now, before the turn's task runs, so that it leaves ahead

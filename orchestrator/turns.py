@@ -202,6 +202,12 @@ class TurnRunner:
             await report_stage_error(self._output, failure, turn.correlation)
         elif failure is not None:
             raise failure
+        elif (cut_short := turn.cut_short) is not None:
+            # Every word delivered has been spoken (the notice leaves after its audio): the
+            # history keeps the reply as delivered, and the conversation goes on.
+            TURNS.labels("cut_short").inc()
+            self._remember_reply(turn.reply.text)
+            await report_stage_error(self._output, cut_short, turn.correlation)
         else:
             TURNS.labels("completed").inc()
             self._remember_reply(turn.reply.text)

@@ -128,11 +128,19 @@ class WhisperDecoder:
     def decode(self, audio: Samples, language: str, prefix: str = "") -> Hypothesis:
         """Decodes up to one window of 16 kHz audio; `prefix` is text the transcript must start
         with (what was already reported as stable)."""
-        samples = audio[: WINDOW_S * SAMPLE_RATE].astype(np.float32) / 32768.0
-        features = self._features(samples, padding=0)
-        frames = self._encoder_frames(features.shape[-1])
-        if features.shape[-1] < frames:
-            features = np.pad(features, ((0, 0), (0, frames - features.shape[-1])))
+        return self.decode_batch([audio], language, prefix)[0]
+
+    def decode_batch(self, audios: list[Samples], language: str, prefix: str = "") -> list[Hypothesis]:
+        """Several utterances in one call of the model, each padded to the longest (see
+        bench.stt_whisper_batch for what that saves)."""
+        features = [
+            self._features(audio[: WINDOW_S * SAMPLE_RATE].astype(np.float32) / 32768.0, padding=0)
+            for audio in audios
+        ]
+        frames = self._encoder_frames(max(f.shape[-1] for f in features))
+        batch = np.stack(
+            [np.pad(f[:, :frames], ((0, 0), (0, frames - min(f.shape[-1], frames)))) for f in features]
+        )
         tokenizer = Tokenizer(
             self._model.hf_tokenizer,
             self.multilingual,
@@ -141,21 +149,16 @@ class WhisperDecoder:
         )
         prefix_tokens = tokenizer.encode(" " + prefix.strip()) if prefix.strip() else []
         prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps, *prefix_tokens]
-        result = self._whisper.generate(
-            ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None, :, :frames])),
-            [prompt],
+        results = self._whisper.generate(
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(batch)),
+            [prompt] * len(audios),
             beam_size=self.settings.beam_size,
             return_scores=True,
             return_no_speech_prob=True,
             max_length=224,
             suppress_blank=True,
-        )[0]
-        tokens = result.sequences_ids[0]
-        text = tokenizer.decode(tokens).strip()
-        avg_logprob = float(result.scores[0])
-        if not text or _is_hallucination(text, result.no_speech_prob, avg_logprob):
-            return Hypothesis("", 0.0)
-        return Hypothesis(text, math.exp(min(avg_logprob, 0.0)))
+        )
+        return [_hypothesis(tokenizer.decode(r.sequences_ids[0]).strip(), r) for r in results]
 
     def _encoder_frames(self, frames: int) -> int:
         """Frames of features the encoder sees: the utterance plus a second or two of trailing
@@ -164,6 +167,13 @@ class WhisperDecoder:
         full = WINDOW_S * _FRAMES_PER_SECOND
         least = int(self.settings.encoder_seconds * _FRAMES_PER_SECOND)
         return min(full, max(least, (frames // _FRAMES_PER_SECOND + 2) * _FRAMES_PER_SECOND))
+
+
+def _hypothesis(text: str, result: Any) -> Hypothesis:
+    avg_logprob = float(result.scores[0])
+    if not text or _is_hallucination(text, result.no_speech_prob, avg_logprob):
+        return Hypothesis("", 0.0)
+    return Hypothesis(text, math.exp(min(avg_logprob, 0.0)))
 
 
 def _is_hallucination(text: str, no_speech_prob: float, avg_logprob: float) -> bool:

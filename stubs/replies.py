@@ -26,6 +26,12 @@ whitespace and trailing punctuation. Rules, first match wins:
 8. Otherwise an echo: "You said: <text>." with the message's text, its whitespace collapsed to
    single spaces and trailing . ! ? removed; an empty message -> "Sorry, I did not catch that."
 
+Sampling: with a temperature above 0 the stub stands in for a sampling model, whose reply to
+the same request differs from call to call. The first call for a turn (the same correlation ids
+and messages) gets the reply above; the n-th call of that request, as a regeneration after a
+broken stream is, gets `sampled(reply, n)`: "Take <n>: <reply>", deterministic so that tests
+can assert it.
+
 Every reply is printable ASCII (the TTS stub renders exactly that): text taken from the user
 is folded to ASCII (accents dropped, other characters removed).
 """
@@ -169,6 +175,11 @@ def reply(messages: Sequence[Message]) -> str:
     if _GREETING.match(text):
         return GREETING
     return f"You said: {text}." if text else EMPTY
+
+
+def sampled(text: str, attempt: int) -> str:
+    """The reply of a sampling model's `attempt`-th call of the same request (1: the first)."""
+    return text if attempt == 1 else f"Take {attempt}: {text}"
 
 
 _TOKEN = re.compile(r"\S+\s*")

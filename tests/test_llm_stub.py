@@ -298,6 +298,37 @@ async def test_correlation_ids_are_echoed_and_logged(llm: ServiceProcess, stub: 
     assert "ttft_ms" in logged
 
 
+async def test_a_sampling_request_gets_another_reply_each_time_it_is_repeated(stub: Stub) -> None:
+    """Temperature above 0: the stub plays a sampling model, so a regeneration (the same request
+    of the same turn again) differs; another turn's request starts again from the plain reply."""
+    sampled = pb.GenerationParameters(temperature=0.7)
+
+    def request(turn_id: str, *, parameters: pb.GenerationParameters = sampled) -> pb.GenerateRequest:
+        correlation = common_pb2.Correlation(session_id="session-sampled", turn_id=turn_id)
+        return pb.GenerateRequest(
+            messages=[user("what is 2 plus 3")], parameters=parameters, correlation=correlation
+        )
+
+    texts = [(await generate(stub, request("1"))).text for _ in range(3)]
+    assert texts == ["2 plus 3 is 5.", "Take 2: 2 plus 3 is 5.", "Take 3: 2 plus 3 is 5."]
+    assert (await generate(stub, request("2"))).text == "2 plus 3 is 5."
+    # Greedy (temperature 0, this server's default): the same request gives the same reply.
+    greedy = [
+        (await generate(stub, request("3", parameters=pb.GenerationParameters()))).text for _ in range(2)
+    ]
+    assert greedy == ["2 plus 3 is 5.", "2 plus 3 is 5."]
+
+
+async def test_the_temperature_flag_applies_to_requests_that_leave_it_at_0(
+    start_service: StartService,
+) -> None:
+    process = start_service("llm_stub", "--temperature", "0.7")
+    request = pb.GenerateRequest(messages=[user("hello")])
+    async with connect(process) as stub:
+        texts = [(await generate(stub, request)).text for _ in range(2)]
+    assert texts == [replies.GREETING, f"Take 2: {replies.GREETING}"]
+
+
 async def test_realistic_profile_reports_the_first_token_after_250_ms(start_service: StartService) -> None:
     process = start_service("llm_stub", "--latency-profile", "realistic")
     async with connect(process) as stub:
