@@ -5,6 +5,7 @@ segment, TTS first audio and the orchestrator's part, with the stack's CPU per s
 
     python -m bench.voice_to_voice [--turns 20] [--turns-per-conversation 5]
         [--silence-ms 250,400] [--first-segment clause,sentence]
+    python -m bench.voice_to_voice --sessions 1,2,3,4 [--turns 20]
 
 A variant is one endpointing silence (the orchestrator's --end-of-utterance-silence-ms) with one
 first-segment policy (its --first-segment); every combination given is measured side by side:
@@ -20,6 +21,11 @@ It also measures what preemptive generation on an interim transcript could gain 
 each final transcript, how long before it the last interim arrived and whether that interim
 (or a stable one: two interims in a row with the same words, as LocalAgreement-2 commits them)
 already said what the final says.
+
+With --sessions, it measures capacity instead: for each N, N conversations at once (each its
+--turns phrases, their starts spread over one phrase's length so that they do not speak in step)
+against one stack with the first variant's settings; the figure is the largest N whose
+voice-to-voice p95 stays within 1.5 s.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from voicepipe.audio_format import PcmFormat
 from voicepipe.durations import to_seconds
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
-from voicepipe_client import Conversation, Microphone, SessionSettings, Utterance, connect
+from voicepipe_client import FRAME_MS, Conversation, Microphone, SessionSettings, Utterance, connect
 from voicepipe_client.turns import Turn, TurnAssembler
 
 REAL = {"stt": "whisper", "llm": "openai", "tts": "espeak"}
@@ -238,6 +244,66 @@ async def run(
         await asyncio.to_thread(stack.stop)
 
 
+CAPACITY_P95_S = 1.5
+
+
+async def run_concurrent(
+    variant: Variant, sessions: list[int], phrases: list[Utterance], warm_up: Utterance
+) -> list[tuple[int, Variant, float]]:
+    """For each N, N conversations at once on one stack; (N, its turns, stack cores) each."""
+    stack = await start_stack(
+        "realistic",
+        ephemeral=True,
+        engines=REAL,
+        stage_flags={role: NO_CONNECTION_AGE for role in REAL},
+        orchestrator_flags=variant.flags,
+    )
+    results = []
+    try:
+        assert stack.orchestrator is not None
+        orchestrator = stack.orchestrator
+        await converse(orchestrator, Variant(0, "warm-up"), [warm_up])
+        pids = [p.process.pid for p in stack.processes]
+        spread_s = max(len(p.frames) for p in phrases) * FRAME_MS / 1000
+        for n in sessions:
+            step = Variant(variant.silence_ms, variant.first_segment)
+
+            async def one(k: int, step: Variant = step, n: int = n) -> None:
+                await asyncio.sleep(k * spread_s / n)
+                await converse(orchestrator, step, phrases[k % len(phrases) :] + phrases[: k % len(phrases)])
+
+            cpu_before = sum(procstat.sample(pid).cpu_s for pid in pids)
+            started = time.monotonic()
+            async with asyncio.TaskGroup() as group:
+                for k in range(n):
+                    group.create_task(one(k), name=f"bench-conversation-{n}-{k}")
+            cpu_s = sum(procstat.sample(pid).cpu_s for pid in pids) - cpu_before
+            cores = cpu_s / (time.monotonic() - started)
+            results.append((n, step, cores))
+            print(f"{n} sessions: voice-to-voice {ms(step.v2v)} ms, {cores:.2f} cores", flush=True)
+    finally:
+        await asyncio.to_thread(stack.stop)
+    return results
+
+
+def capacity_report(results: list[tuple[int, Variant, float]]) -> str:
+    lines = [
+        "| sessions | turns | voice-to-voice p50 / p95 | STT final | LLM 1st segment | TTS 1st audio"
+        " | orchestrator | stack CPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, v, cores in results:
+        failed = f" ({v.failed} failed)" if v.failed else ""
+        lines.append(
+            f"| {n} | {len(v.v2v)}{failed} | {ms(v.v2v)} ms | "
+            + " | ".join(ms(v.parts[p]) for p in PARTS)
+            + f" | {cores:.2f} cores |"
+        )
+    held = [n for n, v, _ in results if v.v2v and not v.failed and percentile(v.v2v, 0.95) <= CAPACITY_P95_S]
+    lines += ["", f"Most sessions with voice-to-voice p95 <= {CAPACITY_P95_S:g} s: {max(held, default=0)}."]
+    return "\n".join(lines)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -292,6 +358,11 @@ async def main(args: argparse.Namespace) -> None:
         for silence in args.silence_ms.split(",")
         for first in args.first_segment.split(",")
     ]
+    if args.sessions:
+        sessions = [int(n) for n in args.sessions.split(",")]
+        print(f"capacity of {variants[0].label.replace(' | ', ' ')}: {sessions} sessions", flush=True)
+        print(capacity_report(await run_concurrent(variants[0], sessions, phrases, warm_up)))
+        return
     print("variants: " + ", ".join(v.label.replace(" | ", " ") for v in variants), flush=True)
     stack_cpu, wall = await run(variants, rounds, warm_up)
     print(report(variants, stack_cpu / wall, wall))
@@ -313,5 +384,11 @@ if __name__ == "__main__":
         "--first-segment",
         default="clause,sentence",
         help="first-segment policies to compare (the orchestrator's --first-segment), comma-separated",
+    )
+    parser.add_argument(
+        "--sessions",
+        default="",
+        help="capacity instead: N conversations at once for each N given (comma-separated), each"
+        " of --turns phrases, with the first variant's settings",
     )
     asyncio.run(main(parser.parse_args()))
