@@ -602,10 +602,11 @@ def test_image_build_imports_every_module_it_runs_and_the_imports_work_here(stac
 # --- the health check command ---------------------------------------------------------------------
 
 
-async def healthcheck_exit_code(target: str) -> int:
-    """`python -m voicepipe.healthcheck <target>`, as the container health check runs it."""
+async def healthcheck_exit_code(target: str, env: dict[str, str] | None = None) -> int:
+    """`python -m voicepipe.healthcheck <target>`, as the container health check runs it (in
+    `env` when given, else this process's environment)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "voicepipe.healthcheck", target, cwd=PROJECT_ROOT
+        sys.executable, "-m", "voicepipe.healthcheck", target, cwd=PROJECT_ROOT, env=env
     )
     try:
         return await asyncio.wait_for(process.wait(), HEALTHCHECK_TIMEOUT_S)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from tests.test_compose import (
     clear_voicepipe_environment,
     compose_config,
     container_environment,
+    healthcheck_exit_code,
     module_and_flags,
     parser,
     service,
@@ -141,20 +141,7 @@ def test_every_variable_the_override_sets_is_read(
 async def health_check(variables: dict[str, str], target: str) -> int:
     """`python -m voicepipe.healthcheck <target>` in the container's environment."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("VOICEPIPE_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "voicepipe.healthcheck",
-        target,
-        cwd=PROJECT_ROOT,
-        env={**environment, **variables},
-    )
-    try:
-        return await asyncio.wait_for(process.wait(), HEALTHCHECK_TIMEOUT_S)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    return await healthcheck_exit_code(target, {**environment, **variables})
 
 
 async def test_the_tls_stack_comes_up_healthy(
