@@ -18,7 +18,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 # Versions are pinned in pyproject.toml only: the requirement lists are read from it, so the
 # images get exactly the pins (and the code generators) that `make install` gets. Later stages
 # copy these lists alone, so an edit elsewhere in pyproject.toml (a dev tool) does not reinstall
-# the engines (llama.cpp takes minutes to compile).
+# the engines.
 FROM python-build AS pins
 WORKDIR /pins
 COPY pyproject.toml ./
@@ -69,16 +69,10 @@ RUN /opt/venv/bin/pip install /src
 
 # --- build-real: the real image's virtualenv, with the engines --------------------------------
 FROM python-build AS build-real
-# llama-cpp-python has no wheels on PyPI: pip compiles llama.cpp.
-RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends build-essential cmake \
-    && rm -rf /var/lib/apt/lists/*
+# Every engine comes as a wheel (llama.cpp's server prebuilt in xllamacpp): nothing compiles.
 COPY --from=pins /pins/runtime-requirements.txt /pins/engine-requirements.txt /tmp/
-# Portable, as `make install` builds it (see Makefile): a native build (-march=native) can use
-# instructions the build machine advertises but the machine that runs the image lacks (SIGILL).
 RUN python -m venv /opt/venv \
-    && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-        /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/engine-requirements.txt
+    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/engine-requirements.txt
 COPY --from=source /src/ /src/
 COPY stt_whisper/ /src/stt_whisper/
 COPY tts_espeak/ /src/tts_espeak/
@@ -106,7 +100,7 @@ WORKDIR /app
 # espeakng-loader): nothing is downloaded when the image is built or run.
 FROM service AS real
 ENV VOICEPIPE_LLM_BACKEND_HOST=0.0.0.0
-# llama.cpp's libraries use OpenMP (libgomp); the other engines' wheels carry their libraries.
+# llama.cpp's server (xllamacpp) uses OpenMP (libgomp); the other engines' wheels carry their libraries.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libgomp1 \
     && rm -rf /var/lib/apt/lists/*
@@ -114,7 +108,7 @@ COPY --from=build-real /opt/venv /opt/venv
 # Numeric, so that a runtime enforcing non-root users can verify it without /etc/passwd.
 USER 10001:10001
 # Fails the build if an engine cannot load its libraries or generated code.
-RUN python -c "import orchestrator.__main__, stt_whisper.__main__, tts_espeak.__main__, llm_openai.__main__, llm_openai.backend, llama_cpp.server.app, voicepipe.healthcheck, voicepipe_client.cli"
+RUN python -c "import orchestrator.__main__, stt_whisper.__main__, tts_espeak.__main__, llm_openai.__main__, llm_openai.backend, xllamacpp, voicepipe.healthcheck, voicepipe_client.cli"
 
 # gRPC: orchestrator, STT, LLM, TTS; their Prometheus /metrics endpoints; the LLM backend (HTTP).
 EXPOSE 50051 50052 50053 50054 9601 9602 9603 9604 8080

