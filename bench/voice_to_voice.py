@@ -6,6 +6,7 @@ segment, TTS first audio and the orchestrator's part, with the stack's CPU per s
     python -m bench.voice_to_voice [--turns 20] [--turns-per-conversation 5]
         [--silence-ms 250,400] [--first-segment clause,sentence]
     python -m bench.voice_to_voice --sessions 1,2,3,4 [--turns 20]
+    python -m bench.voice_to_voice --versus-backend http://127.0.0.1:8081/v1 [--turns 20]
 
 A variant is one endpointing silence (the orchestrator's --end-of-utterance-silence-ms) with one
 first-segment policy (its --first-segment); every combination given is measured side by side:
@@ -21,6 +22,10 @@ It also measures what preemptive generation on an interim transcript could gain 
 each final transcript, how long before it the last interim arrived and whether that interim
 (or a stable one: two interims in a row with the same words, as LocalAgreement-2 commits them)
 already said what the final says.
+
+With --versus-backend, each variant is also measured against another LLM backend (an OpenAI API
+root started beforehand, e.g. an older checkout's `python -m llm_openai.backend`): a second LLM
+stage in front of it, and orchestrators wired to it, alternating with the stack's own backend.
 
 With --sessions, it measures capacity instead: for each N, N conversations at once (each its
 --turns phrases, their starts spread over one phrase's length so that they do not speak in step)
@@ -128,10 +133,14 @@ def first_segment(reply: str, policy: str) -> str:
     return reply
 
 
+LOCAL = "local"
+
+
 @dataclass
 class Variant:
     silence_ms: int
     first_segment: str
+    backend: str = LOCAL  # the stack's own LLM backend, or another's API root
     v2v: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
     interims: Interims = field(default_factory=Interims)
@@ -140,7 +149,8 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return f"{self.silence_ms} ms | {self.first_segment}"
+        where = "" if self.backend == LOCAL else f" ({self.backend})"
+        return f"{self.silence_ms} ms | {self.first_segment}{where}"
 
     @property
     def flags(self) -> list[str]:
@@ -167,13 +177,19 @@ class Variant:
         self.parts["orchestrator"].append(to_seconds(lat.orchestrator_added))
 
 
-async def start_orchestrators(stack: LocalStack, variants: list[Variant]) -> list[ServiceProcess]:
-    """One orchestrator per variant after the stack's own (the first variant's), on the same stages."""
+async def start_orchestrators(
+    stack: LocalStack, variants: list[Variant], llm_stages: dict[str, str]
+) -> list[ServiceProcess]:
+    """One orchestrator per variant after the stack's own (the first variant's), on the same
+    stages but for the LLM stage of the variant's backend (`llm_stages`: backend -> target)."""
     assert stack.orchestrator is not None
-    targets = [f"--{role}={process.target}" for role, process in stack.stages.items()]
     started = [stack.orchestrator]
     try:
         for variant in variants[1:]:
+            targets = [
+                f"--{role}={llm_stages[variant.backend] if role == 'llm' else process.target}"
+                for role, process in stack.stages.items()
+            ]
             process = await asyncio.to_thread(
                 ServiceProcess, "orchestrator", stage_args(0, 0, *targets, *variant.flags)
             )
@@ -213,7 +229,7 @@ async def converse(orchestrator: ServiceProcess, variant: Variant, phrases: list
 
 
 async def run(
-    variants: list[Variant], rounds: list[list[Utterance]], warm_up: Utterance
+    variants: list[Variant], rounds: list[list[Utterance]], warm_up: Utterance, versus: str
 ) -> tuple[float, float]:
     """Every round's phrases as one conversation with each variant in turn; returns the stack's
     CPU seconds and the wall seconds of the measured conversations."""
@@ -225,9 +241,17 @@ async def run(
         orchestrator_flags=variants[0].flags,
     )
     orchestrators: list[ServiceProcess] = []
+    other_llm: ServiceProcess | None = None
     try:
-        orchestrators = await start_orchestrators(stack, variants)
-        await converse(orchestrators[0], Variant(0, "warm-up"), [warm_up])
+        llm_stages = {LOCAL: stack.stages["llm"].target}
+        if versus:
+            other_llm = await asyncio.to_thread(
+                ServiceProcess, "llm_openai", stage_args(0, 0, "--base-url", versus, *NO_CONNECTION_AGE)
+            )
+            llm_stages[versus] = other_llm.target
+        orchestrators = await start_orchestrators(stack, variants, llm_stages)
+        for orchestrator in orchestrators:  # each backend's first generation, not measured
+            await converse(orchestrator, Variant(0, "warm-up"), [warm_up])
         pids = [p.process.pid for p in [*stack.processes, *orchestrators[1:]]]
         cpu_before = sum(procstat.sample(pid).cpu_s for pid in pids)
         started = time.monotonic()
@@ -241,6 +265,8 @@ async def run(
     finally:
         for process in orchestrators[1:]:
             process.stop()
+        if other_llm is not None:
+            other_llm.stop()
         await asyncio.to_thread(stack.stop)
 
 
@@ -353,10 +379,12 @@ async def main(args: argparse.Namespace) -> None:
     rounds = [phrases[start : start + per] for start in range(0, len(phrases), per)]
     warm_up = Utterance.spoken(speaker, WARM_UP, FMT)
     speaker.close()
+    backends = [LOCAL, args.versus_backend] if args.versus_backend else [LOCAL]
     variants = [
-        Variant(int(silence), first)
+        Variant(int(silence), first, backend)
         for silence in args.silence_ms.split(",")
         for first in args.first_segment.split(",")
+        for backend in backends
     ]
     if args.sessions:
         sessions = [int(n) for n in args.sessions.split(",")]
@@ -364,7 +392,7 @@ async def main(args: argparse.Namespace) -> None:
         print(capacity_report(await run_concurrent(variants[0], sessions, phrases, warm_up)))
         return
     print("variants: " + ", ".join(v.label.replace(" | ", " ") for v in variants), flush=True)
-    stack_cpu, wall = await run(variants, rounds, warm_up)
+    stack_cpu, wall = await run(variants, rounds, warm_up, args.versus_backend)
     print(report(variants, stack_cpu / wall, wall))
 
 
@@ -390,5 +418,10 @@ if __name__ == "__main__":
         default="",
         help="capacity instead: N conversations at once for each N given (comma-separated), each"
         " of --turns phrases, with the first variant's settings",
+    )
+    parser.add_argument(
+        "--versus-backend",
+        default="",
+        help="another LLM backend's OpenAI API root, measured side by side with the stack's own",
     )
     asyncio.run(main(parser.parse_args()))

@@ -1,12 +1,13 @@
 """The LLM stage in front of a real llama.cpp server (the local default backend with the bundled
-SmolLM2-135M): replies stream over gRPC, the history reaches the model, cancelling stops the
-backend's generation, backend failures reach the caller as statuses it can act on, health
-follows the backend, and the API key is never logged."""
+SmolLM2-135M, four slots): replies stream over gRPC, several at once, the history reaches the
+model and is trimmed to fit a slot, cancelling frees the backend's slot at once, a busy backend's
+queue is bounded, backend failures reach the caller as statuses it can act on, health follows
+the backend, and the API key is never logged."""
 
 from __future__ import annotations
 
 import asyncio
-import re
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from llm_openai.errors import backend_error
 from tests.helpers import NOT_SERVING, SERVING, open_channel, running, wait_for_log, watch_health
 from voice.v1 import common_pb2, language_model_pb2, language_model_pb2_grpc
 from voicepipe.aio import cancel_and_wait
-from voicepipe.processes import ServiceProcess
+from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe.stage.llm import SERVICE_NAME, Generation, Message
 
 if TYPE_CHECKING:
@@ -112,7 +113,8 @@ async def test_a_reply_streams_as_deltas_then_completes(stub: Stub) -> None:
     assert elapsed == sorted(elapsed) and elapsed[-1] > elapsed[0]
     summary = complete.complete
     assert summary.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
-    assert summary.usage.completion_tokens == len(deltas)  # this backend streams one token a chunk
+    # One token a chunk; llama.cpp also counts the end-of-sequence token it did not stream.
+    assert len(deltas) <= summary.usage.completion_tokens <= len(deltas) + 1
     assert summary.time_to_first_token.ToTimedelta() == elapsed[0]
     assert all(r.correlation.session_id == "s-llm" and r.correlation.turn_id == "t-1" for r in responses)
 
@@ -150,21 +152,31 @@ async def test_a_greedy_reply_repeats_exactly(stub: Stub) -> None:
     assert first == again and len(first) > 40
 
 
-def test_the_speech_prompt_is_added_only_when_the_conversation_has_no_system_message() -> None:
+async def test_the_speech_prompt_is_added_only_when_the_conversation_has_no_system_message() -> None:
     engine = OpenAIEngine(
         Endpoint("http://127.0.0.1:9/v1", "m", "none", 1, 1, 1), ReplySettings(SPEECH_SYSTEM_PROMPT, 0, 0)
     )
 
-    def roles(*messages: Message) -> list[tuple[str, str]]:
-        sent = engine.messages(Generation(messages, 10, 0.0, common_pb2.Correlation()))
+    async def roles(*messages: Message) -> list[tuple[str, str]]:
+        sent = await engine.messages(Generation(messages, 10, 0.0, common_pb2.Correlation()), 10)
         return [(m["role"], str(m.get("content"))) for m in sent]
 
-    assert roles(Message("user", "hi")) == [("system", SPEECH_SYSTEM_PROMPT), ("user", "hi")]
-    own = (Message("system", "Be terse."), Message("user", "hi"))
-    assert roles(*own) == [("system", "Be terse."), ("user", "hi")]
+    try:
+        assert await roles(Message("user", "hi")) == [("system", SPEECH_SYSTEM_PROMPT), ("user", "hi")]
+        own = (Message("system", "Be terse."), Message("user", "hi"))
+        assert await roles(*own) == [("system", "Be terse."), ("user", "hi")]
+    finally:
+        await engine.close()
 
 
-async def test_cancelling_the_call_stops_the_backend_generating(
+async def busy_slots(backend_process: ServiceProcess) -> int:
+    """How many of the backend's slots are generating, as its own `/slots` says."""
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        slots = (await client.get(f"http://{backend_process.target}/slots")).json()
+    return sum(1 for slot in slots if slot["is_processing"])
+
+
+async def test_cancelling_the_call_frees_the_backends_slot_at_once(
     stub: Stub, stage: ServiceProcess, llama: ServiceProcess
 ) -> None:
     long_reply = request((pb.ROLE_USER, "Count from 1 to 2000, separated by commas."), max_tokens=1500)
@@ -174,19 +186,84 @@ async def test_cancelling_the_call_stops_the_backend_generating(
     for _ in range(5):
         assert (await next_response(call)).HasField("delta")
     rate = 5 / (time.monotonic() - first)  # the backend's pace, tokens/s
+    assert await busy_slots(llama) == 1
     call.cancel()
-    # The backend says it dropped the request because its client went away ...
-    disconnected = re.compile(r"Disconnected from client")
-    deadline = time.monotonic() + GENERATE_TIMEOUT_S
-    while not any(disconnected.search(line) for line in list(llama.log_lines)):
-        assert time.monotonic() < deadline, "the backend never noticed the cancelled call"
+    cancelled = time.monotonic()
+    # The slot is free long before the 1500 tokens would have been generated.
+    while await busy_slots(llama):
+        assert time.monotonic() - cancelled < 1494 / rate / 4, "the backend kept generating"
         await asyncio.sleep(0.02)
-    # ... and it is free: it serves one request at a time, so had it kept generating the 1500
-    # tokens, the next reply would wait for them.
-    asked = time.monotonic()
-    await generate(stub, request((pb.ROLE_USER, "Say hi."), max_tokens=2))
-    assert time.monotonic() - asked < 1495 / rate / 2
     await wait_for_log(stage, lambda e: e.get("event") == "generation cancelled")
+
+
+async def test_four_conversations_stream_their_replies_at_the_same_time(
+    stub: Stub, llama: ServiceProcess
+) -> None:
+    async def reply(topic: str) -> tuple[float, float]:
+        """When its first and its last delta arrived."""
+        arrivals = [
+            time.monotonic()
+            async for r in stub.Generate(
+                request((pb.ROLE_USER, f"Write a long story about {topic}."), max_tokens=60),
+                timeout=GENERATE_TIMEOUT_S,
+            )
+            if r.HasField("delta")
+        ]
+        return arrivals[0], arrivals[-1]
+
+    spans = await asyncio.gather(*(reply(t) for t in ("a dragon", "the sea", "a robot", "a city")))
+    # Continuous batching: every reply had started before any of them finished.
+    assert max(first for first, _ in spans) < min(last for _, last in spans)
+
+
+async def test_a_busy_backends_queue_is_bounded_and_says_its_limit(
+    llama: ServiceProcess, key_file: Path
+) -> None:
+    flags = stage_flags(backend.base_url(llama), key_file, "--backend-slots", "1", "--max-waiting", "1")
+    with running("llm_openai", *flags) as one_slot:
+        async with open_channel(one_slot.target) as channel:
+            stub: Stub = language_model_pb2_grpc.LanguageModelServiceStub(channel)
+            long_reply = request((pb.ROLE_USER, "Count from 1 to 2000."), max_tokens=400)
+            generating = stub.Generate(long_reply, timeout=GENERATE_TIMEOUT_S)
+            assert (await next_response(generating)).HasField("delta")
+            waiting = stub.Generate(
+                request((pb.ROLE_USER, "Say hi."), max_tokens=4), timeout=GENERATE_TIMEOUT_S
+            )
+            await wait_for_log(one_slot, lambda e: e.get("event") == "waiting for a slot")
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await generate(stub, request((pb.ROLE_USER, "And me?"), max_tokens=4))
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "all 1 slots are generating" in str(raised.value.details())
+            assert "--max-waiting 1" in str(raised.value.details())
+            generating.cancel()
+            # The one that waited gets the slot as soon as it is free.
+            answered = [r async for r in waiting]
+            assert answered[-1].HasField("complete")
+
+
+@pytest.mark.timeout(600)  # a hundred turns on a CPU the other tests may share
+async def test_a_hundred_turn_conversation_is_trimmed_to_fit_a_slot(key_file: Path) -> None:
+    # A backend of small slots (512 tokens), so that the history outgrows one within a few turns.
+    small = await asyncio.to_thread(
+        backend.start, 0, "--api-key", API_KEY, "--parallel", "1", "--ctx-per-slot", "512"
+    )
+    try:
+        with running("llm_openai", *stage_flags(backend.base_url(small), key_file)) as stage:
+            async with open_channel(stage.target) as channel:
+                stub: Stub = language_model_pb2_grpc.LanguageModelServiceStub(channel)
+                turns: list[tuple[pb.Role.ValueType, str]] = []
+                prompt_tokens = []
+                for number in range(1, 101):
+                    turns.append((pb.ROLE_USER, f"Turn {number}: name one fact about the number {number}."))
+                    text, responses = await generate(stub, request(*turns, max_tokens=8))
+                    assert text.strip(), f"turn {number} got an empty reply"
+                    prompt_tokens.append(responses[-1].complete.usage.prompt_tokens)
+                    turns.append((pb.ROLE_ASSISTANT, text))
+            # The history outgrew the slot many times over and was cut, oldest turns first.
+            await wait_for_log(stage, lambda e: e.get("event") == "history trimmed")
+            assert max(prompt_tokens) <= 512 - 8
+    finally:
+        await asyncio.to_thread(small.stop)
 
 
 async def test_the_stage_stays_serving_while_the_backend_is_busy_generating(
@@ -215,13 +292,11 @@ async def test_the_stage_stays_serving_while_the_backend_is_busy_generating(
         assert statuses == []
 
 
-async def test_a_conversation_too_long_for_the_model_is_an_error_not_an_empty_reply(stub: Stub) -> None:
-    # llama-cpp-python answers a streamed request it cannot fit with an empty 200 stream (the
-    # reason only in its log): the caller gets a status, never a reply that silently says nothing.
+async def test_a_user_message_too_long_for_a_slot_is_invalid_argument_naming_the_limit(stub: Stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await generate(stub, request((pb.ROLE_USER, "word " * 3000)))
-    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "ended the stream without finishing the reply" in str(raised.value.details())
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context of 2048 tokens per conversation" in str(raised.value.details())
 
 
 def status_error(status: int, body: object) -> openai.APIStatusError:
@@ -329,3 +404,90 @@ async def test_health_and_calls_follow_the_backend_down_and_up(key_file: Path) -
                 assert text.strip()
     finally:
         own.stop()
+
+
+class ClosesReusedConnections:
+    """An OpenAI-compatible HTTP/1.1 server that answers every request on a new connection but
+    closes a kept-alive connection, without a response byte, when a completion request arrives
+    on it: the race of a server whose keep-alive ends just as the client reuses the connection
+    ("Server disconnected without sending a response"), made to happen every time."""
+
+    def __init__(self) -> None:
+        self.closed_on_reuse = 0
+        self.completions = 0
+
+    async def serve(self) -> asyncio.Server:
+        return await asyncio.start_server(self._connection, "127.0.0.1", 0)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                lines = head.decode().split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                length = next(
+                    (
+                        int(line.split(":", 1)[1])
+                        for line in lines
+                        if line.lower().startswith("content-length:")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                if path.endswith("/chat/completions") and served:
+                    self.closed_on_reuse += 1
+                    return
+                writer.write(self._answer(method, path))
+                await writer.drain()
+                served += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    def _answer(self, method: str, path: str) -> bytes:
+        if method == "POST" and path.endswith("/chat/completions"):
+            self.completions += 1
+            chunks: list[dict[str, object]] = [
+                {"choices": [{"index": 0, "delta": {"content": "Hello there."}, "finish_reason": None}]},
+                {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            ]
+            envelope = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+            body = (
+                "".join(f"data: {json.dumps(envelope | chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+            )
+            return self._response("200 OK", "text/event-stream", body)
+        if path.endswith("/health"):
+            return self._response("200 OK", "application/json", '{"status": "ok"}')
+        return self._response("404 Not Found", "application/json", '{"error": "not found"}')
+
+    @staticmethod
+    def _response(status: str, content_type: str, body: str) -> bytes:
+        data = body.encode()
+        head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n\r\n"
+        return head.encode() + data
+
+
+async def test_a_kept_alive_connection_the_backend_closed_is_never_the_callers_error() -> None:
+    backend_server = ClosesReusedConnections()
+    server = await backend_server.serve()
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # Started off the event loop, which serves the backend meanwhile.
+        flags = stage_args(0, 0, *stage_flags(f"http://127.0.0.1:{port}/v1", None))
+        stage = await asyncio.to_thread(ServiceProcess, "llm_openai", flags)
+        try:
+            async with open_channel(stage.target) as channel:
+                stub: Stub = language_model_pb2_grpc.LanguageModelServiceStub(channel)
+                for _ in range(10):
+                    text, _ = await generate(stub, request((pb.ROLE_USER, "hello")))
+                    assert text == "Hello there."
+            await wait_for_log(
+                stage, lambda e: e.get("event", "").startswith("backend closed the connection")
+            )
+        finally:
+            await asyncio.to_thread(stage.stop)
+        assert backend_server.closed_on_reuse > 0
+    finally:
+        server.close()
+        await server.wait_closed()
