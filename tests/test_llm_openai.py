@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -491,3 +493,25 @@ async def test_a_kept_alive_connection_the_backend_closed_is_never_the_callers_e
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_a_cpu_without_an_instruction_set_the_server_needs_is_named_not_a_crash() -> None:
+    every = {"AVX": True, "AVX2": True, "FMA3": True, "F16C": True}
+    assert backend.missing_cpu_features(every) == []
+    assert backend.missing_cpu_features(every | {"AVX2": False, "FMA3": False}) == ["AVX2", "FMA"]
+    # As a process: the CPU check runs before the server's library is loaded.
+    run = subprocess.run(
+        [sys.executable, "-c", "from llm_openai import backend; backend.check_cpu()"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr  # this machine has them all
+
+
+def test_the_backend_refuses_to_start_on_a_cpu_lacking_avx2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend, "missing_cpu_features", lambda: ["AVX2"])
+    with pytest.raises(SystemExit) as raised:
+        backend.main(["--port", "0"])
+    assert "this CPU lacks AVX2" in str(raised.value) and "--base-url" in str(raised.value)
