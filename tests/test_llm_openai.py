@@ -24,8 +24,10 @@ from grpc_health.v1 import health_pb2
 from llm_openai import backend
 from llm_openai.engine import SPEECH_SYSTEM_PROMPT, Endpoint, OpenAIEngine, ReplySettings
 from llm_openai.errors import backend_error
+from orchestrator.stack import start_stack
 from tests.helpers import NOT_SERVING, SERVING, open_channel, running, wait_for_log, watch_health
-from voice.v1 import common_pb2, language_model_pb2, language_model_pb2_grpc
+from tests.stack_fixtures import Caller
+from voice.v1 import common_pb2, language_model_pb2, language_model_pb2_grpc, voice_agent_pb2
 from voicepipe.aio import cancel_and_wait
 from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe.stage.llm import SERVICE_NAME, Generation, Message
@@ -515,3 +517,36 @@ def test_the_backend_refuses_to_start_on_a_cpu_lacking_avx2(monkeypatch: pytest.
     with pytest.raises(SystemExit) as raised:
         backend.main(["--port", "0"])
     assert "this CPU lacks AVX2" in str(raised.value) and "--base-url" in str(raised.value)
+
+
+async def test_a_caller_whose_turn_finds_every_slot_busy_is_told_the_limit(
+    llama: ServiceProcess, key_file: Path
+) -> None:
+    one_slot = ["--backend-slots", "1", "--max-waiting", "0"]
+    stack = await start_stack(
+        "instant",
+        ephemeral=True,
+        engines={"stt": "stub", "llm": "openai", "tts": "stub"},
+        stage_flags={"llm": stage_flags(backend.base_url(llama), key_file, *one_slot)},
+    )
+    try:
+        assert stack.orchestrator is not None
+        async with open_channel(stack.stages["llm"].target) as llm_channel:
+            stub: Stub = language_model_pb2_grpc.LanguageModelServiceStub(llm_channel)
+            busy = stub.Generate(
+                request((pb.ROLE_USER, "Count from 1 to 2000."), max_tokens=400), timeout=GENERATE_TIMEOUT_S
+            )
+            assert (await next_response(busy)).HasField("delta")
+            async with (
+                open_channel(stack.orchestrator.target) as channel,
+                await Caller(channel, session_id="busy").open() as caller,
+            ):
+                await caller.type("Hello?")
+                errors = await caller.wait_for(lambda: caller.of_kind("error"), what="an error event")
+            busy.cancel()
+    finally:
+        await asyncio.to_thread(stack.stop)
+    error = errors[0].error
+    assert error.stage == voice_agent_pb2.STAGE_LLM
+    assert error.code == "RESOURCE_EXHAUSTED"
+    assert "all 1 slots are generating" in error.message and "--max-waiting 0" in error.message
