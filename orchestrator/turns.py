@@ -27,6 +27,7 @@ from orchestrator.turn import Turn, TurnSettings
 from orchestrator.upstreams import Upstreams
 from voice.v1 import common_pb2, language_model_pb2
 from voice.v1 import voice_agent_pb2 as pb
+from voicepipe import history
 from voicepipe.aio import cancel_and_wait
 from voicepipe.logs import turn_id_var
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # Turns waiting while the agent answers an earlier one (typed turns queue; speech interrupts).
 MAX_QUEUED_TURNS = 16
+# The history a conversation keeps, in characters (some 8k tokens): older turns are forgotten.
+HISTORY_LIMIT_CHARS = 32_000
 
 
 @dataclass(slots=True)
@@ -148,6 +151,7 @@ class TurnRunner:
             role=language_model_pb2.ROLE_USER, content=request.text
         )
         self.history.append(request.message)
+        self.history = bounded(self.history)
         context = self._context
         return Turn(
             messages=list(self.history),
@@ -219,6 +223,22 @@ class TurnRunner:
             self.history.append(
                 language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_ASSISTANT, content=text)
             )
+
+
+def bounded(messages: list[language_model_pb2.ChatMessage]) -> list[language_model_pb2.ChatMessage]:
+    """The history cut to HISTORY_LIMIT_CHARS by the history rule (voicepipe.history), so that
+    a long conversation's memory and requests stay bounded (the LLM stage cuts it further to fit
+    its model's context)."""
+    try:
+        return history.trim(
+            messages,
+            HISTORY_LIMIT_CHARS,
+            lambda m: len(m.content),
+            is_system=lambda m: m.role == language_model_pb2.ROLE_SYSTEM,
+            is_user=lambda m: m.role == language_model_pb2.ROLE_USER,
+        )
+    except history.TurnTooLong:
+        return messages  # one turn alone: the LLM stage says what is wrong with it
 
 
 async def report_stage_error(

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from orchestrator.turns import HISTORY_LIMIT_CHARS, bounded
+from voice.v1.language_model_pb2 import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_USER, ChatMessage
 from voicepipe import history
 
 
@@ -57,3 +59,18 @@ def test_a_newest_turn_larger_than_the_budget_is_an_error_with_its_cost() -> Non
             said, 5, lambda m: 4, is_system=lambda m: m.role == "system", is_user=lambda m: m.role == "user"
         )
     assert raised.value.cost == 8 and raised.value.budget == 5
+
+
+def test_the_orchestrator_forgets_the_oldest_turns_of_a_long_conversation() -> None:
+    system = ChatMessage(role=ROLE_SYSTEM, content="Be brief.")
+    said = [system]
+    for number in range(300):  # some 100 k characters said
+        said = bounded(
+            [
+                *said,
+                ChatMessage(role=ROLE_USER, content=f"question {number} " * 12),
+                ChatMessage(role=ROLE_ASSISTANT, content=f"answer {number} " * 12),
+            ]
+        )
+    assert sum(len(m.content) for m in said) <= HISTORY_LIMIT_CHARS
+    assert said[0] == system and said[-1].content.startswith("answer 299")
