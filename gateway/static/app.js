@@ -25,7 +25,18 @@ const WATERFALL = [
 
 const $ = (id) => document.getElementById(id);
 // What the page has done, for anyone watching (the browser tests read it).
-const stats = { connects: 0, played: 0, received: 0, flushed: 0, interrupted: 0, completed: 0, playing: false };
+const stats = {
+  connects: 0, // sockets opened
+  received: 0, // reply audio samples received
+  played: 0, // of those, samples played
+  playing: false,
+  flushed: 0, // samples dropped unplayed at an interruption or a disconnect
+  playedAtFlush: 0, // what had been played by the last drop
+  receivedAtFlush: 0,
+  completed: 0, // turns
+  interrupted: 0,
+  replyMs: 0, // reply audio of the completed turns, as the server counted it
+};
 window.voicepipe = { stats };
 
 let context = null;
@@ -113,6 +124,7 @@ function onEvent(event) {
       break;
     case "turn_completed":
       stats.completed += 1;
+      stats.replyMs += event.reply_audio_ms;
       agentLine(event.turn_id).querySelector(".text").textContent = event.agent_text;
       player.port.postMessage("end");
       addWaterfall(event);
@@ -203,7 +215,11 @@ async function start() {
       const report = message.data;
       stats.played = report.played;
       stats.playing = report.playing;
-      if (report.flushed !== undefined) stats.flushed += report.flushed;
+      if (report.flushed !== undefined) {
+        stats.flushed += report.flushed;
+        stats.playedAtFlush = report.played;
+        stats.receivedAtFlush = stats.received;
+      }
       $("played").textContent = (report.played / context.sampleRate).toFixed(2);
       if (live) {
         if (report.playing) setStatus("speaking", "Agent speaking…");
