@@ -27,6 +27,7 @@ const $ = (id) => document.getElementById(id);
 // What the page has done, for anyone watching (the browser tests read it).
 const stats = {
   connects: 0, // sockets opened
+  sessions: 0, // conversations started on them
   received: 0, // reply audio samples received
   played: 0, // of those, samples played
   playing: false,
@@ -108,6 +109,7 @@ function onEvent(event) {
   switch (event.type) {
     case "session_started":
       live = true;
+      stats.sessions += 1;
       reconnectMs = RECONNECT_FIRST_MS;
       showError("");
       setStatus("listening", pushToTalk ? "Connected: hold the button to talk" : "Listening…");
@@ -196,6 +198,7 @@ async function start() {
   setStatus("connecting", "Opening the microphone…");
   try {
     context = new AudioContext({ latencyHint: "interactive" });
+    window.voicepipe.sampleRate = context.sampleRate;
     await context.audioWorklet.addModule("/static/mic-worklet.js");
     await context.audioWorklet.addModule("/static/player-worklet.js");
     const stream = await navigator.mediaDevices.getUserMedia({
