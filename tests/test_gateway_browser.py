@@ -121,7 +121,8 @@ async def test_speaking_over_the_reply_stops_playback_at_once(
         # of the story only what it had played when the interruption came: whatever of the
         # story was still buffered was dropped, and nothing of it played afterwards.
         await page.wait_for_function(
-            "(s => s.completed === 1 && !s.playing && s.received > s.receivedAtFlush)(window.voicepipe.stats)",
+            "(s => s.completed === 1 && !s.playing && s.received > s.receivedAtFlush)"
+            "(window.voicepipe.stats)",
             timeout=WAIT_MS,
         )
         await page.wait_for_function(
