@@ -38,12 +38,16 @@ async def whisper_stack() -> AsyncIterator[LocalStack]:
         await asyncio.to_thread(stack.stop)
 
 
-@pytest.fixture(scope="module")
-async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Browser]:
+def microphone_wav(directory: Path) -> Path:
+    """The recording between a second of silence before and two after (the end of speech)."""
     speech = np.frombuffer(RECORDING.read_bytes(), "<i2")
     silence = np.zeros(RATE, np.int16)
-    samples = np.concatenate([silence, speech, silence, silence])
-    microphone = write_wav(tmp_path_factory.mktemp("microphone") / "goforward.wav", samples, RATE)
+    return write_wav(directory / "goforward.wav", np.concatenate([silence, speech, silence, silence]), RATE)
+
+
+@pytest.fixture(scope="module")
+async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Browser]:
+    microphone = await asyncio.to_thread(microphone_wav, tmp_path_factory.mktemp("microphone"))
     async with chromium(microphone) as browser:
         yield browser
 
