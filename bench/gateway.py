@@ -11,10 +11,12 @@ to the orchestrator (the client library), alternating turn by turn; each turn on
 conversation (a typed turn waits for the previous reply to finish playing). The gateway adds the
 difference, quoted at p50 and p99.
 
-Capacity: N WebSocket callers at once, each sending 20 ms frames in real time (a phrase in the
-stub audio code, then silence, over and over) and receiving every reply. The gateway's CPU time
-over the window (from /proc) gives its cores used, CPU per session and sessions per core; the
-callers' TTFA p99 and their frames sent late say whether it kept real time.
+Capacity: N callers at once, each sending 20 ms frames in real time (a phrase in the stub audio
+code, then silence, over and over) and receiving every reply, first over WebSockets through the
+gateway, then the same N over gRPC straight to the orchestrator. The gateway's CPU time over the
+window (from /proc) gives its cores used, CPU per session and sessions per core; the callers'
+TTFA, side by side with the direct path's, and their frames sent late say whether it kept real
+time.
 """
 
 from __future__ import annotations
@@ -24,16 +26,28 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+import grpc
 import numpy as np
 
 from bench import procstat
 from bench.workload import percentile
 from orchestrator.stack import LocalStack, start_gateway, start_stack
 from stubs import audio_code
-from voicepipe_client import PCM_16K, Conversation, Microphone, SessionSettings, Utterance, connect
+from voice.v1 import voice_agent_pb2 as pb
+from voicepipe.aio import cancel_and_wait
+from voicepipe_client import (
+    PCM_16K,
+    Conversation,
+    Microphone,
+    SessionSettings,
+    TurnAssembler,
+    Utterance,
+    connect,
+)
 
 QUESTION = "What is 2 plus 3?"
 EVENT_TIMEOUT_S = 10.0
@@ -42,6 +56,8 @@ FRAME_S = 0.02
 CYCLE_SILENCE_S = 3.0
 # A frame sent this much after its due time counts as late (the caller could not keep up).
 LATE_S = 0.02
+# The callers start spread over this long; the window is measured after it.
+RAMP_S = 1.5
 
 
 def _ms(values: list[float], q: float) -> float:
@@ -103,81 +119,146 @@ async def added_latency(stack: LocalStack, turns: int) -> dict[str, float]:
 
 @dataclass
 class Caller:
-    """One real-time WebSocket caller's record."""
+    """One real-time caller's record: it hears a turn start, then times its first reply audio."""
 
     ttfa_s: list[float] = field(default_factory=list)
     frames: int = 0
     late_frames: int = 0
     replies: int = 0
+    speech_ended_at: float = 0.0
+    awaiting_audio: bool = False
+
+    def event(self, kind: str) -> None:
+        """An event of the conversation ("audio" for reply audio), as it arrives."""
+        if kind == "audio":
+            if self.awaiting_audio:
+                self.ttfa_s.append(time.monotonic() - self.speech_ended_at)
+                self.awaiting_audio = False
+        elif kind == "turn_started":
+            self.awaiting_audio = True
+        elif kind == "turn_completed":
+            self.replies += 1
 
 
-async def real_time_caller(http: aiohttp.ClientSession, url: str, until: float, offset_s: float) -> Caller:
-    phrase = audio_code.render(QUESTION, PCM_16K.sample_rate)
-    cycle = np.concatenate([phrase.samples, np.zeros(int(CYCLE_SILENCE_S * PCM_16K.sample_rate), np.int16)])
-    utterance = Utterance.from_samples(cycle, PCM_16K, phrase.speech_end_samples)
-    record = Caller()
-    speech_ended: list[float] = []
-    await asyncio.sleep(offset_s)  # spread the callers' phases
+class GrpcListener:
+    """The client library's EventListener feeding a Caller (the direct path)."""
+
+    def __init__(self, record: Caller) -> None:
+        self.record = record
+
+    def on_event(self, response: pb.ConverseResponse) -> None:
+        kind = response.WhichOneof("event")
+        self.record.event("audio" if kind == "reply_audio" else kind or "")
+
+    def on_end(self) -> None:
+        pass
+
+
+Send = Callable[[bytes], Awaitable[object]]
+
+
+@contextlib.asynccontextmanager
+async def websocket_path(http: aiohttp.ClientSession, url: str, record: Caller) -> AsyncIterator[Send]:
     async with http.ws_connect(url) as socket:
         await socket.send_str(json.dumps({"type": "config"}))
 
         async def read() -> None:
-            awaiting_audio = False
             async for message in socket:
-                if message.type == aiohttp.WSMsgType.BINARY and awaiting_audio and speech_ended:
-                    record.ttfa_s.append(time.monotonic() - speech_ended[-1])
-                    awaiting_audio = False
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    record.event("audio")
                 elif message.type == aiohttp.WSMsgType.TEXT:
-                    kind = json.loads(message.data)["type"]
-                    awaiting_audio = awaiting_audio or kind == "turn_started"
-                    record.replies += kind == "turn_completed"
+                    record.event(json.loads(message.data)["type"])
 
         reader = asyncio.create_task(read(), name="bench-reader")
         try:
-            start = time.monotonic()
-            while (due := start + record.frames * FRAME_S) < until:
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                elif -delay > LATE_S:
-                    record.late_frames += 1
-                position = record.frames % len(utterance.frames)
-                await socket.send_bytes(utterance.frames[position])
-                if position == utterance.speech_end_frame:
-                    speech_ended.append(time.monotonic())
-                record.frames += 1
+            yield socket.send_bytes
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-    return record
+            await cancel_and_wait(reader)
 
 
-async def capacity(stack: LocalStack, sessions: int, window_s: float) -> dict[str, float]:
-    assert stack.gateway is not None
+@contextlib.asynccontextmanager
+async def grpc_path(channel: grpc.aio.Channel, record: Caller) -> AsyncIterator[Send]:
+    assembler = TurnAssembler(PCM_16K, keep_audio=False, listener=GrpcListener(record))
+    conversation = Conversation(
+        channel, SessionSettings(), microphone=Microphone(realtime=False), assembler=assembler
+    )
+    async with conversation:
+        yield conversation.send_audio
+
+
+async def real_time_caller(
+    path: contextlib.AbstractAsyncContextManager[Send], record: Caller, until: float
+) -> None:
+    """Sends the phrase-and-silence cycle in real time, 20 ms per frame, until `until`."""
+    phrase = audio_code.render(QUESTION, PCM_16K.sample_rate)
+    cycle = np.concatenate([phrase.samples, np.zeros(int(CYCLE_SILENCE_S * PCM_16K.sample_rate), np.int16)])
+    utterance = Utterance.from_samples(cycle, PCM_16K, phrase.speech_end_samples)
+    async with path as send:
+        start = time.monotonic()
+        while (due := start + record.frames * FRAME_S) < until:
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif -delay > LATE_S:
+                record.late_frames += 1
+            position = record.frames % len(utterance.frames)
+            await send(utterance.frames[position])
+            if position == utterance.speech_end_frame:
+                record.speech_ended_at = time.monotonic()
+            record.frames += 1
+
+
+async def capacity_step(
+    stack: LocalStack, sessions: int, window_s: float, via: str
+) -> dict[str, float | str]:
+    """N callers at once over one path; the CPU of the process the path adds (the gateway's, or
+    for the direct path the orchestrator's, for scale)."""
+    assert stack.gateway is not None and stack.orchestrator is not None
     url = f"ws://127.0.0.1:{stack.gateway.port}/ws"
-    pid = stack.gateway.process.pid
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        until = time.monotonic() + window_s + 1.2
-        callers = [
-            asyncio.create_task(real_time_caller(http, url, until, i / sessions)) for i in range(sessions)
-        ]
-        await asyncio.sleep(1.2)  # every caller has connected (offsets < 1 s); measure from here
-        before, started = procstat.sample(pid).cpu_s, time.monotonic()
-        records = await asyncio.gather(*callers)
-        cpu_s, elapsed = procstat.sample(pid).cpu_s - before, time.monotonic() - started
-    cores = cpu_s / elapsed
+    pid = (stack.gateway if via == "gateway" else stack.orchestrator).process.pid
+    records = [Caller() for _ in range(sessions)]
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http,
+        connect(stack.orchestrator.target) as channel,
+    ):
+        until = time.monotonic() + RAMP_S + window_s
+
+        async def call(i: int) -> None:
+            await asyncio.sleep(i * RAMP_S / sessions)  # spread the callers' phases
+            path = (
+                websocket_path(http, url, records[i]) if via == "gateway" else grpc_path(channel, records[i])
+            )
+            await real_time_caller(path, records[i], until)
+
+        callers = [asyncio.create_task(call(i), name=f"bench-caller-{i}") for i in range(sessions)]
+        try:
+            await asyncio.sleep(RAMP_S)  # every caller is talking: measure from here
+            gateway_before = procstat.sample(stack.gateway.process.pid).cpu_s
+            before, started = procstat.sample(pid).cpu_s, time.monotonic()
+            await asyncio.gather(*callers)
+            cpu_s, elapsed = procstat.sample(pid).cpu_s - before, time.monotonic() - started
+            gateway_cpu_s = procstat.sample(stack.gateway.process.pid).cpu_s - gateway_before
+        finally:
+            await cancel_and_wait(*callers)
     ttfa = [t for record in records for t in record.ttfa_s]
     frames = sum(record.frames for record in records)
+    gateway_cores = gateway_cpu_s / elapsed
     return {
+        "via": via,
         "sessions": sessions,
         "replies": sum(record.replies for record in records),
         "ttfa_p50_ms": _ms(ttfa, 50),
         "ttfa_p99_ms": _ms(ttfa, 99),
         "late_frames_pct": round(100 * sum(r.late_frames for r in records) / max(frames, 1), 2),
-        "gateway_cores": round(cores, 3),
-        "cpu_ms_per_session_second": round(1000 * cores / sessions, 2),
-        "sessions_per_core": round(sessions / cores, 0) if cores else 0.0,
+        "orchestrator_cores" if via == "direct" else "gateway_cores": round(cpu_s / elapsed, 3),
+        **(
+            {
+                "cpu_ms_per_session_second": round(1000 * gateway_cores / sessions, 2),
+                "sessions_per_core": round(sessions / gateway_cores) if gateway_cores else 0,
+            }
+            if via == "gateway"
+            else {}
+        ),
     }
 
 
@@ -187,7 +268,9 @@ async def main(args: argparse.Namespace) -> None:
         await start_gateway(stack, ephemeral=True, certificates=None)
         print(json.dumps({"added_latency": await added_latency(stack, args.turns)}), flush=True)
         for sessions in args.sessions:
-            print(json.dumps({"capacity": await capacity(stack, sessions, args.window)}), flush=True)
+            for via in ("gateway", "direct"):
+                step = await capacity_step(stack, sessions, args.window, via)
+                print(json.dumps({"capacity": step}), flush=True)
     finally:
         await asyncio.to_thread(stack.stop)
 
