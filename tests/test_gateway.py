@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import aiohttp
 import pytest
 
 from orchestrator.auth import issue
-from orchestrator.stack import LocalStack
+from orchestrator.stack import LocalStack, StackCertificates
 from stubs import audio_code
 from tests.gateway_fixtures import SocketCaller, gateway, socket_caller, ws_url
 from tests.stack_fixtures import free_port, heard, instant_stack, processes, serving
 from voicepipe.audio_format import LINEAR16, PcmFormat
+from voicepipe.certs import write_local_pki
 from voicepipe.processes import ServiceProcess
 from voicepipe_client import PCM_16K, Utterance
 
@@ -181,6 +183,28 @@ async def test_the_bearer_token_comes_from_the_config_or_a_proxy_header(
                 code, reason = await caller.closed()
     assert code == 4016, (code, reason)
     assert reason
+
+
+async def test_wss_in_front_of_an_orchestrator_with_mutual_tls(tmp_path: Path) -> None:
+    """The gateway serves the page and the socket over TLS, and reaches an orchestrator that
+    requires client certificates with the orchestrator-TLS flags."""
+    await asyncio.to_thread(write_local_pki, tmp_path)
+    certificates = StackCertificates(tmp_path)
+    listener = [
+        f"--tls-cert={tmp_path / 'orchestrator.pem'}",
+        f"--tls-key={tmp_path / 'orchestrator-key.pem'}",
+    ]
+    client = ssl.create_default_context(cafile=str(certificates.ca))
+    async with instant_stack(certificates=certificates) as stack:
+        assert stack.orchestrator is not None
+        upstream = certificates.client_flags("--orchestrator-tls")
+        async with (
+            gateway(stack.orchestrator.target, *upstream, *listener) as process,
+            socket_caller(f"wss://127.0.0.1:{process.port}/ws", ssl=client) as caller,
+        ):
+            await caller.configure()
+            await caller.send({"type": "text", "text": "What is 2 plus 3?"})
+            assert (await caller.until("turn_completed"))["agent_text"] == "2 plus 3 is 5."
 
 
 async def test_sigterm_drains_health_first_then_closes_open_sockets_after_the_grace(
