@@ -83,6 +83,18 @@ function agentLine(turnId) {
   return agentLines.get(turnId);
 }
 
+// Every turn's bar is drawn on one time scale: the longest time to first audio so far.
+const waterfallRows = [];
+
+function scaleWaterfall() {
+  const longest = Math.max(...waterfallRows.map(([latency]) => latency.time_to_first_audio_ms));
+  for (const [latency, bar] of waterfallRows) {
+    WATERFALL.forEach(([, key], i) => {
+      bar.children[i].style.width = `${longest > 0 ? (100 * Math.max(0, latency[key])) / longest : 0}%`;
+    });
+  }
+}
+
 function addWaterfall(event) {
   const latency = event.latency;
   const total = latency.time_to_first_audio_ms;
@@ -98,11 +110,12 @@ function addWaterfall(event) {
     const part = document.createElement("span");
     part.className = css;
     part.title = `${name}: ${latency[key].toFixed(1)} ms`;
-    part.style.width = `${total > 0 ? (100 * Math.max(0, latency[key])) / total : 0}%`;
     bar.append(part);
   }
   item.append(caption, bar);
-  $("waterfall").prepend(item);
+  $("waterfall").append(item);
+  waterfallRows.push([latency, bar]);
+  scaleWaterfall();
 }
 
 function onEvent(event) {
