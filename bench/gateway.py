@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -234,10 +235,12 @@ async def capacity_step(
         try:
             await asyncio.sleep(RAMP_S)  # every caller is talking: measure from here
             gateway_before = procstat.sample(stack.gateway.process.pid).cpu_s
+            callers_before = procstat.sample(os.getpid()).cpu_s
             before, started = procstat.sample(pid).cpu_s, time.monotonic()
             await asyncio.gather(*callers)
             cpu_s, elapsed = procstat.sample(pid).cpu_s - before, time.monotonic() - started
             gateway_cpu_s = procstat.sample(stack.gateway.process.pid).cpu_s - gateway_before
+            callers_cpu_s = procstat.sample(os.getpid()).cpu_s - callers_before
         finally:
             await cancel_and_wait(*callers)
     ttfa = [t for record in records for t in record.ttfa_s]
@@ -250,6 +253,8 @@ async def capacity_step(
         "ttfa_p50_ms": _ms(ttfa, 50),
         "ttfa_p99_ms": _ms(ttfa, 99),
         "late_frames_pct": round(100 * sum(r.late_frames for r in records) / max(frames, 1), 2),
+        # The callers' own process: a saturated load generator delays what it reads.
+        "callers_cores": round(callers_cpu_s / elapsed, 3),
         "orchestrator_cores" if via == "direct" else "gateway_cores": round(cpu_s / elapsed, 3),
         **(
             {

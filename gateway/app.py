@@ -100,7 +100,10 @@ class Gateway:
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse(
-            max_msg_size=self._limits.max_frame_bytes * AIOHTTP_SIZE_FACTOR, heartbeat=20.0
+            max_msg_size=self._limits.max_frame_bytes * AIOHTTP_SIZE_FACTOR,
+            heartbeat=20.0,
+            # PCM hardly compresses: permessage-deflate (which browsers offer) would cost CPU for nothing.
+            compress=False,
         )
         await socket.prepare(request)
         origin = request.headers.get("Origin", "")
