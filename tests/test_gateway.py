@@ -149,6 +149,11 @@ async def test_a_page_of_another_origin_is_refused(gateway_process: ServiceProce
         code, reason = await caller.closed()
     assert (code, reason) == (4007, "origin http://evil.example is not allowed")
     await typed_turn_works(gateway_process)
+    # Counted by close code on /metrics.
+    metrics_url = f"http://127.0.0.1:{gateway_process.metrics_port}/metrics"
+    async with aiohttp.ClientSession() as http, http.get(metrics_url) as response:
+        exposition = await response.text()
+    assert 'voicepipe_gateway_socket_closes_total{code="4007"} 1.0' in exposition
 
 
 async def test_an_unreachable_orchestrator_closes_with_unavailable_at_once() -> None:
