@@ -87,6 +87,7 @@ class SocketSession:
         self._shutting_down = shutting_down
         self._rate = MessageRate(limits.max_messages_per_second)
         self._outgoing: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        self._input_ended = False
 
     async def run(self) -> None:
         code, reason = NORMAL_CLOSURE, ""
@@ -178,6 +179,8 @@ class SocketSession:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"more than {self._limits.max_messages_per_second:g} messages per second",
                 )
+            if self._input_ended:
+                raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "input after end_of_input")
             if message.type == WSMsgType.BINARY:
                 self._check_size(len(message.data))
                 metrics.AUDIO_IN.inc()
@@ -194,6 +197,7 @@ class SocketSession:
                 raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, '"text" needs a string "text"')
             await conversation.type(text)
         elif kind == "end_of_input":
+            self._input_ended = True
             await conversation.end_input()
         elif kind == "config":
             raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "a second config")

@@ -116,6 +116,17 @@ BAD_INPUT: dict[str, tuple[list[str | bytes], int, str]] = {
         f"more than {MAX_MESSAGES_PER_SECOND} messages per second",
     ),
     "an odd byte count": ([json.dumps({"type": "config"}), b"\0\0\0"], 4003, "odd"),
+    # The typed turn's reply (its audio paced in real time) keeps the call open meanwhile.
+    "audio after end_of_input": (
+        [
+            json.dumps({"type": "config"}),
+            json.dumps({"type": "text", "text": "What is 2 plus 3?"}),
+            json.dumps({"type": "end_of_input"}),
+            b"\0\0" * 320,
+        ],
+        4003,
+        "input after end_of_input",
+    ),
 }
 
 
