@@ -2,6 +2,7 @@
 // The protocol is in README.md ("The WebSocket protocol").
 const INPUT_RATE = 16000;
 const FRAME_SAMPLES = 320; // 20 ms at 16 kHz
+const OUTPUT_RATE = 48000; // reply audio, played at the AudioContext's rate
 const PREBUFFER_MS = 80;
 const RECONNECT_FIRST_MS = 1000;
 const RECONNECT_MAX_MS = 10000;
@@ -180,7 +181,7 @@ function connect() {
     socket.send(JSON.stringify({
       type: "config",
       input_sample_rate: INPUT_RATE,
-      output_sample_rate: context.sampleRate,
+      output_sample_rate: OUTPUT_RATE,
       token: $("token").value,
     }));
   };
@@ -210,7 +211,8 @@ async function start() {
   $("start").disabled = true;
   setStatus("connecting", "Opening the microphone…");
   try {
-    context = new AudioContext({ latencyHint: "interactive" });
+    // 48 kHz whatever the device's rate (the browser converts): the most a config may ask for.
+    context = new AudioContext({ latencyHint: "interactive", sampleRate: OUTPUT_RATE });
     window.voicepipe.sampleRate = context.sampleRate;
     await context.audioWorklet.addModule("/static/mic-worklet.js");
     await context.audioWorklet.addModule("/static/player-worklet.js");
