@@ -21,8 +21,11 @@ from tests.stack_fixtures import instant_stack, processes, serving
 from voicepipe.processes import ServiceProcess
 
 RATE = 16_000
+PHRASE = audio_code.render("What is 2 plus 3?", RATE).samples
 # The phrase starts this far into the microphone's recording (after the page has connected).
 SPEECH_AT_S = 3.0
+# The microphone's 20 ms frames by which the phrase and the silence that ends it have been captured.
+PHRASE_OVER_FRAMES = round((SPEECH_AT_S + len(PHRASE) / RATE + 0.5) / 0.02)
 WAIT_MS = 15_000
 
 
@@ -42,9 +45,8 @@ async def gateway_process(stack: LocalStack) -> AsyncIterator[ServiceProcess]:
 
 @pytest.fixture(scope="module")
 async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Browser]:
-    phrase = audio_code.render("What is 2 plus 3?", RATE).samples
     samples = np.concatenate(
-        [np.zeros(int(SPEECH_AT_S * RATE), np.int16), phrase, np.zeros(6 * RATE, np.int16)]
+        [np.zeros(int(SPEECH_AT_S * RATE), np.int16), PHRASE, np.zeros(6 * RATE, np.int16)]
     )
     microphone = write_wav(tmp_path_factory.mktemp("microphone") / "speech.wav", samples, RATE)
     async with chromium(microphone) as browser:
@@ -79,6 +81,10 @@ async def test_a_typed_turn_is_answered_and_its_reply_plays_with_a_latency_water
 ) -> None:
     page = await open_page(browser, page_url(gateway_process), push_to_talk=True)
     try:
+        # Once the microphone has played its phrase (silence went out instead: the button is up)...
+        await page.wait_for_function(
+            f"window.voicepipe.stats.micFrames >= {PHRASE_OVER_FRAMES}", timeout=WAIT_MS
+        )
         await type_turn(page, "What is 2 plus 3?")
         await page.wait_for_selector("#log li.agent >> text=2 plus 3 is 5.", timeout=WAIT_MS)
         # The reply plays to its end: every sample received is played, and they are as many
@@ -100,9 +106,25 @@ async def test_a_typed_turn_is_answered_and_its_reply_plays_with_a_latency_water
             "parts => parts.map(part => parseFloat(part.style.width))"
         )
         assert len(widths) == 4 and sum(widths) == pytest.approx(100, abs=0.5), widths
-        # Push to talk: the microphone's phrase (spoken meanwhile) was never sent.
+        # Push to talk: the microphone's phrase, captured before the typed turn, was never sent.
         assert await page.locator("#log li.user").all_inner_texts() == ["You (typed)What is 2 plus 3?"]
         assert await page.locator("#error").is_hidden()
+    finally:
+        await page.close()
+
+
+async def test_push_to_talk_sends_the_microphone_while_the_button_is_held(
+    browser: Browser, gateway_process: ServiceProcess
+) -> None:
+    page = await open_page(browser, page_url(gateway_process), push_to_talk=True)
+    try:
+        await page.hover("#ptt")
+        await page.mouse.down()
+        # The phrase the microphone plays meanwhile is heard and answered.
+        await page.wait_for_selector("#log li.agent", timeout=WAIT_MS)
+        await page.mouse.up()
+        spoken = await page.locator("#log li.user .who").all_inner_texts()
+        assert spoken == ["You"], spoken
     finally:
         await page.close()
 

@@ -29,6 +29,7 @@ const $ = (id) => document.getElementById(id);
 const stats = {
   connects: 0, // sockets opened
   sessions: 0, // conversations started on them
+  micFrames: 0, // 20 ms frames captured from the microphone
   received: 0, // reply audio samples received
   played: 0, // of those, samples played
   playing: false,
@@ -202,6 +203,7 @@ function connect() {
 }
 
 function sendFrame(frame) {
+  stats.micFrames += 1;
   if (!live || socket === null || socket.readyState !== WebSocket.OPEN) return;
   // Push to talk: silence while the button is up, so the server still hears the pause.
   socket.send(pushToTalk && !talking ? silence : frame);
