@@ -26,7 +26,6 @@ from gateway.protocol import (
 )
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.aio import cancel_and_wait
-from voicepipe.logs import bind_correlation
 from voicepipe_client import Conversation, Microphone, TurnAssembler
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,6 @@ class SocketSession:
         tasks: list[asyncio.Task[None]] = []
         try:
             config = await self._first_config()
-            bind_correlation(config.settings.session_id)
             await self._connect()
             conversation = self._conversation(config)
             await conversation.open()
@@ -118,7 +116,8 @@ class SocketSession:
                 await conversation.close()
             await self._socket.close(code=code, message=close_reason(reason).encode())
         metrics.CLOSES.labels(str(code)).inc()
-        log.info("socket closed", extra={"close_code": code, "reason": reason})
+        session_id = conversation.assembler.session_id if conversation is not None else ""
+        log.info("socket closed", extra={"session_id": session_id, "close_code": code, "reason": reason})
 
     async def _going_away(self) -> None:
         await self._shutting_down.wait()
