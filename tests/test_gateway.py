@@ -167,6 +167,17 @@ async def test_a_page_of_another_origin_is_refused(gateway_process: ServiceProce
     assert 'voicepipe_gateway_socket_closes_total{code="4007"} 1.0' in exposition
 
 
+async def test_a_full_gateway_and_a_silent_socket_are_closed_with_reasons(stack: LocalStack) -> None:
+    assert stack.orchestrator is not None
+    async with gateway(stack.orchestrator.target, "--max-sessions=1", "--config-timeout=0.5") as process:
+        async with socket_caller(ws_url(process)) as first, socket_caller(ws_url(process)) as second:
+            refused = await second.closed()
+            silent = await first.closed()  # it never sent its config
+        assert refused == (4008, "the gateway is at its limit of 1 conversations")
+        assert silent == (4004, "no config within 0.5 s")
+        await typed_turn_works(process)
+
+
 async def test_an_unreachable_orchestrator_closes_with_unavailable_at_once() -> None:
     async with (
         gateway(f"127.0.0.1:{free_port()}", "--connect-timeout=0.5") as process,
