@@ -1,6 +1,6 @@
-"""`make up`: the four services as local processes. The stages start first; the orchestrator
-starts once they report SERVING and is itself waited on until SERVING. Ctrl-C stops them all.
-Each role runs the stub or a real engine:
+"""`make up`: the services as local processes. The stages start first; the orchestrator starts
+once they report SERVING and is itself waited on until SERVING; then the gateway (the web page),
+whose URL is printed. Ctrl-C stops them all. Each role runs the stub or a real engine:
 
     python -m orchestrator.stack [--stt stub|whisper] [--llm stub|openai] [--tts stub|espeak]
                                  [--latency-profile realistic] [--ephemeral-ports]
@@ -8,7 +8,8 @@ Each role runs the stub or a real engine:
 
 With `--certs` (a directory written by `make certs`), every link is mutual TLS: each service
 serves its own certificate and requires one from the same CA; the orchestrator presents its
-certificate to the stages, and clients present `client.pem`.
+certificate to the stages, and clients (the gateway too) present `client.pem`. The page itself
+is served over plain HTTP on loopback (a browser would not trust the local CA).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ STUBS = {role: "stub" for role in ENGINES}
 # Silence that ends an utterance of real speech: the contract's default (120 ms) suits the stub
 # audio code, but people pause inside sentences (see BENCHMARKS.md for the measured trade-off).
 REAL_SPEECH_END_OF_UTTERANCE_MS = 400
+# The gateway's HTTP/WebSocket and metrics ports.
+GATEWAY_PORTS = (8000, 9605)
 # Loading a model (Whisper, espeak's voices) takes longer than a stub's start.
 READY_TIMEOUT_S = 120.0
 
@@ -65,6 +68,11 @@ class StackCertificates:
         certificate, key = self._pair(name)
         return ChannelTls(self.ca, certificate, key)
 
+    def client_flags(self, prefix: str) -> list[str]:
+        """What makes a client of the services (the gateway) verify them and present `client.pem`."""
+        certificate, key = self._pair("client")
+        return [f"{prefix}-ca={self.ca}", f"{prefix}-cert={certificate}", f"{prefix}-key={key}"]
+
     def upstream_flags(self) -> list[str]:
         certificate, key = self._pair("orchestrator")
         return [
@@ -76,16 +84,18 @@ class StackCertificates:
 
 @dataclass
 class LocalStack:
-    """The running processes; `stop()` stops them, orchestrator first."""
+    """The running processes; `stop()` stops them, the gateway and the orchestrator first."""
 
     stages: dict[str, ServiceProcess] = field(default_factory=dict)
     orchestrator: ServiceProcess | None = None
+    gateway: ServiceProcess | None = None
     # The local language model the openai LLM stage talks to, when the stack started one.
     llm_backend: ServiceProcess | None = None
 
     @property
     def processes(self) -> list[ServiceProcess]:
         return [
+            *([self.gateway] if self.gateway else []),
             *([self.orchestrator] if self.orchestrator else []),
             *self.stages.values(),
             *([self.llm_backend] if self.llm_backend else []),
@@ -163,6 +173,19 @@ async def start_llm_backend(stack: LocalStack, ephemeral: bool) -> str:
     return backend.base_url(stack.llm_backend)
 
 
+async def start_gateway(stack: LocalStack, *, ephemeral: bool, certificates: StackCertificates | None) -> str:
+    """The web page and its WebSocket endpoint in front of the stack's orchestrator; its URL."""
+    assert stack.orchestrator is not None
+    port, metrics = (0, 0) if ephemeral else GATEWAY_PORTS
+    tls = certificates.client_flags("--orchestrator-tls") if certificates else []
+    stack.gateway = await asyncio.to_thread(
+        ServiceProcess,
+        "gateway",
+        stage_args(port, metrics, "--orchestrator", stack.orchestrator.target, *tls),
+    )
+    return f"http://127.0.0.1:{stack.gateway.port}/"
+
+
 async def run(args: argparse.Namespace) -> None:
     engines = {role: getattr(args, role) for role in ENGINES}
     certificates = StackCertificates(args.certs) if args.certs else None
@@ -170,8 +193,10 @@ async def run(args: argparse.Namespace) -> None:
         args.latency_profile, ephemeral=args.ephemeral_ports, engines=engines, certificates=certificates
     )
     try:
-        summary = {p.module: {"grpc": p.target, "metrics": p.metrics_port} for p in stack.processes}
+        page = await start_gateway(stack, ephemeral=args.ephemeral_ports, certificates=certificates)
+        summary = {p.module: {"port": p.port, "metrics": p.metrics_port} for p in stack.processes}
         print(json.dumps({"event": "stack ready", "services": summary}), file=sys.stderr, flush=True)
+        print(f"voicepipe is SERVING: open {page} and press Start to talk", file=sys.stderr, flush=True)
         await wait_for_shutdown_signal()
     finally:
         stack.stop()

@@ -2,11 +2,13 @@
 # The Debian packages the tests need, installed with apt when missing (as root, or through sudo):
 # - pocketsphinx-testdata: real human recordings with reference transcripts (the Whisper tests,
 #   the real stack's tests and the speech benchmarks hear them);
-# - docker-compose: the compose tests validate the files with `docker-compose config`.
+# - docker-compose: the compose tests validate the files with `docker-compose config`;
+# - chromium: the gateway's browser tests drive it through playwright (no browser download).
 set -euo pipefail
 packages=()
 command -v docker-compose >/dev/null || packages+=(docker-compose)
 [ -f /usr/share/pocketsphinx/test/data/goforward.raw ] || packages+=(pocketsphinx-testdata)
+[ -x /usr/bin/chromium ] || packages+=(chromium)
 [ ${#packages[@]} -eq 0 ] && exit 0
 echo "installing Debian packages the tests need: ${packages[*]}"
 sudo=()

@@ -48,7 +48,7 @@ class SessionSettings:
 class Conversation:
     """One Converse call, used as `async with Conversation(...) as conversation:` (leaving the
     block cancels the call if it is still open). `assembler` builds the turns from what the
-    server sends."""
+    server sends; `metadata` goes out with the call (a gateway's per-caller bearer token)."""
 
     def __init__(
         self,
@@ -58,12 +58,13 @@ class Conversation:
         microphone: Microphone,
         timeout_s: float | None = None,
         assembler: TurnAssembler | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.settings = settings
         self.microphone = microphone
         self.assembler = assembler or TurnAssembler(settings.output_format)
         stub: VoiceAgentServiceAsyncStub = voice_agent_pb2_grpc.VoiceAgentServiceStub(channel)
-        self.call = stub.Converse(timeout=timeout_s, wait_for_ready=True)
+        self.call = stub.Converse(timeout=timeout_s, metadata=metadata, wait_for_ready=True)
         self.code: grpc.StatusCode | None = None  # once the call has ended
         self.details = ""
         self._write_lock = asyncio.Lock()
@@ -118,6 +119,11 @@ class Conversation:
         speech = Speech(utterance)
         self.microphone.queue.put(speech)
         return speech
+
+    async def send_audio(self, audio: bytes) -> bool:
+        """Sends caller audio now, beside the microphone (audio relayed from a live source);
+        False once the call has ended."""
+        return await self._write(pb.ConverseRequest(audio=audio))
 
     async def type(self, text: str) -> Turn:
         """Sends a text turn now; returns the turn it starts."""
