@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from bench import procstat
 from bench.recordings import normalise
 from orchestrator.sentences import SentenceChunker
-from orchestrator.stack import LocalStack, start_stack
+from orchestrator.stack import READY_TIMEOUT_S, LocalStack, start_stack
 from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import common_pb2
 from voice.v1 import voice_agent_pb2 as pb
@@ -246,7 +246,10 @@ async def run(
         llm_stages = {LOCAL: stack.stages["llm"].target}
         if versus:
             other_llm = await asyncio.to_thread(
-                ServiceProcess, "llm_openai", stage_args(0, 0, "--base-url", versus, *NO_CONNECTION_AGE)
+                ServiceProcess,
+                "llm_openai",
+                stage_args(0, 0, "--base-url", versus, *NO_CONNECTION_AGE),
+                ready_timeout_s=READY_TIMEOUT_S,
             )
             llm_stages[versus] = other_llm.target
         orchestrators = await start_orchestrators(stack, variants, llm_stages)
