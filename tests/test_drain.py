@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2
 
 import orchestrator.__main__ as orchestrator_main
 from llm_stub.__main__ import SPEC as LLM_STUB
-from stubs import replies
+from stubs import audio_code, replies
 from tests.conftest import StartService
 from tests.helpers import (
     CALL_TIMEOUT_S,
@@ -39,7 +39,7 @@ from voicepipe import keepalive
 from voicepipe.config import ServerSettings
 from voicepipe.processes import ServiceProcess
 from voicepipe.server import LIVENESS
-from voicepipe_client import Conversation, Microphone, SessionSettings
+from voicepipe_client import PCM_16K, Conversation, Microphone, SessionSettings, Utterance
 
 if TYPE_CHECKING:
     from voice.v1.language_model_pb2_grpc import LanguageModelServiceAsyncStub as Stub
@@ -177,10 +177,7 @@ async def typed_turns(target: str, count: int) -> None:
         conversation = Conversation(channel, SessionSettings(), microphone=Microphone(realtime=False))
         async with conversation:
             for n in range(count):
-                turn = await conversation.type(f"what is {n} plus 1")
-                await turn.done.wait()
-                assert turn.outcome == "completed", turn.errors
-                assert turn.agent_text == f"{n} plus 1 is {n + 1}."
+                await assert_turn(conversation, f"what is {n} plus 1", f"{n} plus 1 is {n + 1}.")
             assert await conversation.finish() == grpc.StatusCode.OK
 
 
@@ -240,3 +237,85 @@ async def test_liveness_is_serving_while_readiness_is_not(start_service: StartSe
         assert await read_status(watch) == NOT_SERVING
         watch.cancel()
     assert await asyncio.to_thread(process.wait, WAIT_TIMEOUT_S) == 0
+
+
+async def test_a_conversation_outlives_its_orchestrators_drain_and_grace_then_ends_unavailable() -> None:
+    """What a rollout of the orchestrator does to a conversation on a pod it replaces: its turns
+    keep working through the drain delay and the grace (new connections are refused by then),
+    and when the grace is over the call ends with UNAVAILABLE; the client reconnects."""
+    delay_s, grace_s = 1.0, 3.0
+    async with processes() as group:
+        stages = [await group.start(module) for module in ("stt_stub", "llm_stub", "tts_stub")]
+        orchestrator = await serving(
+            await group.start_orchestrator(
+                *(stage.target for stage in stages),
+                "--drain-delay",
+                str(delay_s),
+                "--shutdown-grace",
+                str(grace_s),
+            )
+        )
+        async with open_channel(orchestrator.target) as channel:
+            conversation = Conversation(channel, SessionSettings(), microphone=Microphone(realtime=False))
+            async with conversation:
+                signalled = time.monotonic()
+                orchestrator.signal(signal.SIGTERM)
+                await assert_turn(conversation, "what is 1 plus 1", "1 plus 1 is 2.")  # during the delay
+                await wait_until_refused(orchestrator.port, delay_s + WAIT_TIMEOUT_S)
+                await assert_turn(conversation, "what is 2 plus 1", "2 plus 1 is 3.")  # during the grace
+                async with asyncio.timeout(grace_s + WAIT_TIMEOUT_S):
+                    code = await conversation.ended()
+                ended = time.monotonic()
+        assert code == grpc.StatusCode.UNAVAILABLE, conversation.details
+        assert ended - signalled >= delay_s + grace_s
+        assert await asyncio.to_thread(orchestrator.wait, WAIT_TIMEOUT_S) == 0
+
+
+async def assert_turn(conversation: Conversation, text: str, reply: str) -> None:
+    turn = await conversation.type(text)
+    await turn.done.wait()
+    assert turn.outcome == "completed", turn.errors
+    assert turn.agent_text == reply
+
+
+async def test_a_conversation_moves_to_another_stt_replica_when_its_own_is_replaced() -> None:
+    """What a rollout of a stage does to a conversation: its Transcribe stream stays on the
+    draining STT replica through the delay and the grace, then is cut, and the orchestrator
+    resumes it on the other replica; the caller's next utterance is transcribed exactly."""
+    async with processes() as group:
+        replicas = [
+            await group.start("stt_stub", "--drain-delay", "0.5", "--shutdown-grace", "1") for _ in range(2)
+        ]
+        llm, tts = [await group.start(module) for module in ("llm_stub", "tts_stub")]
+        target = "ipv4:" + ",".join(replica.target for replica in replicas)
+        orchestrator = await serving(await group.start_orchestrator(target, llm.target, tts.target))
+        async with open_channel(orchestrator.target) as channel:
+            conversation = Conversation(channel, SessionSettings(), microphone=Microphone(realtime=False))
+            async with conversation:
+                await assert_spoken_turn(conversation, "what is 1 plus 1", "1 plus 1 is 2.")
+                streams = [await transcribe_streams(replica) for replica in replicas]
+                assert sorted(streams) == [0, 1], streams
+                holding, other = replicas if streams[0] else replicas[::-1]
+                holding.signal(signal.SIGTERM)
+                assert await asyncio.to_thread(holding.wait, WAIT_TIMEOUT_S) == 0
+                await wait_for_metric(
+                    orchestrator.metrics_port,
+                    "voicepipe_stage_resumptions_total",
+                    lambda v: v >= 1,
+                    labels={"stage": "stt"},
+                )
+                await assert_spoken_turn(conversation, "what is 2 plus 1", "2 plus 1 is 3.")
+                assert await transcribe_streams(other) == 1
+                assert await conversation.finish() == grpc.StatusCode.OK
+
+
+async def transcribe_streams(replica: ServiceProcess) -> float:
+    return await read_metric(replica.metrics_port, "voicepipe_rpcs_in_flight", grpc_method="Transcribe")
+
+
+async def assert_spoken_turn(conversation: Conversation, phrase: str, reply: str) -> None:
+    turn = await conversation.speak(Utterance.spoken(audio_code.render, phrase, PCM_16K))
+    await turn.done.wait()
+    assert turn.outcome == "completed", turn.errors
+    assert turn.user_text == audio_code.normalize_text(phrase)
+    assert turn.agent_text == reply
