@@ -254,8 +254,7 @@ def test_model_loading_stages_get_a_startup_probe_long_enough_for_a_model() -> N
         assert probe["periodSeconds"] * probe["failureThreshold"] >= 300, name
 
 
-def test_resources_are_within_what_one_node_of_a_small_cluster_has(stack: Stack) -> None:
-    """Requests do not exceed limits (so the pods are schedulable and not overcommitted)."""
+def test_requests_do_not_exceed_limits(stack: Stack) -> None:
     for process in stack.processes.values():
         resources = process.container["resources"]
         assert quantity(resources["requests"]["cpu"]) <= quantity(resources["limits"]["cpu"])
