@@ -352,6 +352,11 @@ def test_every_deployment_has_an_autoscaler_and_a_disruption_budget(stack: Stack
     assert stack.one("HorizontalPodAutoscaler", "orchestrator")["spec"]["minReplicas"] >= 2
 
 
+def test_connection_age_does_not_cut_a_conversation_short(stack: Stack) -> None:
+    flags = stack.processes["orchestrator"].flags
+    assert flags.max_connection_age_grace >= flags.session_timeout
+
+
 def test_termination_grace_exceeds_the_drain_delay_plus_the_shutdown_grace(stack: Stack) -> None:
     for process in stack.processes.values():
         period = process.pod["spec"]["terminationGracePeriodSeconds"]
