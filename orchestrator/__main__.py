@@ -9,7 +9,7 @@ from orchestrator import auth
 from orchestrator.sentences import FIRST_CLAUSE_MIN_WORDS, FIRST_SEGMENTS
 from orchestrator.service import VoiceAgentServicer
 from orchestrator.session import SessionLimits
-from orchestrator.upstreams import Upstreams
+from orchestrator.upstreams import LB_POLICIES, Upstreams
 from voice.v1 import voice_agent_pb2, voice_agent_pb2_grpc
 from voicepipe.config import FlagParser, ServerSettings
 from voicepipe.server import GrpcService, Registration, run, wait_for_shutdown_signal
@@ -24,6 +24,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags.add("--stt", type=str, default="127.0.0.1:50052", help="gRPC target of the STT stage")
     flags.add("--llm", type=str, default="127.0.0.1:50053", help="gRPC target of the LLM stage")
     flags.add("--tts", type=str, default="127.0.0.1:50054", help="gRPC target of the TTS stage")
+    flags.add(
+        "--lb-policy",
+        type=str,
+        default=LB_POLICIES[0],
+        choices=LB_POLICIES,
+        help="how each stage channel spreads calls over the addresses its target resolves to"
+        " (round_robin: every replica, skipping those not SERVING; pick_first: one connection)",
+    )
     flags.add(
         "--max-sessions", type=int, default=1000, help="concurrent conversations; more get RESOURCE_EXHAUSTED"
     )
@@ -90,7 +98,12 @@ async def serve(args: argparse.Namespace) -> None:
     if args.tokens_file and settings.tls is None:
         log.warning("tokens are accepted over plaintext: anyone on the path can read them; serve TLS")
     upstreams = Upstreams(
-        args.stt, args.llm, args.tts, follow_upstreams, tls=ChannelTls.from_args(args, "upstream_tls")
+        args.stt,
+        args.llm,
+        args.tts,
+        follow_upstreams,
+        tls=ChannelTls.from_args(args, "upstream_tls"),
+        lb_policy=args.lb_policy,
     )
     limits = SessionLimits(
         turn_budget_s=args.turn_timeout,

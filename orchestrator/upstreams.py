@@ -44,32 +44,52 @@ UPSTREAM_SERVING = Gauge(
 # call only until its first response arrives, which is exactly when retrying is safe) and
 # unary health checks. Throttling stops retries while more than half of recent calls fail, so a
 # dead stage is not hammered.
-RETRY_SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [
-                    {"service": "voice.v1.LanguageModelService", "method": "Generate"},
-                    {"service": "grpc.health.v1.Health", "method": "Check"},
-                ],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "0.5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.5},
-    }
-)
+RETRY_POLICY: dict[str, Any] = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": "voice.v1.LanguageModelService", "method": "Generate"},
+                {"service": "grpc.health.v1.Health", "method": "Check"},
+            ],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.5},
+}
+
+# How a stage channel spreads calls over the addresses its target resolves to. round_robin keeps
+# a connection to every address (every pod behind a headless Service, `dns:///stt.ns.svc...`)
+# and sends each new call to the next; pick_first uses one connection at a time. With
+# round_robin the channel also watches each address's grpc.health.v1 status (client-side health
+# checking, gRFC A17), so a replica that turns NOT_SERVING (draining) gets no new calls at once.
+LB_POLICIES = ("round_robin", "pick_first")
+
+
+def service_config(lb_policy: str, health_service: str) -> str:
+    """The stage channel's service config: the retry policy, the load-balancing policy and the
+    service whose health each address reports (`health_service`)."""
+    return json.dumps(
+        {
+            **RETRY_POLICY,
+            "loadBalancingConfig": [{lb_policy: {}}],
+            "healthCheckConfig": {"serviceName": health_service},
+        }
+    )
+
 
 # A Watch is re-opened this often even when nothing happens, so no call lives without a deadline.
 HEALTH_WATCH_DEADLINE_S = 300.0
 HEALTH_RETRY_MIN_S = 0.02
 HEALTH_RETRY_MAX_S = 0.25
 HEALTH_FAILURES_DOWN = 3
+# How long the Check that asks whether another replica serves may take (its retries included).
+SECOND_OPINION_TIMEOUT_S = 0.5
 
 
 class Upstream:
@@ -82,6 +102,7 @@ class Upstream:
         service_name: str,
         on_health_change: Callable[[], Awaitable[None]],
         tls: ChannelTls | None = None,
+        lb_policy: str = LB_POLICIES[0],
     ) -> None:
         self.name = name
         self.target = target
@@ -96,7 +117,7 @@ class Upstream:
                 *keepalive.client_options(),
                 # Retries as configured above (on by default; stated so it is not lost).
                 ("grpc.enable_retries", 1),
-                ("grpc.service_config", RETRY_SERVICE_CONFIG),
+                ("grpc.service_config", service_config(lb_policy, service_name)),
             ],
         )
         self._health: Any = health_pb2_grpc.HealthStub(self.channel)
@@ -135,7 +156,13 @@ class Upstream:
                 async for response in call:
                     failures = 0
                     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-                    await self._set_serving(response.status == health_pb2.HealthCheckResponse.SERVING, status)
+                    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                    if not serving and await self._another_replica_serves(request):
+                        # This Watch's replica is draining (or unwell) while another serves:
+                        # the stage is up; watch one that serves instead.
+                        log.info("upstream replica not serving", extra={"upstream": self.name})
+                        break
+                    await self._set_serving(serving, status)
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     failures += 1
@@ -149,6 +176,16 @@ class Upstream:
                 call.cancel()
             if failures:
                 await asyncio.sleep(min(HEALTH_RETRY_MIN_S * 2 ** (failures - 1), HEALTH_RETRY_MAX_S))
+
+    async def _another_replica_serves(self, request: health_pb2.HealthCheckRequest) -> bool:
+        """Whether the channel still finds a replica that is SERVING, after the one the Watch
+        follows said otherwise: round_robin picks among the replicas whose health it sees SERVING
+        (a single replica that is not serving leaves it nothing to pick: UNAVAILABLE)."""
+        try:
+            response = await self._health.Check(request, timeout=SECOND_OPINION_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def _watch_connectivity(self) -> None:
         state = self.channel.get_state(try_to_connect=True)
@@ -171,16 +208,18 @@ class Upstreams:
         on_health_change: Callable[[bool], Awaitable[None]],
         *,
         tls: ChannelTls | None = None,
+        lb_policy: str = LB_POLICIES[0],
     ) -> None:
-        """`tls`: how every stage channel verifies its stage and authenticates (None: plaintext)."""
+        """`tls`: how every stage channel verifies its stage and authenticates (None: plaintext);
+        `lb_policy`: one of LB_POLICIES, for every stage channel."""
         self._notify = on_health_change
 
         async def changed() -> None:
             await self._notify(self.all_serving)
 
-        self.stt = Upstream("stt", stt, "voice.v1.SpeechToTextService", changed, tls)
-        self.llm = Upstream("llm", llm, "voice.v1.LanguageModelService", changed, tls)
-        self.tts = Upstream("tts", tts, "voice.v1.TextToSpeechService", changed, tls)
+        self.stt = Upstream("stt", stt, "voice.v1.SpeechToTextService", changed, tls, lb_policy)
+        self.llm = Upstream("llm", llm, "voice.v1.LanguageModelService", changed, tls, lb_policy)
+        self.tts = Upstream("tts", tts, "voice.v1.TextToSpeechService", changed, tls, lb_policy)
 
     @property
     def all(self) -> tuple[Upstream, Upstream, Upstream]:

@@ -72,6 +72,7 @@ class ServerSettings:
     metrics_port: int
     log_level: str
     shutdown_grace_s: float
+    drain_delay_s: float
     max_connection_age_s: float
     max_connection_age_grace_s: float
     event_loop: str
@@ -89,6 +90,13 @@ class ServerSettings:
             help="Prometheus /metrics port (0: the OS chooses; -1: no endpoint)",
         )
         flags.add("--log-level", type=str, default="info", choices=LOG_LEVELS, help="log level")
+        flags.add(
+            "--drain-delay",
+            type=float,
+            default=0.0,
+            help="seconds after SIGTERM during which health is NOT_SERVING but new calls are still"
+            " accepted, so that load balancers and endpoints stop sending them (then the grace begins)",
+        )
         flags.add(
             "--shutdown-grace",
             type=float,
@@ -131,6 +139,7 @@ class ServerSettings:
             metrics_port=args.metrics_port,
             log_level=args.log_level,
             shutdown_grace_s=args.shutdown_grace,
+            drain_delay_s=args.drain_delay,
             max_connection_age_s=args.max_connection_age,
             max_connection_age_grace_s=args.max_connection_age_grace,
             event_loop=args.event_loop,

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A grpc.health.v1 service name that is SERVING from start until SIGTERM, whatever the server's
+# readiness (""): its event loop answers. Liveness probes ask for it, so a server that is up but
+# not ready (a stage whose backend is down, an orchestrator whose stages are) is not restarted.
+LIVENESS = "liveness"
 
 
 class _StatusRecorder:
@@ -135,6 +139,7 @@ class GrpcService:
     async def start(self, *, serving: bool = True) -> None:
         """Binds, starts serving, and logs the "ready" line with the bound ports."""
         watch_event_loop(asyncio.get_running_loop())
+        await self.health.set(LIVENESS, SERVING)
         await self.set_serving(serving)
         address = f"{self.settings.host}:{self.settings.port}"
         tls = self.settings.tls
@@ -169,9 +174,15 @@ class GrpcService:
             await self.health.set(name, status)
 
     async def stop(self) -> None:
-        """Health goes NOT_SERVING first, in-flight calls get the grace period, then the server stops."""
-        log.info("shutting down", extra={"grace_s": self.settings.shutdown_grace_s})
+        """The drain: health goes NOT_SERVING at once while new calls are still accepted for
+        `--drain-delay` (so that endpoints and load balancers stop sending them), then the server
+        stops accepting and in-flight calls get `--shutdown-grace` to finish."""
+        delay_s = self.settings.drain_delay_s
+        log.info("draining", extra={"drain_delay_s": delay_s})
         await self.health.enter_graceful_shutdown()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        log.info("shutting down", extra={"grace_s": self.settings.shutdown_grace_s})
         await self.server.stop(self.settings.shutdown_grace_s)
         log.info("stopped")
 

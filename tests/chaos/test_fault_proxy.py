@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from orchestrator.upstreams import RETRY_SERVICE_CONFIG
+from orchestrator.upstreams import service_config
 from tests.chaos.fault_proxy import FaultProxy
 from tests.conftest import StartService
 from voicepipe import keepalive
@@ -414,7 +414,7 @@ class Health:
 async def test_grpc_call_fails_unavailable_on_reset_and_channel_reconnects(stage_port: int) -> None:
     # The orchestrator's channel options: with its retry policy, a Check that races the reset
     # (sent on the dying connection: "Broken pipe") is retried on the new one.
-    options = [*keepalive.client_options(), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
+    options = [*keepalive.client_options(), ("grpc.service_config", service_config("pick_first", ""))]
     async with (
         FaultProxy(stage_port) as proxy,
         grpc.aio.insecure_channel(proxy.target, options=options) as channel,
