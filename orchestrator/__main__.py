@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="silence that ends the user's utterance, asked of the STT stage (0: the stage's default,"
-        " 120 ms; real speech, with pauses inside sentences, wants 400 or more)",
+        " which each engine declares to suit what it hears)",
     )
     flags.add(
         "--first-segment",

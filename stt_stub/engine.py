@@ -10,7 +10,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from stubs import audio_code
 from stubs.latency import ProfiledEngine, sleep_until
 from voicepipe.pcm import Samples
-from voicepipe.stage.stt import SpeechEngine, SpeechEvent, SpeechStarted, Transcript, TranscriptionSettings
+from voicepipe.stage.stt import (
+    Endpointing,
+    SpeechEngine,
+    SpeechEvent,
+    SpeechStarted,
+    Transcript,
+    TranscriptionSettings,
+)
 
 # The stub's "model" is exact, but clients should not see certainty where a real engine has none.
 INTERIM_STABILITY = 0.9
@@ -19,6 +26,10 @@ FINAL_CONFIDENCE = 0.99
 
 class StubSpeechEngine(ProfiledEngine, SpeechEngine):
     role = "stt"
+    # The audio code's own: its words are 60 ms apart and its utterances end with 250 ms.
+    default_endpointing = Endpointing(
+        audio_code.DEFAULT_END_OF_UTTERANCE_SILENCE_MS, audio_code.DEFAULT_SPEECH_START_MS
+    )
 
     async def transcribe(
         self, settings: TranscriptionSettings, audio: AsyncIterator[Samples]

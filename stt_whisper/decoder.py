@@ -25,6 +25,7 @@ SAMPLE_RATE = 16_000
 # Whisper's window: the encoder was trained on 30 s of audio.
 WINDOW_S = 30
 _FRAMES_PER_SECOND = 100
+_SAMPLES_PER_FRAME = SAMPLE_RATE // _FRAMES_PER_SECOND
 # Whisper's own thresholds (openai/whisper transcribe()): a decode whose no-speech probability is
 # high AND whose average log-probability is low heard no speech; a highly compressible text is a
 # repetition loop. Either way the text is dropped.
@@ -133,13 +134,18 @@ class WhisperDecoder:
     def decode_batch(self, audios: list[Samples], language: str, prefix: str = "") -> list[Hypothesis]:
         """Several utterances in one call of the model, each padded to the longest (see
         bench.stt_whisper_batch for what that saves)."""
-        features = [
-            self._features(audio[: WINDOW_S * SAMPLE_RATE].astype(np.float32) / 32768.0, padding=0)
-            for audio in audios
-        ]
-        frames = self._encoder_frames(max(f.shape[-1] for f in features))
+        clipped = [audio[: WINDOW_S * SAMPLE_RATE] for audio in audios]
+        frames = self._encoder_frames(max(len(audio) for audio in clipped) // _SAMPLES_PER_FRAME)
+        # Padded with silent audio, not with zero features: a zero log-mel frame is not silence
+        # to the model, and a short answer ("five five") followed by it decoded as a repetition
+        # loop that the guard below then dropped.
         batch = np.stack(
-            [np.pad(f[:, :frames], ((0, 0), (0, frames - min(f.shape[-1], frames)))) for f in features]
+            [
+                self._features(audio.astype(np.float32) / 32768.0, padding=frames * _SAMPLES_PER_FRAME)[
+                    :, :frames
+                ]
+                for audio in clipped
+            ]
         )
         tokenizer = Tokenizer(
             self._model.hf_tokenizer,

@@ -19,7 +19,7 @@ from voicepipe.audio_format import InvalidInput
 from voicepipe.config import FlagParser
 from voicepipe.pcm import Samples
 from voicepipe.stage.blocking import BlockingWorker
-from voicepipe.stage.stt import SpeechEngine, SpeechEvent, TranscriptionSettings
+from voicepipe.stage.stt import Endpointing, SpeechEngine, SpeechEvent, TranscriptionSettings
 
 # Decodes one call can have waiting at once: an interim, a final started when speech paused
 # (maybe stale, until the decoder drops it), and a final.
@@ -29,6 +29,10 @@ _UNLIMITED_CALLS = 64
 
 
 class WhisperEngine(SpeechEngine):
+    # People pause inside sentences: 400 ms of silence ends an utterance (BENCHMARKS.md measures
+    # 120, 250 and 400 ms on human speech).
+    default_endpointing = Endpointing(end_of_utterance_silence_ms=400, speech_start_ms=20)
+
     def __init__(self, model: ModelSettings, max_calls: int, interim_interval_ms: int) -> None:
         self.model = model
         self.max_calls = max_calls or _UNLIMITED_CALLS

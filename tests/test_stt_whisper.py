@@ -17,6 +17,7 @@ from bench.recordings import Recording, normalise, padded
 from orchestrator.stack import STUBS, start_stack
 from tests.helpers import CallOutcome, collect, exchange, open_channel, running
 from tests.stack_fixtures import Caller
+from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import speech_to_text_pb2, speech_to_text_pb2_grpc
 from voicepipe import durations
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
@@ -151,6 +152,73 @@ async def test_8khz_mulaw_is_transcribed(stt: ServiceProcess) -> None:
     assert normalise(final.transcript) == "go forward ten meters"
     start, end = seconds(final)
     assert 0.45 < start < end < 0.5 + recordings.goforward().seconds
+
+
+@pytest.fixture(scope="module")
+def short_answers() -> list[Recording]:
+    """A real caller's two-digit answer, and one-word answers spoken by espeak-ng."""
+    speaker = EspeakSpeaker("en-gb")
+    try:
+        spoken = [
+            Recording(word, speaker(word, RATE).samples, word) for word in ("yes", "no", "five", "okay")
+        ]
+    finally:
+        speaker.close()
+    return [recordings.cards()[3], *spoken]  # cards-004: "five five"
+
+
+async def test_short_answers_are_heard(stt: ServiceProcess, short_answers: list[Recording]) -> None:
+    """Each is an utterance of its own, endpointed with the stage's default silence (0)."""
+    heard = []
+    for answer in short_answers:
+        said = finals(await hear(stt, padded(answer.audio), silence_ms=0))
+        heard.append((answer.name, [normalise(f.transcript) for f in said]))
+    assert heard == [(answer.name, [answer.reference]) for answer in short_answers]
+
+
+def _room_noises() -> list[Samples]:
+    """Noises a microphone picks up between answers: hiss, rumble, clicks, breaths."""
+    rng = np.random.default_rng(5)
+    hiss = rng.normal(0, 1000, 3 * RATE)
+    rumble = np.cumsum(rng.normal(0, 1, 3 * RATE))
+    rumble -= np.convolve(rumble, np.ones(800) / 800, "same")  # no DC drift
+    rumble *= 2000 / rumble.std()
+    clicks = np.zeros(3 * RATE)
+    for at in rng.integers(0, 3 * RATE - 200, 24):
+        clicks[at : at + 200] += rng.normal(0, 6000, 200) * np.hanning(200)
+    spectrum = np.fft.rfft(rng.normal(0, 1, 4 * RATE))
+    hertz = np.fft.rfftfreq(4 * RATE, 1 / RATE)
+    spectrum[(hertz < 300) | (hertz > 3000)] = 0  # breath: band-limited, in half-second puffs
+    breath = np.fft.irfft(spectrum, 4 * RATE)
+    breath *= 2500 / breath.std() * np.tile(np.concatenate([np.hanning(RATE // 2), np.zeros(RATE // 2)]), 4)
+    return [noise.clip(-32000, 32000).astype(np.int16) for noise in (hiss, rumble, clicks, breath)]
+
+
+async def test_noise_alone_gives_no_utterance_and_after_speech_no_second_one(stt: ServiceProcess) -> None:
+    """No phantom turn: noise neither starts an utterance nor adds words to the one before it."""
+    for noise in _room_noises():
+        assert await hear(stt, padded(noise), silence_ms=0) == []
+    speech = recordings.goforward().audio
+    for noise in _room_noises():
+        trailing = np.concatenate([speech, np.zeros(RATE // 2, np.int16), noise])
+        said = finals(await hear(stt, padded(trailing), silence_ms=0))
+        assert [normalise(f.transcript) for f in said] == ["go forward ten meters"]
+
+
+async def test_a_pause_inside_a_sentence_is_not_its_end_by_default(stt: ServiceProcess) -> None:
+    """The stage's default silence (a client's 0) suits human speech: a 300 ms pause, as a caller
+    makes while thinking of the next words, leaves the sentence whole."""
+    speaker = EspeakSpeaker("en-gb")
+    try:
+        parts = [speaker(text, RATE) for text in ("please call me", "back tomorrow")]
+    finally:
+        speaker.close()
+    pause = np.zeros(3 * RATE // 10, np.int16)
+    sentence = np.concatenate([parts[0].samples[: parts[0].speech_end_samples], pause, parts[1].samples])
+    said = finals(await hear(stt, padded(sentence), silence_ms=0))
+    assert [normalise(f.transcript) for f in said] == ["please call me back tomorrow"]
+    split = finals(await hear(stt, padded(sentence), silence_ms=120))
+    assert len(split) == 2, [f.transcript for f in split]
 
 
 async def test_silence_and_noise_give_no_transcript(stt: ServiceProcess) -> None:

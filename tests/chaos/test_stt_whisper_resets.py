@@ -12,7 +12,6 @@ import pytest
 
 from bench import recordings
 from bench.recordings import normalise
-from orchestrator.stack import REAL_SPEECH_END_OF_UTTERANCE_MS
 from tests.chaos.fault_proxy import FaultProxy
 from tests.helpers import open_channel, read_metric
 from voice.v1 import common_pb2
@@ -50,8 +49,6 @@ async def test_stt_link_resets_leave_real_transcripts_unchanged() -> None:
         proxy = FaultProxy(stt.port, seed=11)
         await proxy.start()
         targets = [f"--stt={proxy.target}", f"--llm={llm.target}", f"--tts={tts.target}"]
-        # The endpointing the stack asks of a real ear (sentences have pauses in them).
-        targets.append(f"--end-of-utterance-silence-ms={REAL_SPEECH_END_OF_UTTERANCE_MS}")
         orchestrator = await asyncio.to_thread(ServiceProcess, "orchestrator", stage_args(0, 0, *targets))
         started.append(orchestrator)
         await wait_until_serving(orchestrator.target, 30)

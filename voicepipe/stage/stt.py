@@ -60,8 +60,19 @@ class Transcript:
 SpeechEvent = SpeechStarted | Transcript
 
 
+@dataclass(frozen=True)
+class Endpointing:
+    """The endpointing an engine is made for: what a client's 0 ("the stage's default") means."""
+
+    end_of_utterance_silence_ms: int
+    speech_start_ms: int
+
+
 class SpeechEngine(Engine):
-    """A speech recogniser. One instance per process, shared by every call."""
+    """A speech recogniser. One instance per process, shared by every call. Every engine
+    declares the endpointing that suits what it hears (`default_endpointing`)."""
+
+    default_endpointing: Endpointing
 
     def sample_rate(self, settings: TranscriptionSettings) -> int:
         """The rate the engine wants its audio at; the SDK resamples to it. The default is the
@@ -87,11 +98,9 @@ pb = speech_to_text_pb2
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeechToTextService"].full_name
 TranscribeContext = grpc.aio.ServicerContext[pb.TranscribeRequest, pb.TranscribeResponse]
 
-# Endpointing limits and defaults from the contract (speech_to_text.proto).
+# Endpointing limits from the contract (speech_to_text.proto); 0 is the engine's default.
 END_OF_UTTERANCE_SILENCE_MS = (80, 5000)
-DEFAULT_END_OF_UTTERANCE_SILENCE_MS = 120
 SPEECH_START_MS = (5, 1000)
-DEFAULT_SPEECH_START_MS = 20
 DEFAULT_LANGUAGE = "en-US"
 # Audio messages read ahead of the engine; beyond this the client is slowed by flow control.
 AUDIO_READ_AHEAD = 256
@@ -110,8 +119,9 @@ def _in_range(value: int, field: str, limits: tuple[int, int], default: int) -> 
     return value
 
 
-def parse_config(config: pb.TranscriptionConfig) -> TranscriptionSettings:
-    """Validates the config; raises InvalidInput naming the offending field."""
+def parse_config(config: pb.TranscriptionConfig, defaults: Endpointing) -> TranscriptionSettings:
+    """Validates the config (0s become the engine's `defaults`); raises InvalidInput naming the
+    offending field."""
     fmt = parse_audio_format(config.audio_format, "config.audio_format")
     endpointing = config.endpointing
     return TranscriptionSettings(
@@ -122,13 +132,13 @@ def parse_config(config: pb.TranscriptionConfig) -> TranscriptionSettings:
             endpointing.end_of_utterance_silence_ms,
             "config.endpointing.end_of_utterance_silence_ms",
             END_OF_UTTERANCE_SILENCE_MS,
-            DEFAULT_END_OF_UTTERANCE_SILENCE_MS,
+            defaults.end_of_utterance_silence_ms,
         ),
         speech_start_ms=_in_range(
             endpointing.speech_start_ms,
             "config.endpointing.speech_start_ms",
             SPEECH_START_MS,
-            DEFAULT_SPEECH_START_MS,
+            defaults.speech_start_ms,
         ),
         correlation=config.correlation,
     )
@@ -298,7 +308,7 @@ class SpeechToTextServicer(speech_to_text_pb2_grpc.SpeechToTextServiceServicer):
         self._sessions = sessions
 
     def _parse(self, config: pb.TranscriptionConfig) -> TranscriptionSettings:
-        settings = parse_config(config)
+        settings = parse_config(config, self._engine.default_endpointing)
         self._engine.check(settings)
         return settings
 
