@@ -11,7 +11,7 @@ from orchestrator.service import VoiceAgentServicer
 from orchestrator.session import SessionLimits
 from orchestrator.upstreams import Upstreams
 from voice.v1 import voice_agent_pb2, voice_agent_pb2_grpc
-from voicepipe.config import FlagParser, ServerSettings
+from voicepipe.config import FlagParser, ServerSettings, parse_bool
 from voicepipe.server import GrpcService, Registration, run, wait_for_shutdown_signal
 from voicepipe.tls import ChannelTls
 
@@ -66,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " which each engine declares to suit what it hears)",
     )
     flags.add(
+        "--speculative-generation",
+        type=parse_bool,
+        default=True,
+        help="start a turn's LLM and TTS on STT's speculative transcript, at the start of the pause"
+        " (its reply is held until the final transcript confirms the words, and cancelled if it"
+        " does not)",
+    )
+    flags.add(
         "--first-segment",
         type=str,
         default="clause",
@@ -100,6 +108,7 @@ async def serve(args: argparse.Namespace) -> None:
         reply_audio_lead_s=args.reply_audio_lead_ms / 1000,
         end_of_utterance_silence_ms=args.end_of_utterance_silence_ms,
         first_segment=args.first_segment,
+        speculative_generation=args.speculative_generation,
     )
     service = GrpcService(
         "orchestrator",
