@@ -16,6 +16,7 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs]'
+	$(PY) -m stt_whisper.turn_model  # the turn-completion model, out of the pipecat-ai wheel
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.

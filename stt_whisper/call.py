@@ -8,6 +8,7 @@ the final confirms it (the same decode, not another) or a withdrawal follows whe
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from stt_whisper.agreement import LocalAgreement
 from stt_whisper.decoder import SAMPLE_RATE, WINDOW_S, Hypothesis
 from stt_whisper.endpoint import Ended, Endpointer, Paused, Resumed, Started
 from stt_whisper.scheduler import DecodeQueue, Urgency
+from stt_whisper.turn_model import TurnEnd, TurnModel
 from stt_whisper.vad import WINDOW, SileroModel, VoiceActivity
 from voicepipe.aio import cancel_and_wait
 from voicepipe.pcm import Samples
@@ -29,6 +31,8 @@ from voicepipe.stage.stt import (
     Transcript,
     TranscriptionSettings,
 )
+
+log = logging.getLogger(__name__)
 
 # Audio before the first voiced window that goes to the decoder (speech onsets are soft).
 PRE_ROLL = SAMPLE_RATE // 5
@@ -45,7 +49,9 @@ class Shared:
 
     decodes: DecodeQueue
     vad: SileroModel
-    vad_runs: BlockingWorker
+    vad_runs: BlockingWorker  # Silero, and the turn model
+    turn_model: TurnModel | None
+    turn_end: TurnEnd
 
 
 class CallAudio:
@@ -106,7 +112,10 @@ class CallTranscriber:
         self._candidate: Decode | None = None  # a final's decode, started when speech paused
         self._interim: Decode | None = None
         self._speculated: Transcript | None = None  # sent, not yet confirmed or withdrawn
-        self._tasks: set[asyncio.Task[Hypothesis]] = set()
+        # The turn model judges each pause when the client left the silence to the stage.
+        self._turn_model = shared.turn_model if settings.engine_silence else None
+        self._turn_check: asyncio.Task[float] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def events(self, audio: AsyncIterator[Samples]) -> AsyncGenerator[SpeechEvent, None]:
         try:
@@ -116,6 +125,7 @@ class CallTranscriber:
                 for probability in probabilities:
                     for event in await self._step(probability):
                         yield event
+                self._judge_pause()
                 for result in (self._interim_result(), self._speculative_result()):
                     if result is not None:
                         yield result
@@ -144,10 +154,12 @@ class CallTranscriber:
             self._cancel(self._interim)
             self._interim = None
             self._candidate = self._start(utterance, position, Urgency.FINAL)
+            self._check_turn(utterance, position)
         elif isinstance(boundary, Resumed):
             utterance.paused = False
             self._cancel(self._candidate)
             self._candidate = None
+            self._drop_turn_check()
             if self._speculated is not None:
                 events.append(SpeculationWithdrawn(self._speculated.end))
                 self._speculated = None
@@ -172,6 +184,7 @@ class CallTranscriber:
         assert utterance is not None
         candidate, self._candidate = self._candidate, None
         self._speculated = None  # the final confirms it (the same decode, when it is the same audio)
+        self._drop_turn_check()  # its verdict is not for the next utterance's pauses
         self._cancel(self._interim)
         self._interim = None
         if candidate is not None and (candidate.start, candidate.end) == (utterance.audio_from, audio_end):
@@ -217,6 +230,33 @@ class CallTranscriber:
         return Transcript(
             text, is_final=False, start=utterance.speech_start, end=interim.end, stability=stable / len(text)
         )
+
+    def _check_turn(self, utterance: Utterance, position: int) -> None:
+        if self._turn_model is None:
+            return
+        audio = self._audio.span(utterance.audio_from, position)
+        task = asyncio.create_task(
+            self._shared.vad_runs.run(self._turn_model.complete, audio), name="smart-turn"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._turn_check = task
+
+    def _drop_turn_check(self) -> None:
+        if self._turn_check is not None:
+            self._turn_check.cancel()
+            self._turn_check = None
+
+    def _judge_pause(self) -> None:
+        """The turn model's verdict on the current pause sets the silence that ends it."""
+        check = self._turn_check
+        if check is None or not check.done():
+            return
+        self._turn_check = None
+        if not check.cancelled() and check.exception() is None:  # refused under load: the long one
+            silence_ms = self._shared.turn_end.silence_ms(check.result())
+            log.debug("pause judged", extra={"complete": round(check.result(), 3), "silence_ms": silence_ms})
+            self._endpointer.end_pause_after(silence_ms)
 
     def _speculative_result(self) -> Transcript | None:
         """The pause's decode, once ready, while the utterance is still paused."""

@@ -211,20 +211,23 @@ async def test_noise_alone_gives_no_utterance_and_after_speech_no_second_one(stt
         assert [normalise(f.transcript) for f in said] == ["go forward ten meters"]
 
 
-async def test_a_pause_inside_a_sentence_is_not_its_end_by_default(stt: ServiceProcess) -> None:
-    """The stage's default silence (a client's 0) suits human speech: a 300 ms pause, as a caller
-    makes while thinking of the next words, leaves the sentence whole."""
+async def test_the_turn_model_waits_out_a_pause_in_an_unfinished_sentence(stt: ServiceProcess) -> None:
+    """The stage's default silence (a client's 0) suits human speech: the turn model judges each
+    pause, and after "can you tell me about the" it waits (a fixed 400 ms cuts the sentence in two)."""
     speaker = EspeakSpeaker("en-gb")
     try:
-        parts = [speaker(text, RATE) for text in ("please call me", "back tomorrow")]
+        parts = [speaker(text, RATE) for text in ("can you tell me about the", "opening hours", "yes")]
     finally:
         speaker.close()
-    pause = np.zeros(3 * RATE // 10, np.int16)
-    sentence = np.concatenate([parts[0].samples[: parts[0].speech_end_samples], pause, parts[1].samples])
-    said = finals(await hear(stt, padded(sentence), silence_ms=0))
-    assert [normalise(f.transcript) for f in said] == ["please call me back tomorrow"]
-    split = finals(await hear(stt, padded(sentence), silence_ms=120))
-    assert len(split) == 2, [f.transcript for f in split]
+    first, second, answer = (part.samples[: part.speech_end_samples] for part in parts)
+    sentence = padded(np.concatenate([first, np.zeros(RATE // 2, np.int16), second]), after_s=1.5)
+    judged = finals(await hear_in_real_time(stt, sentence, config(silence_ms=0)))
+    [whole] = [normalise(f.transcript) for f in judged]  # tiny.en mishears a word of espeak's now and then
+    assert whole.startswith("can you tell me") and whole.endswith("opening hours")
+    fixed = finals(await hear_in_real_time(stt, sentence, config(silence_ms=400)))
+    assert len(fixed) == 2, [f.transcript for f in fixed]
+    [yes] = finals(await hear_in_real_time(stt, padded(answer, after_s=1.5), config(silence_ms=0)))
+    assert normalise(yes.transcript) == "yes"
 
 
 async def test_silence_and_noise_give_no_transcript(stt: ServiceProcess) -> None:

@@ -35,6 +35,8 @@ class TranscriptionSettings:
     end_of_utterance_silence_ms: int
     speech_start_ms: int
     correlation: common_pb2.Correlation
+    # The client left the silence to the engine (0): an engine may then choose it per pause.
+    engine_silence: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ def parse_config(config: pb.TranscriptionConfig, defaults: Endpointing) -> Trans
             defaults.speech_start_ms,
         ),
         correlation=config.correlation,
+        engine_silence=endpointing.end_of_utterance_silence_ms == 0,
     )
 
 
