@@ -79,6 +79,8 @@ COPY tts_espeak/ /src/tts_espeak/
 COPY llm_openai/ /src/llm_openai/
 # With the extras named, pip checks that what is installed above is what they ask for.
 RUN /opt/venv/bin/pip install '/src[stt-whisper,tts-espeak,llm-openai]'
+# The Whisper stage's turn-completion model and its licence, out of the pipecat-ai wheel.
+RUN /opt/venv/bin/python -m stt_whisper.turn_model
 
 # --- service: what both images run on ---------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS service

@@ -47,6 +47,7 @@ from bench.recordings import normalise
 from bench.runner import read_metrics
 from orchestrator.sentences import SentenceChunker
 from orchestrator.stack import LocalStack, start_stack
+from stt_whisper import turn_model
 from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import common_pb2
 from voice.v1 import voice_agent_pb2 as pb
@@ -78,6 +79,12 @@ TURN_TIMEOUT_S = 60.0
 # (the orchestrator's) or make the STT link resume mid-run (the stages'): turned off here.
 NO_CONNECTION_AGE = ["--max-connection-age", "0"]
 SESSION_TIMEOUT_S = 600.0
+# Whisper with its turn model: a variant with silence 0 leaves the silence to it, one with a
+# silence set does not use it.
+STAGE_FLAGS = {
+    role: [*NO_CONNECTION_AGE, *([f"--turn-model={turn_model.DEFAULT_PATH}"] if role == "stt" else [])]
+    for role in REAL
+}
 # The stack's first turn, not measured: the first decode and generation of a fresh stack pay for
 # loading caches.
 WARM_UP = "Good morning."
@@ -244,7 +251,7 @@ async def run(
         "realistic",
         ephemeral=True,
         engines=REAL,
-        stage_flags={role: NO_CONNECTION_AGE for role in REAL},
+        stage_flags=STAGE_FLAGS,
         orchestrator_flags=variants[0].flags,
     )
     orchestrators: list[ServiceProcess] = []
@@ -282,7 +289,7 @@ async def run_concurrent(
         "realistic",
         ephemeral=True,
         engines=REAL,
-        stage_flags={role: NO_CONNECTION_AGE for role in REAL},
+        stage_flags=STAGE_FLAGS,
         orchestrator_flags=variant.flags,
     )
     results = []

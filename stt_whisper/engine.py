@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Self
 
 import numpy as np
 
 from stt_whisper.call import CallTranscriber, Shared
-from stt_whisper.decoder import SAMPLE_RATE, ModelSettings, WhisperDecoder
+from stt_whisper.decoder import SAMPLE_RATE, ModelSettings, ModelUnavailable, WhisperDecoder
 from stt_whisper.scheduler import DecodeQueue
 from stt_whisper.turn_model import TurnEnd, TurnModel
 from stt_whisper.vad import SileroModel
@@ -23,8 +22,6 @@ from voicepipe.pcm import Samples
 from voicepipe.stage.blocking import BlockingWorker
 from voicepipe.stage.stt import Endpointing, SpeechEngine, SpeechEvent, TranscriptionSettings
 
-log = logging.getLogger(__name__)
-
 # Decodes one call can have waiting at once: an interim, a final started when speech paused
 # (maybe stale, until the decoder drops it), and a final.
 _DECODES_PER_CALL = 3
@@ -33,7 +30,7 @@ _UNLIMITED_CALLS = 64
 
 
 # People pause inside sentences: without the turn model, 400 ms of silence ends an utterance
-# (BENCHMARKS.md measures 120, 250 and 400 ms on human speech).
+# (BENCHMARKS.md measures 120, 250 and 400 ms on human speech, and the turn model against it).
 FIXED_SILENCE_MS = 400
 SPEECH_START_MS = 20
 
@@ -75,15 +72,14 @@ class WhisperEngine(SpeechEngine):
         # The first decode allocates the model's buffers: done here, not in a caller's final.
         await asyncio.to_thread(decoder.decode, np.zeros(SAMPLE_RATE, np.int16), decoder.languages[0])
         turn_model = None
-        if self.turn_end.model_path.is_file():
-            turn_model = await asyncio.to_thread(TurnModel, self.turn_end.model_path)
+        if (path := self.turn_end.model_path) is not None:
+            if not path.is_file():
+                raise ModelUnavailable(
+                    f"--turn-model {path} is not a file: install it with python -m stt_whisper.turn_model"
+                )
+            turn_model = await asyncio.to_thread(TurnModel, path)
             # A client that leaves the silence to the stage gets the turn model's choice.
             self.default_endpointing = Endpointing(self.turn_end.incomplete_ms, SPEECH_START_MS)
-        else:
-            log.warning(
-                "no turn model: every pause ends an utterance after a fixed silence",
-                extra={"turn_model": str(self.turn_end.model_path), "silence_ms": FIXED_SILENCE_MS},
-            )
         self._shared = Shared(
             decodes=DecodeQueue(decoder, self.model.workers, _DECODES_PER_CALL * self.max_calls),
             vad=await asyncio.to_thread(SileroModel),

