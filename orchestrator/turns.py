@@ -122,7 +122,11 @@ class TurnRunner:
             )
             self._requests.put_nowait(request)  # nothing waits (checked above): there is room
             return
-        await self._end_speculation("replaced" if speculation is not None and joined else "dropped")
+        # Other words replace it; the same words while a turn plays or waits drop it (that turn goes
+        # first, and this one starts afresh after it).
+        await self._end_speculation(
+            "replaced" if speculation is not None and speculation.text != joined else "dropped"
+        )
         if joined:
             self.submit(TurnRequest(joined, timings, spoken=True))
 
