@@ -17,6 +17,7 @@ from bench.recordings import Recording, normalise, padded
 from orchestrator.stack import STUBS, start_stack
 from stt_whisper import turn_model
 from tests.helpers import CallOutcome, collect, exchange, open_channel, running
+from tests.noise import room_noises
 from tests.stack_fixtures import Caller
 from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import speech_to_text_pb2, speech_to_text_pb2_grpc
@@ -188,30 +189,12 @@ async def test_short_answers_are_heard(stt: ServiceProcess, short_answers: list[
     assert heard == [(answer.name, [answer.reference]) for answer in short_answers]
 
 
-def _room_noises() -> list[Samples]:
-    """Noises a microphone picks up between answers: hiss, rumble, clicks, breaths."""
-    rng = np.random.default_rng(5)
-    hiss = rng.normal(0, 1000, 3 * RATE)
-    rumble = np.cumsum(rng.normal(0, 1, 3 * RATE))
-    rumble -= np.convolve(rumble, np.ones(800) / 800, "same")  # no DC drift
-    rumble *= 2000 / rumble.std()
-    clicks = np.zeros(3 * RATE)
-    for at in rng.integers(0, 3 * RATE - 200, 24):
-        clicks[at : at + 200] += rng.normal(0, 6000, 200) * np.hanning(200)
-    spectrum = np.fft.rfft(rng.normal(0, 1, 4 * RATE))
-    hertz = np.fft.rfftfreq(4 * RATE, 1 / RATE)
-    spectrum[(hertz < 300) | (hertz > 3000)] = 0  # breath: band-limited, in half-second puffs
-    breath = np.fft.irfft(spectrum, 4 * RATE)
-    breath *= 2500 / breath.std() * np.tile(np.concatenate([np.hanning(RATE // 2), np.zeros(RATE // 2)]), 4)
-    return [noise.clip(-32000, 32000).astype(np.int16) for noise in (hiss, rumble, clicks, breath)]
-
-
 async def test_noise_alone_gives_no_utterance_and_after_speech_no_second_one(stt: ServiceProcess) -> None:
     """No phantom turn: noise neither starts an utterance nor adds words to the one before it."""
-    for noise in _room_noises():
+    for noise in room_noises():
         assert await hear(stt, padded(noise), silence_ms=0) == []
     speech = recordings.goforward().audio
-    for noise in _room_noises():
+    for noise in room_noises():
         trailing = np.concatenate([speech, np.zeros(RATE // 2, np.int16), noise])
         said = finals(await hear(stt, padded(trailing), silence_ms=0))
         assert [normalise(f.transcript) for f in said] == ["go forward ten meters"]
