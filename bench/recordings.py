@@ -1,6 +1,6 @@
 """Real human speech with reference transcripts, from Debian's pocketsphinx-testdata package
-(LibriVox sentences and "go forward ten meters", 16 kHz mono), and the text normalisation used
-to compare a transcript with its reference."""
+(LibriVox sentences, "go forward ten meters" and playing cards, 16 kHz mono), and the text
+normalisation used to compare a transcript with its reference."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from voicepipe.pcm import Samples
 
 DATA = Path("/usr/share/pocketsphinx/test/data")
 SAMPLE_RATE = 16_000
-_LIBRIVOX_LINE = re.compile(r"<s>(.*)</s>\s*\((.+)\)")
+_TRANSCRIPTION_LINE = re.compile(r"<s>(.*)</s>\s*\((.+)\)")
 _NUMBERS = {
     "0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five", "6": "six",
     "7": "seven", "8": "eight", "9": "nine", "10": "ten", "11": "eleven", "12": "twelve",
@@ -44,13 +44,24 @@ def goforward() -> Recording:
 
 
 def librivox() -> list[Recording]:
-    folder = DATA / "librivox"
+    return _transcribed(DATA / "librivox" / "transcription", "")
+
+
+def cards() -> list[Recording]:
+    """Playing cards read out, among them the short answer "five five" (004)."""
+    return _transcribed(DATA / "cards" / "cards.transcription", "cards-")
+
+
+def _transcribed(transcription: Path, prefix: str) -> list[Recording]:
+    """The recordings a sphinx transcription file lists (`<s> text </s> (name)` lines), each
+    `name.wav` beside it."""
     recordings = []
-    for line in (folder / "transcription").read_text().splitlines():
-        match = _LIBRIVOX_LINE.match(line.strip())
+    for line in transcription.read_text().splitlines():
+        match = _TRANSCRIPTION_LINE.match(line.strip())
         if match:
             reference, name = match.group(1).strip(), match.group(2)
-            recordings.append(Recording(name, read_wav(folder / f"{name}.wav"), reference))
+            audio = read_wav(transcription.parent / f"{name}.wav")
+            recordings.append(Recording(f"{prefix}{name}", audio, reference))
     return recordings
 
 

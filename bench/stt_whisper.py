@@ -46,7 +46,13 @@ GAP = np.zeros(RATE, np.int16)
 
 def _settings(silence_ms: int) -> TranscriptionSettings:
     return TranscriptionSettings(
-        PcmFormat(LINEAR16, RATE), "en-US", False, silence_ms, 20, common_pb2.Correlation(session_id="bench")
+        PcmFormat(LINEAR16, RATE),
+        "en-US",
+        False,
+        False,
+        silence_ms,
+        20,
+        common_pb2.Correlation(session_id="bench"),
     )
 
 

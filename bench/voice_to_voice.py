@@ -4,19 +4,23 @@ first reply audio the client receives, split into STT finalisation, LLM time to 
 segment, TTS first audio and the orchestrator's part, with the stack's CPU per session.
 
     python -m bench.voice_to_voice [--turns 20] [--turns-per-conversation 5]
-        [--silence-ms 250,400] [--first-segment clause,sentence]
+        [--silence-ms 0,400] [--first-segment clause,sentence] [--speculative off,on]
     python -m bench.voice_to_voice --sessions 1,2,3,4 [--turns 20]
     python -m bench.voice_to_voice --versus-backend http://127.0.0.1:8081/v1 [--turns 20]
 
-A variant is one endpointing silence (the orchestrator's --end-of-utterance-silence-ms) with one
-first-segment policy (its --first-segment); every combination given is measured side by side:
+A variant is one endpointing silence (the orchestrator's --end-of-utterance-silence-ms; 0 leaves
+it to the Whisper stage, whose turn model chooses it at each pause), one first-segment policy
+(its --first-segment) and speculative generation off or on (its --speculative-generation); every
+combination given is measured side by side:
 one orchestrator per variant, all on the same three stages. The phrases are spoken in rounds of
 one conversation per variant, with the same phrases, the variants taking turns (the order
 rotating from round to round), so that they meet the same machine, the same warm models and the
 same stretches of load from others. (Conversations, not single turns, alternate: the local LLM
 server caches one prompt, which turn-by-turn alternation would invalidate every turn.) The
 stack's first turn warms up and is not measured. The caller speaks through espeak-ng in another
-voice than the agent's, in real time.
+voice than the agent's, in real time. CPU is reported per answered turn, split by process (each
+variant's orchestrator, each stage, the LLM backend), with each variant's speculative turns by
+outcome (the cancelled ones are wasted work).
 
 It also measures what preemptive generation on an interim transcript could gain at most: for
 each final transcript, how long before it the last interim arrived and whether that interim
@@ -45,8 +49,10 @@ from dataclasses import dataclass, field
 
 from bench import procstat
 from bench.recordings import normalise
+from bench.runner import read_metrics
 from orchestrator.sentences import SentenceChunker
 from orchestrator.stack import READY_TIMEOUT_S, LocalStack, start_stack
+from stt_whisper import turn_model
 from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import common_pb2
 from voice.v1 import voice_agent_pb2 as pb
@@ -78,6 +84,12 @@ TURN_TIMEOUT_S = 60.0
 # (the orchestrator's) or make the STT link resume mid-run (the stages'): turned off here.
 NO_CONNECTION_AGE = ["--max-connection-age", "0"]
 SESSION_TIMEOUT_S = 600.0
+# Whisper with its turn model: a variant with silence 0 leaves the silence to it, one with a
+# silence set does not use it.
+STAGE_FLAGS = {
+    role: [*NO_CONNECTION_AGE, *([f"--turn-model={turn_model.DEFAULT_PATH}"] if role == "stt" else [])]
+    for role in REAL
+}
 # The stack's first turn, not measured: the first decode and generation of a fresh stack pay for
 # loading caches.
 WARM_UP = "Good morning."
@@ -133,6 +145,9 @@ def first_segment(reply: str, policy: str) -> str:
     return reply
 
 
+SPECULATIVE_OUTCOMES = ("confirmed", "withdrawn", "replaced", "dropped")
+
+
 LOCAL = "local"
 
 
@@ -140,7 +155,9 @@ LOCAL = "local"
 class Variant:
     silence_ms: int
     first_segment: str
-    backend: str = LOCAL  # the stack's own LLM backend, or another's API root
+    speculative: bool = False
+    backend: str = LOCAL  # the stack's own LLM backend, or another's API root (--versus-backend)
+    speculation: dict[str, float] = field(default_factory=dict)  # speculative turns by outcome
     v2v: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
     interims: Interims = field(default_factory=Interims)
@@ -149,8 +166,13 @@ class Variant:
 
     @property
     def label(self) -> str:
+        silence = f"{self.silence_ms} ms" if self.silence_ms else "turn model"
         where = "" if self.backend == LOCAL else f" ({self.backend})"
-        return f"{self.silence_ms} ms | {self.first_segment}{where}"
+        return f"{silence} | {self.first_segment} | {'speculative' if self.speculative else '-'}{where}"
+
+    @property
+    def name(self) -> str:
+        return self.label.replace(" | ", ", ")
 
     @property
     def flags(self) -> list[str]:
@@ -159,8 +181,16 @@ class Variant:
             str(self.silence_ms),
             "--first-segment",
             self.first_segment,
+            f"--speculative-generation={str(self.speculative).lower()}",
             *NO_CONNECTION_AGE,
         ]
+
+    def read_speculation(self, orchestrator: ServiceProcess) -> None:
+        names = tuple(f'voicepipe_speculative_total{{outcome="{o}"}}' for o in SPECULATIVE_OUTCOMES)
+        found = read_metrics(orchestrator.metrics_port, names)
+        self.speculation = {
+            o: found.get(name, 0.0) for o, name in zip(SPECULATIVE_OUTCOMES, names, strict=True)
+        }
 
     def record(self, turn: Turn) -> None:
         if turn.completed is None or turn.ttfa_s is None:
@@ -230,14 +260,14 @@ async def converse(orchestrator: ServiceProcess, variant: Variant, phrases: list
 
 async def run(
     variants: list[Variant], rounds: list[list[Utterance]], warm_up: Utterance, versus: str
-) -> tuple[float, float]:
-    """Every round's phrases as one conversation with each variant in turn; returns the stack's
-    CPU seconds and the wall seconds of the measured conversations."""
+) -> tuple[dict[str, float], float]:
+    """Every round's phrases as one conversation with each variant in turn; returns each
+    process's CPU seconds and the wall seconds of the measured conversations."""
     stack = await start_stack(
         "realistic",
         ephemeral=True,
         engines=REAL,
-        stage_flags={role: NO_CONNECTION_AGE for role in REAL},
+        stage_flags=STAGE_FLAGS,
         orchestrator_flags=variants[0].flags,
     )
     orchestrators: list[ServiceProcess] = []
@@ -253,10 +283,11 @@ async def run(
             )
             llm_stages[versus] = other_llm.target
         orchestrators = await start_orchestrators(stack, variants, llm_stages)
-        for orchestrator in orchestrators:  # each backend's first generation, not measured
+        for orchestrator in orchestrators if versus else orchestrators[:1]:  # each backend warms up
             await converse(orchestrator, Variant(0, "warm-up"), [warm_up])
-        pids = [p.process.pid for p in [*stack.processes, *orchestrators[1:]]]
-        cpu_before = sum(procstat.sample(pid).cpu_s for pid in pids)
+        named = {f"orchestrator ({v.name})": o for v, o in zip(variants, orchestrators, strict=True)}
+        named |= {p.module: p for p in stack.processes if p.module != "orchestrator"}  # and the LLM backend
+        cpu_before = {name: procstat.sample(p.process.pid).cpu_s for name, p in named.items()}
         started = time.monotonic()
         for index, phrases in enumerate(rounds):
             # The order rotates from round to round, so no variant always goes first.
@@ -264,7 +295,10 @@ async def run(
                 which = (index + k) % len(variants)
                 await converse(orchestrators[which], variants[which], phrases)
         wall = time.monotonic() - started
-        return sum(procstat.sample(pid).cpu_s for pid in pids) - cpu_before, wall
+        for variant, orchestrator in zip(variants, orchestrators, strict=True):
+            variant.read_speculation(orchestrator)
+        cpu = {name: procstat.sample(p.process.pid).cpu_s - cpu_before[name] for name, p in named.items()}
+        return cpu, wall
     finally:
         for process in orchestrators[1:]:
             process.stop()
@@ -284,7 +318,7 @@ async def run_concurrent(
         "realistic",
         ephemeral=True,
         engines=REAL,
-        stage_flags={role: NO_CONNECTION_AGE for role in REAL},
+        stage_flags=STAGE_FLAGS,
         orchestrator_flags=variant.flags,
     )
     results = []
@@ -295,7 +329,7 @@ async def run_concurrent(
         pids = [p.process.pid for p in stack.processes]
         spread_s = max(len(p.frames) for p in phrases) * FRAME_MS / 1000
         for n in sessions:
-            step = Variant(variant.silence_ms, variant.first_segment)
+            step = Variant(variant.silence_ms, variant.first_segment, variant.speculative)
 
             async def one(k: int, step: Variant = step, n: int = n) -> None:
                 await asyncio.sleep(k * spread_s / n)
@@ -345,11 +379,16 @@ def ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:.0f} / {percentile(values, 0.95) * 1000:.0f}"
 
 
-def report(variants: list[Variant], stack_cpu: float, wall: float) -> str:
+def _served_by(variants: list[Variant], process: str) -> Variant | None:
+    """The variant whose orchestrator `process` names, if it names one."""
+    return next((v for v in variants if process == f"orchestrator ({v.name})"), None)
+
+
+def report(variants: list[Variant], cpu: dict[str, float], wall: float) -> str:
     lines = [
-        "| endpointing | first segment | turns | voice-to-voice p50 / p95 | STT final | LLM 1st segment"
-        " | TTS 1st audio | orchestrator | first segment a clause |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| endpointing | first segment | speculation | turns | voice-to-voice p50 / p95 | STT final"
+        " | LLM 1st segment | TTS 1st audio | orchestrator | first segment a clause |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
         failed = f" ({v.failed} failed)" if v.failed else ""
@@ -358,13 +397,37 @@ def report(variants: list[Variant], stack_cpu: float, wall: float) -> str:
             + " | ".join(ms(v.parts[p]) for p in PARTS)
             + f" | {v.clause_first} |"
         )
+    # Each orchestrator's CPU is per the turns it served (an upper bound: it idled while the
+    # others ran); the shared stages' is per every answered turn.
+    answered = sum(len(v.v2v) for v in variants)
+    per_turn = {
+        name: seconds / (len(served.v2v) if (served := _served_by(variants, name)) else answered)
+        for name, seconds in cpu.items()
+    }
+    orchestrators = [t for name, t in per_turn.items() if _served_by(variants, name)]
+    shared = sum(t for name, t in per_turn.items() if not _served_by(variants, name))
     lines += [
         "",
-        f"Stack CPU (every process, one session at a time): {stack_cpu:.2f} cores over {wall:.0f} s.",
+        f"Stack CPU (every process, one session at a time): {sum(cpu.values()) / wall:.2f} cores over"
+        f" {wall:.0f} s; per answered turn: {shared + statistics.mean(orchestrators):.2f} CPU-s"
+        " (one orchestrator), of which:",
         "",
-        "| endpointing | first segment | finals | last interim -> final p50 / p95 | last interim said"
-        " the final | stable interim said the final | its lead p50 / p95 |",
-        "|---|---|---|---|---|---|---|",
+        "| process | CPU-s per answered turn |",
+        "|---|---|",
+        *(f"| {name} | {seconds:.3f} |" for name, seconds in per_turn.items()),
+        "",
+        "| variant | speculative turns: " + " / ".join(SPECULATIVE_OUTCOMES) + " |",
+        "|---|---|",
+        *(
+            f"| {v.name} | "
+            + " / ".join(f"{v.speculation.get(o, 0):.0f}" for o in SPECULATIVE_OUTCOMES)
+            + " |"
+            for v in variants
+        ),
+        "",
+        "| endpointing | first segment | speculation | finals | last interim -> final p50 / p95"
+        " | last interim said the final | stable interim said the final | its lead p50 / p95 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
         i = v.interims
@@ -384,9 +447,10 @@ async def main(args: argparse.Namespace) -> None:
     speaker.close()
     backends = [LOCAL, args.versus_backend] if args.versus_backend else [LOCAL]
     variants = [
-        Variant(int(silence), first, backend)
+        Variant(int(silence), first, speculative == "on", backend)
         for silence in args.silence_ms.split(",")
         for first in args.first_segment.split(",")
+        for speculative in args.speculative.split(",")
         for backend in backends
     ]
     if args.sessions:
@@ -394,9 +458,9 @@ async def main(args: argparse.Namespace) -> None:
         print(f"capacity of {variants[0].label.replace(' | ', ' ')}: {sessions} sessions", flush=True)
         print(capacity_report(await run_concurrent(variants[0], sessions, phrases, warm_up)))
         return
-    print("variants: " + ", ".join(v.label.replace(" | ", " ") for v in variants), flush=True)
-    stack_cpu, wall = await run(variants, rounds, warm_up, args.versus_backend)
-    print(report(variants, stack_cpu / wall, wall))
+    print("variants: " + "; ".join(v.name for v in variants), flush=True)
+    cpu, wall = await run(variants, rounds, warm_up, args.versus_backend)
+    print(report(variants, cpu, wall))
 
 
 if __name__ == "__main__":
@@ -417,14 +481,19 @@ if __name__ == "__main__":
         help="first-segment policies to compare (the orchestrator's --first-segment), comma-separated",
     )
     parser.add_argument(
+        "--versus-backend",
+        default="",
+        help="another LLM backend's OpenAI API root, measured side by side with the stack's own",
+    )
+    parser.add_argument(
+        "--speculative",
+        default="off",
+        help="speculative generation off, on, or both (off,on) to compare",
+    )
+    parser.add_argument(
         "--sessions",
         default="",
         help="capacity instead: N conversations at once for each N given (comma-separated), each"
         " of --turns phrases, with the first variant's settings",
-    )
-    parser.add_argument(
-        "--versus-backend",
-        default="",
-        help="another LLM backend's OpenAI API root, measured side by side with the stack's own",
     )
     asyncio.run(main(parser.parse_args()))

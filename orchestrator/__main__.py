@@ -11,7 +11,7 @@ from orchestrator.service import VoiceAgentServicer
 from orchestrator.session import SessionLimits
 from orchestrator.upstreams import LB_POLICIES, Upstreams
 from voice.v1 import voice_agent_pb2, voice_agent_pb2_grpc
-from voicepipe.config import FlagParser, ServerSettings
+from voicepipe.config import FlagParser, ServerSettings, parse_bool
 from voicepipe.server import GrpcService, Registration, run, wait_for_shutdown_signal
 from voicepipe.tls import ChannelTls
 
@@ -71,7 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="silence that ends the user's utterance, asked of the STT stage (0: the stage's default,"
-        " 120 ms; real speech, with pauses inside sentences, wants 400 or more)",
+        " which each engine declares to suit what it hears)",
+    )
+    flags.add(
+        "--speculative-generation",
+        type=parse_bool,
+        default=True,
+        help="start a turn's LLM and TTS on STT's speculative transcript, at the start of the pause"
+        " (its reply is held until the final transcript confirms the words, and cancelled if it"
+        " does not)",
     )
     flags.add(
         "--first-segment",
@@ -113,6 +121,7 @@ async def serve(args: argparse.Namespace) -> None:
         reply_audio_lead_s=args.reply_audio_lead_ms / 1000,
         end_of_utterance_silence_ms=args.end_of_utterance_silence_ms,
         first_segment=args.first_segment,
+        speculative_generation=args.speculative_generation,
     )
     service = GrpcService(
         "orchestrator",

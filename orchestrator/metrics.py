@@ -43,3 +43,10 @@ RESUMPTIONS = Counter(
     "Upstream streams reopened by the orchestrator after a failure, by stage and reason.",
     ("stage", "reason"),
 )
+SPECULATIVE = Counter(
+    "voicepipe_speculative_total",
+    "Turns started on a speculative transcript, by outcome: confirmed (the final had the same"
+    " words: its reply was released), withdrawn (speech resumed), replaced (the final had other"
+    " words), dropped (the conversation ended or a turn was already playing).",
+    ("outcome",),
+)

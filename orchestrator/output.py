@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -33,6 +34,13 @@ class Deferred:
 
 
 OutputItem = pb.ConverseResponse | Deferred | SessionFailed | None
+
+
+class EventSink(Protocol):
+    """Where a turn's parts put the events they make for the client: the session's output, or
+    a speculative turn's held events (see speculation.py)."""
+
+    async def put(self, item: pb.ConverseResponse | Deferred) -> None: ...
 
 
 class SessionOutput:

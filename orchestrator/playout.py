@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from orchestrator.output import Deferred, SessionOutput
+from orchestrator.output import Deferred, EventSink
 from orchestrator.timings import TurnTimings
 from voice.v1 import common_pb2
 from voice.v1 import voice_agent_pb2 as pb
@@ -23,7 +23,7 @@ class Playout:
         self,
         fmt: PcmFormat,
         lead_s: float,
-        output: SessionOutput,
+        output: EventSink,
         correlation: common_pb2.Correlation,
         timings: TurnTimings,
     ) -> None:

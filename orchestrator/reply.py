@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from google.protobuf.duration_pb2 import Duration
 
-from orchestrator.output import SessionOutput
+from orchestrator.output import EventSink
 from orchestrator.sentences import FirstSegment, SentenceChunker
 from orchestrator.timings import TurnTimings
 from voice.v1 import common_pb2
@@ -34,7 +34,7 @@ class Reply:
 
     def __init__(
         self,
-        output: SessionOutput,
+        output: EventSink,
         correlation: common_pb2.Correlation,
         timings: TurnTimings,
         first_segment: FirstSegment,

@@ -20,6 +20,8 @@ from orchestrator.sentences import FirstSegment
 from orchestrator.stt_link import (
     FinalTranscript,
     InterimTranscript,
+    SpeculationWithdrawn,
+    SpeculativeTranscript,
     SpeechRecognitionLink,
     SpeechStarted,
     SttFailed,
@@ -47,6 +49,7 @@ class SessionLimits:
     reply_audio_lead_s: float
     end_of_utterance_silence_ms: int = 0  # asked of the STT stage (0: its default)
     first_segment: FirstSegment = "clause"  # where a reply's first TTS segment may end
+    speculative_generation: bool = False  # start a turn on STT's speculative transcript
 
 
 class Conversation:
@@ -83,6 +86,7 @@ class Conversation:
             speech_to_text_pb2.EndpointingConfig(
                 end_of_utterance_silence_ms=limits.end_of_utterance_silence_ms
             ),
+            speculative=limits.speculative_generation,
         )
 
     def _correlation(self) -> common_pb2.Correlation:
@@ -178,11 +182,18 @@ class Conversation:
                         self._turns.interrupt()
                     case InterimTranscript():
                         await self._transcript(event.text, event.start, event.end, is_final=False)
+                    case SpeculativeTranscript():
+                        # The turn starts on it: STT's part of its latency is this result's, and
+                        # the wait for the final's confirmation counts as the orchestrator's.
+                        timings = TurnTimings(event.speech_ended_at, event.finalization, event.received_at)
+                        await self._turns.speculate(event.text, timings)
+                    case SpeculationWithdrawn():
+                        await self._turns.withdraw_speculation()
                     case FinalTranscript():
                         # The turn first: when the conversation is idle its Generate request leaves
                         # now, ahead of this event to the client.
                         timings = TurnTimings(event.speech_ended_at, event.finalization, event.received_at)
-                        self._turns.submit_speech(event.text, timings)
+                        await self._turns.submit_speech(event.text, timings)
                         await self._transcript(event.text, event.start, event.end, is_final=True)
                     case SttFailed():
                         failure = StageFailed(pb.STAGE_STT, event.code, event.message)

@@ -36,9 +36,6 @@ ENGINES = {
     "tts": {"stub": "tts_stub", "espeak": "tts_espeak"},
 }
 STUBS = {role: "stub" for role in ENGINES}
-# Silence that ends an utterance of real speech: the contract's default (120 ms) suits the stub
-# audio code, but people pause inside sentences (see BENCHMARKS.md for the measured trade-off).
-REAL_SPEECH_END_OF_UTTERANCE_MS = 400
 # The gateway's HTTP/WebSocket and metrics ports.
 GATEWAY_PORTS = (8000, 9605)
 # Loading a model (Whisper, espeak's voices) takes longer than a stub's start.
@@ -144,8 +141,6 @@ async def start_stack(
             if certificates
             else []
         )
-        if engines["stt"] != "stub" and "--end-of-utterance-silence-ms" not in (orchestrator_flags or []):
-            targets += ["--end-of-utterance-silence-ms", str(REAL_SPEECH_END_OF_UTTERANCE_MS)]
         stack.orchestrator = await asyncio.to_thread(
             ServiceProcess,
             "orchestrator",

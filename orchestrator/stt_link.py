@@ -35,6 +35,7 @@ DRAIN_AFTER_INPUT_S = 5.0
 MAX_CHUNKS_PER_MESSAGE = 8
 
 SPEECH_STARTED = speech_to_text_pb2.SPEECH_EVENT_TYPE_SPEECH_STARTED
+SPECULATION_WITHDRAWN = speech_to_text_pb2.SPEECH_EVENT_TYPE_SPECULATION_WITHDRAWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,21 @@ class InterimTranscript:
     text: str
     start: Duration  # session audio offsets
     end: Duration
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeTranscript:
+    """What STT heard when the speech paused; the final confirms it or a withdrawal follows."""
+
+    text: str
+    finalization: Duration  # the stage's time on it
+    speech_ended_at: float  # monotonic arrival time of the audio in which speech paused
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculationWithdrawn:
+    """Speech resumed: the speculative transcript is withdrawn."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +83,14 @@ class SttFailed:
     message: str
 
 
-SpeechEvent = SpeechStarted | InterimTranscript | FinalTranscript | SttFailed
+SpeechEvent = (
+    SpeechStarted
+    | InterimTranscript
+    | SpeculativeTranscript
+    | SpeculationWithdrawn
+    | FinalTranscript
+    | SttFailed
+)
 
 
 class SpeechRecognitionLink:
@@ -80,6 +103,8 @@ class SpeechRecognitionLink:
         correlation: common_pb2.Correlation,
         deadline: float,
         endpointing: speech_to_text_pb2.EndpointingConfig,
+        *,
+        speculative: bool = False,
     ) -> None:
         self._upstream = upstream
         self._stub = speech_to_text_pb2_grpc.SpeechToTextServiceStub(upstream.channel)
@@ -88,6 +113,7 @@ class SpeechRecognitionLink:
             config=speech_to_text_pb2.TranscriptionConfig(
                 audio_format=fmt.to_proto(),
                 interim_results=True,
+                speculative_results=speculative,
                 endpointing=endpointing,
                 correlation=correlation,
             )
@@ -192,18 +218,24 @@ class SpeechRecognitionLink:
     def _event(self, response: speech_to_text_pb2.TranscribeResponse, base_sample: int) -> SpeechEvent | None:
         rate = self._fmt.sample_rate
         if response.HasField("speech_event"):
+            if response.speech_event.type == SPECULATION_WITHDRAWN:
+                return SpeculationWithdrawn()
             if response.speech_event.type != SPEECH_STARTED:
                 return None
             self._utterance_open = True
             return SpeechStarted()
         result = response.result
+        received_at = time.monotonic()
+        end_sample = base_sample + _samples(result.audio_end_offset, rate)
+        speech_ended_at = self.buffer.arrival_of(max(0, end_sample - 1))
+        if result.speculative:
+            return SpeculativeTranscript(
+                result.transcript, result.finalization_time, speech_ended_at, received_at
+            )
         start = _shift(result.audio_start_offset, base_sample, rate)
         end = _shift(result.audio_end_offset, base_sample, rate)
         if not result.is_final:
             return InterimTranscript(result.transcript, start, end)
-        received_at = time.monotonic()
-        end_sample = base_sample + _samples(result.audio_end_offset, rate)
-        speech_ended_at = self.buffer.arrival_of(max(0, end_sample - 1))
         self.buffer.trim_before(end_sample, sent_seq=self._sent_seq)
         self._utterance_open = False
         return FinalTranscript(

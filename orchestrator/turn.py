@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import dataclass
 
 from orchestrator.generation import Generation
-from orchestrator.output import Deferred, SessionOutput
+from orchestrator.output import Deferred, EventSink
 from orchestrator.playout import Playout
 from orchestrator.reply import Reply
 from orchestrator.retry import StageFailed
@@ -50,7 +50,7 @@ class Turn:
         correlation: common_pb2.Correlation,
         settings: TurnSettings,
         upstreams: Upstreams,
-        output: SessionOutput,
+        output: EventSink,
         timings: TurnTimings,
         deadline: float,
     ) -> None:

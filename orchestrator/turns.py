@@ -8,7 +8,11 @@ and closes every turn it started).
 A spoken turn that the user talks over before any of its reply audio has left was answering a
 pause, not the end of what the user meant to say: it is withdrawn (the client sees it
 interrupted with nothing heard, the history forgets it) and its words open the user's next
-spoken turn, so one utterance with a pause in it gets one answer, not two."""
+spoken turn, so one utterance with a pause in it gets one answer, not two.
+
+A speculative transcript starts its turn at once while the conversation is idle (its events held,
+see speculation.py); the final transcript of the same words makes it the conversation's turn,
+any other outcome cancels it."""
 
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from orchestrator.metrics import TURNS
-from orchestrator.output import SessionFailed, SessionOutput
+from orchestrator.metrics import SPECULATIVE, TURNS
+from orchestrator.output import EventSink, SessionFailed, SessionOutput
 from orchestrator.retry import StageFailed
+from orchestrator.speculation import HeldOutput, Speculation
 from orchestrator.timings import TurnTimings
 from orchestrator.turn import Turn, TurnSettings
 from orchestrator.upstreams import Upstreams
@@ -46,6 +51,7 @@ class TurnRequest:
     turn: Turn | None = None  # already started, when it arrived while the conversation was idle
     spoken: bool = False  # from a final transcript (not typed)
     message: language_model_pb2.ChatMessage | None = None  # its place in the history
+    speculation: Speculation | None = None  # its turn, already running (events held)
 
 
 @dataclass(frozen=True)
@@ -76,12 +82,55 @@ class TurnRunner:
         self._idle = False  # the runner waits for a request; nothing is being played
         self._playing: tuple[TurnRequest, Turn, asyncio.Task[None]] | None = None
         self._withdrawn: TurnRequest | None = None  # its words open the next spoken turn
+        self._speculation: Speculation | None = None
 
-    def submit_speech(self, text: str, timings: TurnTimings) -> None:
-        """A final transcript: a turn, opened by the words of a turn withdrawn before it."""
+    async def speculate(self, text: str, timings: TurnTimings) -> None:
+        """A speculative transcript: its turn starts now, with its events held, if nothing is
+        playing or waiting (and no withdrawn turn waits for the words that follow it)."""
+        text = text.strip()
+        if (current := self._speculation) is not None:
+            if current.text == text:
+                return
+            await self._end_speculation("replaced")
+        if not text or not self._idle or not self._requests.empty() or self._withdrawn is not None:
+            return
+        message = language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_USER, content=text)
+        held = HeldOutput()
+        turn = self._build_turn(str(self._turn_count + 1), [*self.history, message], timings, held)
+        turn.open_early()
+        self._speculation = Speculation(text, message, turn, held, self._start(turn))
+
+    async def withdraw_speculation(self) -> None:
+        """Speech resumed after the speculative transcript."""
+        await self._end_speculation("withdrawn")
+
+    async def _end_speculation(self, outcome: str) -> None:
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None:
+            await speculation.cancel(outcome)
+
+    async def submit_speech(self, text: str, timings: TurnTimings) -> None:
+        """A final transcript: a turn, opened by the words of a turn withdrawn before it. A
+        speculative turn on the same words becomes it."""
         words = [self._withdrawn.text if self._withdrawn else "", text.strip()]
         self._withdrawn = None
-        if joined := " ".join(word for word in words if word):
+        joined = " ".join(word for word in words if word)
+        speculation = self._speculation
+        if speculation is not None and speculation.text == joined and self._idle and self._requests.empty():
+            self._speculation = None
+            self._turn_count += 1
+            self.history.append(speculation.message)
+            request = TurnRequest(
+                joined, speculation.turn.timings, speculation.turn, True, speculation.message, speculation
+            )
+            self._requests.put_nowait(request)  # nothing waits (checked above): there is room
+            return
+        # Other words replace it; the same words while a turn plays or waits drop it (that turn goes
+        # first, and this one starts afresh after it).
+        await self._end_speculation(
+            "replaced" if speculation is not None and speculation.text != joined else "dropped"
+        )
+        if joined:
             self.submit(TurnRequest(joined, timings, spoken=True))
 
     def submit(self, request: TurnRequest) -> None:
@@ -104,7 +153,8 @@ class TurnRunner:
         """No more turns: run() returns once the ones queued have been played (a withdrawn
         turn that no later words joined is answered after all)."""
         if (withdrawn := self._withdrawn) is not None:
-            self.submit_speech("", withdrawn.timings)
+            await self.submit_speech("", withdrawn.timings)
+        await self._end_speculation("dropped")
         await self._requests.put(None)
 
     def interrupt(self) -> None:
@@ -140,28 +190,43 @@ class TurnRunner:
                     turn.close()
         finally:
             self._idle = False
+            await self._end_speculation("dropped")
             while not self._requests.empty():  # the session ended with turns waiting
                 if (waiting := self._requests.get_nowait()) is not None and waiting.turn:
                     waiting.turn.close()
 
     def _new_turn(self, request: TurnRequest) -> Turn:
         self._turn_count += 1
-        turn_id = str(self._turn_count)
         request.message = language_model_pb2.ChatMessage(
             role=language_model_pb2.ROLE_USER, content=request.text
         )
         self.history.append(request.message)
         self.history = bounded(self.history)
+        return self._build_turn(str(self._turn_count), list(self.history), request.timings, self._output)
+
+    def _build_turn(
+        self,
+        turn_id: str,
+        messages: list[language_model_pb2.ChatMessage],
+        timings: TurnTimings,
+        output: EventSink,
+    ) -> Turn:
         context = self._context
         return Turn(
-            messages=list(self.history),
+            messages=messages,
             correlation=common_pb2.Correlation(session_id=context.session_id, turn_id=turn_id),
             settings=context.settings,
             upstreams=context.upstreams,
-            output=context.output,
-            timings=request.timings,
+            output=output,
+            timings=timings,
             deadline=min(time.monotonic() + context.turn_budget_s, context.session_deadline),
         )
+
+    def _start(self, turn: Turn) -> asyncio.Task[None]:
+        token = turn_id_var.set(turn.turn_id)
+        task = asyncio.create_task(turn.run(), name=f"session-{self._context.session_id}-turn-{turn.turn_id}")
+        turn_id_var.reset(token)
+        return task
 
     async def _play(self, request: TurnRequest, turn: Turn) -> None:
         await self._output.put(
@@ -169,11 +234,13 @@ class TurnRunner:
                 turn_started=pb.TurnStarted(user_text=request.text), correlation=turn.correlation
             )
         )
-        token = turn_id_var.set(turn.turn_id)
-        task = asyncio.create_task(turn.run(), name=f"session-{self._context.session_id}-turn-{turn.turn_id}")
-        turn_id_var.reset(token)
+        speculation = request.speculation
+        task = speculation.task if speculation is not None else self._start(turn)
         self._playing = (request, turn, task)
         try:
+            if speculation is not None:
+                SPECULATIVE.labels("confirmed").inc()
+                await speculation.output.release(self._output)
             await asyncio.wait([task])
         finally:
             self._playing = None

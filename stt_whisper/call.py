@@ -1,10 +1,14 @@
 """One Transcribe call: voice activity decides where utterances start and end; the decode of a
 final starts as soon as the speech pauses (so it runs during the endpointing silence) and is
-discarded if speech resumes; interims re-decode the growing utterance when the decoder is idle."""
+discarded if speech resumes; interims re-decode the growing utterance when the decoder is idle.
+
+With speculative results, that decode's text goes out as soon as it is ready, still in the pause:
+the final confirms it (the same decode, not another) or a withdrawal follows when speech resumes."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -15,11 +19,20 @@ from stt_whisper.agreement import LocalAgreement
 from stt_whisper.decoder import SAMPLE_RATE, WINDOW_S, Hypothesis
 from stt_whisper.endpoint import Ended, Endpointer, Paused, Resumed, Started
 from stt_whisper.scheduler import DecodeQueue, Urgency
+from stt_whisper.turn_model import TurnEnd, TurnModel
 from stt_whisper.vad import WINDOW, SileroModel, VoiceActivity
 from voicepipe.aio import cancel_and_wait
 from voicepipe.pcm import Samples
 from voicepipe.stage.blocking import BlockingWorker
-from voicepipe.stage.stt import SpeechEvent, SpeechStarted, Transcript, TranscriptionSettings
+from voicepipe.stage.stt import (
+    SpeculationWithdrawn,
+    SpeechEvent,
+    SpeechStarted,
+    Transcript,
+    TranscriptionSettings,
+)
+
+log = logging.getLogger(__name__)
 
 # Audio before the first voiced window that goes to the decoder (speech onsets are soft).
 PRE_ROLL = SAMPLE_RATE // 5
@@ -36,7 +49,9 @@ class Shared:
 
     decodes: DecodeQueue
     vad: SileroModel
-    vad_runs: BlockingWorker
+    vad_runs: BlockingWorker  # Silero, and the turn model
+    turn_model: TurnModel | None
+    turn_end: TurnEnd
 
 
 class CallAudio:
@@ -79,6 +94,7 @@ class Utterance:
         self.audio_from = audio_from  # where its decoded audio begins (pre-roll included)
         self.agreement = LocalAgreement()
         self.paused = False
+        self.pause_end = 0  # where its voiced audio ended, when it paused
         self.last_pause_cut = -1  # a sample inside its latest pause
         self.interim_at = speech_start  # where the last interim's audio ended
 
@@ -95,7 +111,11 @@ class CallTranscriber:
         self._utterance: Utterance | None = None
         self._candidate: Decode | None = None  # a final's decode, started when speech paused
         self._interim: Decode | None = None
-        self._tasks: set[asyncio.Task[Hypothesis]] = set()
+        self._speculated: Transcript | None = None  # sent, not yet confirmed or withdrawn
+        # The turn model judges each pause when the client left the silence to the stage.
+        self._turn_model = shared.turn_model if settings.engine_silence else None
+        self._turn_check: asyncio.Task[float] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def events(self, audio: AsyncIterator[Samples]) -> AsyncGenerator[SpeechEvent, None]:
         try:
@@ -105,9 +125,10 @@ class CallTranscriber:
                 for probability in probabilities:
                     for event in await self._step(probability):
                         yield event
-                interim = self._interim_result()
-                if interim is not None:
-                    yield interim
+                self._judge_pause()
+                for result in (self._interim_result(), self._speculative_result()):
+                    if result is not None:
+                        yield result
             if self._utterance is not None:
                 end = self._endpointer.voiced_end
                 yield await self._final(end, min(end + WINDOW, self._audio.end))
@@ -125,23 +146,30 @@ class CallTranscriber:
             # Between utterances only what the next one could start with is kept.
             self._audio.drop_before(position - PRE_ROLL - self._endpointer.start_samples)
             return []
+        events: list[SpeechEvent] = []
         if isinstance(boundary, Paused):
             utterance.paused = True
+            utterance.pause_end = boundary.end
             utterance.last_pause_cut = position
             self._cancel(self._interim)
             self._interim = None
             self._candidate = self._start(utterance, position, Urgency.FINAL)
+            self._check_turn(utterance, position)
         elif isinstance(boundary, Resumed):
             utterance.paused = False
             self._cancel(self._candidate)
             self._candidate = None
+            self._drop_turn_check()
+            if self._speculated is not None:
+                events.append(SpeculationWithdrawn(self._speculated.end))
+                self._speculated = None
         elif isinstance(boundary, Ended):
             return [await self._final(boundary.end, boundary.end + WINDOW)]
         if position - utterance.audio_from >= MAX_UTTERANCE:
-            return await self._cut(utterance, position)
+            return [*events, *await self._cut(utterance, position)]
         if not utterance.paused:
             self._maybe_start_interim(utterance, position)
-        return []
+        return events
 
     async def _cut(self, utterance: Utterance, position: int) -> list[SpeechEvent]:
         """Ends an overlong utterance at its latest pause (or here, if it had none lately) and
@@ -155,6 +183,8 @@ class CallTranscriber:
         utterance = self._utterance
         assert utterance is not None
         candidate, self._candidate = self._candidate, None
+        self._speculated = None  # the final confirms it (the same decode, when it is the same audio)
+        self._drop_turn_check()  # its verdict is not for the next utterance's pauses
         self._cancel(self._interim)
         self._interim = None
         if candidate is not None and (candidate.start, candidate.end) == (utterance.audio_from, audio_end):
@@ -200,6 +230,55 @@ class CallTranscriber:
         return Transcript(
             text, is_final=False, start=utterance.speech_start, end=interim.end, stability=stable / len(text)
         )
+
+    def _check_turn(self, utterance: Utterance, position: int) -> None:
+        if self._turn_model is None:
+            return
+        audio = self._audio.span(utterance.audio_from, position)
+        task = asyncio.create_task(
+            self._shared.vad_runs.run(self._turn_model.complete, audio), name="smart-turn"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._turn_check = task
+
+    def _drop_turn_check(self) -> None:
+        if self._turn_check is not None:
+            self._turn_check.cancel()
+            self._turn_check = None
+
+    def _judge_pause(self) -> None:
+        """The turn model's verdict on the current pause sets the silence that ends it."""
+        check = self._turn_check
+        if check is None or not check.done():
+            return
+        self._turn_check = None
+        if not check.cancelled() and check.exception() is None:  # refused under load: the long one
+            silence_ms = self._shared.turn_end.silence_ms(check.result())
+            log.debug("pause judged", extra={"complete": round(check.result(), 3), "silence_ms": silence_ms})
+            self._endpointer.end_pause_after(silence_ms)
+
+    def _speculative_result(self) -> Transcript | None:
+        """The pause's decode, once ready, while the utterance is still paused."""
+        candidate, utterance = self._candidate, self._utterance
+        if (
+            not self._settings.speculative_results
+            or self._speculated is not None
+            or candidate is None
+            or utterance is None
+            or not utterance.paused
+            or not candidate.task.done()
+            or candidate.task.cancelled()
+            or candidate.task.exception() is not None  # the final meets it again and reports it
+        ):
+            return None
+        text = candidate.task.result().text
+        if not text:
+            return None
+        self._speculated = Transcript(
+            text, is_final=False, start=utterance.speech_start, end=utterance.pause_end, speculative=True
+        )
+        return self._speculated
 
     def _start(self, utterance: Utterance, end: int, urgency: Urgency) -> Decode:
         # The audio is taken now: by the time the task runs, later windows may have ended the

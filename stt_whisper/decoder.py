@@ -25,12 +25,15 @@ SAMPLE_RATE = 16_000
 # Whisper's window: the encoder was trained on 30 s of audio.
 WINDOW_S = 30
 _FRAMES_PER_SECOND = 100
+_SAMPLES_PER_FRAME = SAMPLE_RATE // _FRAMES_PER_SECOND
 # Whisper's own thresholds (openai/whisper transcribe()): a decode whose no-speech probability is
 # high AND whose average log-probability is low heard no speech; a highly compressible text is a
 # repetition loop. Either way the text is dropped.
 NO_SPEECH_THRESHOLD = 0.6
 LOG_PROB_THRESHOLD = -1.0
 COMPRESSION_RATIO_THRESHOLD = 2.4
+# A run of words repeated this often up to the end of a decode is a loop, not speech.
+LOOP_REPEATS = 4
 
 
 class ModelUnavailable(Exception):
@@ -133,13 +136,18 @@ class WhisperDecoder:
     def decode_batch(self, audios: list[Samples], language: str, prefix: str = "") -> list[Hypothesis]:
         """Several utterances in one call of the model, each padded to the longest (see
         bench.stt_whisper_batch for what that saves)."""
-        features = [
-            self._features(audio[: WINDOW_S * SAMPLE_RATE].astype(np.float32) / 32768.0, padding=0)
-            for audio in audios
-        ]
-        frames = self._encoder_frames(max(f.shape[-1] for f in features))
+        clipped = [audio[: WINDOW_S * SAMPLE_RATE] for audio in audios]
+        frames = self._encoder_frames(max(len(audio) for audio in clipped) // _SAMPLES_PER_FRAME)
+        # Padded with silent audio, not with zero features: a zero log-mel frame is not silence
+        # to the model, and a short answer ("five five") followed by it decoded as a repetition
+        # loop that the guard below then dropped.
         batch = np.stack(
-            [np.pad(f[:, :frames], ((0, 0), (0, frames - min(f.shape[-1], frames)))) for f in features]
+            [
+                self._features(audio.astype(np.float32) / 32768.0, padding=frames * _SAMPLES_PER_FRAME)[
+                    :, :frames
+                ]
+                for audio in clipped
+            ]
         )
         tokenizer = Tokenizer(
             self._model.hf_tokenizer,
@@ -171,16 +179,35 @@ class WhisperDecoder:
 
 def _hypothesis(text: str, result: Any) -> Hypothesis:
     avg_logprob = float(result.scores[0])
-    if not text or _is_hallucination(text, result.no_speech_prob, avg_logprob):
+    if result.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOG_PROB_THRESHOLD:
+        return Hypothesis("", 0.0)
+    if _compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD:
+        # Greedy decoding fell into a loop after the speech ("ten of clubs ten of clubs ..."):
+        # the words up to it are the transcript (Whisper itself would decode again, sampling).
+        text = without_loop(text)
+    if not text or _compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD:
         return Hypothesis("", 0.0)
     return Hypothesis(text, math.exp(min(avg_logprob, 0.0)))
 
 
-def _is_hallucination(text: str, no_speech_prob: float, avg_logprob: float) -> bool:
-    if no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOG_PROB_THRESHOLD:
-        return True
+def _compression_ratio(text: str) -> float:
     encoded = text.encode()
-    return len(encoded) / len(zlib.compress(encoded)) > COMPRESSION_RATIO_THRESHOLD
+    return len(encoded) / len(zlib.compress(encoded)) if encoded else 0.0
+
+
+def without_loop(text: str) -> str:
+    """The text up to the end of the first copy of a run of words repeated to its end at least
+    LOOP_REPEATS times (a decoding loop); the text as it is when there is none."""
+    words = text.split()
+    keep = len(words)
+    for period in range(1, len(words) // LOOP_REPEATS + 1):
+        first = len(words) - 1  # walked back to where the run of this period begins
+        while first >= period and words[first] == words[first - period]:
+            first -= 1
+        start = first + 1 - period
+        if len(words) - start >= LOOP_REPEATS * period:
+            keep = min(keep, start + period)
+    return " ".join(words[:keep]) if keep < len(words) else text
 
 
 def _load(settings: ModelSettings) -> WhisperModel:

@@ -47,6 +47,7 @@ class Endpointer:
     def __init__(self, speech_start_ms: int, end_of_utterance_silence_ms: int) -> None:
         self._start_windows = max(1, math.ceil(speech_start_ms / _WINDOW_MS))
         self._end_windows = max(1, math.ceil(end_of_utterance_silence_ms / _WINDOW_MS))
+        self._pause_end_windows = self._end_windows  # this pause's (see end_pause_after)
         self._windows = 0
         self._voiced = False
         self._voiced_run = 0
@@ -64,6 +65,11 @@ class Endpointer:
         """The end of the last window seen, in samples."""
         return self._windows * WINDOW
 
+    def end_pause_after(self, silence_ms: int) -> None:
+        """The current pause ends the utterance after `silence_ms` instead (at once if that much
+        has passed); speech resuming restores the configured silence."""
+        self._pause_end_windows = max(1, math.ceil(silence_ms / _WINDOW_MS))
+
     def step(self, probability: float) -> Boundary | None:
         start = self.position
         self._windows += 1
@@ -72,6 +78,7 @@ class Endpointer:
         if self._voiced:
             self._voiced_run += 1
             silent_before, self._silent_run = self._silent_run, 0
+            self._pause_end_windows = self._end_windows
             self.voiced_end = self.position
             if not self.in_utterance and self._voiced_run >= self._start_windows:
                 self.in_utterance = True
@@ -81,7 +88,7 @@ class Endpointer:
         if not self.in_utterance:
             return None
         self._silent_run += 1
-        if self._silent_run >= self._end_windows:
+        if self._silent_run >= self._pause_end_windows:
             self.in_utterance = False
             self._silent_run = 0
             return Ended(self.voiced_end)

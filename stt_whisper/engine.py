@@ -12,14 +12,15 @@ from typing import Self
 import numpy as np
 
 from stt_whisper.call import CallTranscriber, Shared
-from stt_whisper.decoder import SAMPLE_RATE, ModelSettings, WhisperDecoder
+from stt_whisper.decoder import SAMPLE_RATE, ModelSettings, ModelUnavailable, WhisperDecoder
 from stt_whisper.scheduler import DecodeQueue
+from stt_whisper.turn_model import TurnEnd, TurnModel
 from stt_whisper.vad import SileroModel
 from voicepipe.audio_format import InvalidInput
 from voicepipe.config import FlagParser
 from voicepipe.pcm import Samples
 from voicepipe.stage.blocking import BlockingWorker
-from voicepipe.stage.stt import SpeechEngine, SpeechEvent, TranscriptionSettings
+from voicepipe.stage.stt import Endpointing, SpeechEngine, SpeechEvent, TranscriptionSettings
 
 # Decodes one call can have waiting at once: an interim, a final started when speech paused
 # (maybe stale, until the decoder drops it), and a final.
@@ -28,11 +29,21 @@ _DECODES_PER_CALL = 3
 _UNLIMITED_CALLS = 64
 
 
+# People pause inside sentences: without the turn model, 400 ms of silence ends an utterance
+# (BENCHMARKS.md measures 120, 250 and 400 ms on human speech, and the turn model against it).
+FIXED_SILENCE_MS = 400
+SPEECH_START_MS = 20
+
+
 class WhisperEngine(SpeechEngine):
-    def __init__(self, model: ModelSettings, max_calls: int, interim_interval_ms: int) -> None:
+    def __init__(
+        self, model: ModelSettings, max_calls: int, interim_interval_ms: int, turn_end: TurnEnd
+    ) -> None:
         self.model = model
         self.max_calls = max_calls or _UNLIMITED_CALLS
         self.interim_interval_ms = interim_interval_ms
+        self.turn_end = turn_end
+        self.default_endpointing = Endpointing(FIXED_SILENCE_MS, SPEECH_START_MS)
         self._shared: Shared | None = None
 
     @classmethod
@@ -44,20 +55,37 @@ class WhisperEngine(SpeechEngine):
             default=500,
             help="audio between interim decodes of a growing utterance (when the decoder is idle)",
         )
+        TurnEnd.add_flags(flags)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
         # --max-sessions is the server's (the SDK refuses calls beyond it); the queues fit it.
-        return cls(ModelSettings.from_args(args), args.max_sessions, args.interim_interval_ms)
+        return cls(
+            ModelSettings.from_args(args),
+            args.max_sessions,
+            args.interim_interval_ms,
+            TurnEnd.from_args(args),
+        )
 
     async def start(self) -> None:
         decoder = await asyncio.to_thread(WhisperDecoder, self.model)
         # The first decode allocates the model's buffers: done here, not in a caller's final.
         await asyncio.to_thread(decoder.decode, np.zeros(SAMPLE_RATE, np.int16), decoder.languages[0])
+        turn_model = None
+        if (path := self.turn_end.model_path) is not None:
+            if not path.is_file():
+                raise ModelUnavailable(
+                    f"--turn-model {path} is not a file: install it with python -m stt_whisper.turn_model"
+                )
+            turn_model = await asyncio.to_thread(TurnModel, path)
+            # A client that leaves the silence to the stage gets the turn model's choice.
+            self.default_endpointing = Endpointing(self.turn_end.incomplete_ms, SPEECH_START_MS)
         self._shared = Shared(
             decodes=DecodeQueue(decoder, self.model.workers, _DECODES_PER_CALL * self.max_calls),
             vad=await asyncio.to_thread(SileroModel),
             vad_runs=BlockingWorker("silero", workers=1, max_queued=self.max_calls),
+            turn_model=turn_model,
+            turn_end=self.turn_end,
         )
 
     async def close(self) -> None:

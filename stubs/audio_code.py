@@ -527,6 +527,11 @@ class SpeechDecoder:
         """True between the first voiced frame of an utterance and its end."""
         return self._utt_open
 
+    @property
+    def last_voiced_end(self) -> int:
+        """The end of the current utterance's last voiced frame (in samples)."""
+        return self._last_voiced_end
+
     def to_ms(self, samples: int) -> float:
         """An offset of this stream, in milliseconds."""
         return samples_to_ms(samples, self._rate)

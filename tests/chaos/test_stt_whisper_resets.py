@@ -12,14 +12,11 @@ import pytest
 
 from bench import recordings
 from bench.recordings import normalise
-from orchestrator.stack import REAL_SPEECH_END_OF_UTTERANCE_MS
-from tests.chaos.fault_proxy import FaultProxy
+from tests.chaos.whisper_stack import whisper_behind_resets
 from tests.helpers import open_channel, read_metric
 from voice.v1 import common_pb2
 from voicepipe.audio_format import PcmFormat
-from voicepipe.healthcheck import wait_until_serving
 from voicepipe.pcm import Samples
-from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe_client import Conversation, Microphone, SessionSettings, Utterance
 
 pytestmark = [
@@ -41,21 +38,8 @@ def speech_end(audio: Samples) -> int:
 
 async def test_stt_link_resets_leave_real_transcripts_unchanged() -> None:
     sentences = [recordings.goforward(), *recordings.librivox()[::4]]  # goforward, 0870, 0930
-    started: list[ServiceProcess] = []
-    proxy: FaultProxy | None = None
-    try:
-        for module in ("stt_whisper", "llm_stub", "tts_stub"):
-            started.append(await asyncio.to_thread(ServiceProcess, module, stage_args(0, 0)))
-        stt, llm, tts = started
-        proxy = FaultProxy(stt.port, seed=11)
-        await proxy.start()
-        targets = [f"--stt={proxy.target}", f"--llm={llm.target}", f"--tts={tts.target}"]
-        # The endpointing the stack asks of a real ear (sentences have pauses in them).
-        targets.append(f"--end-of-utterance-silence-ms={REAL_SPEECH_END_OF_UTTERANCE_MS}")
-        orchestrator = await asyncio.to_thread(ServiceProcess, "orchestrator", stage_args(0, 0, *targets))
-        started.append(orchestrator)
-        await wait_until_serving(orchestrator.target, 30)
-        await proxy.reset_every(1.0, jitter_s=0.3)
+    async with whisper_behind_resets(seed=11) as stack:
+        proxy, orchestrator = stack.proxy, stack.orchestrator
         async with open_channel(orchestrator.target) as channel:
             microphone = Microphone(realtime=True)
             conversation = Conversation(
@@ -85,11 +69,6 @@ async def test_stt_link_resets_leave_real_transcripts_unchanged() -> None:
         resumed = await read_metric(
             orchestrator.metrics_port, "voicepipe_stage_resumptions_total", stage="stt"
         )
-    finally:
-        if proxy is not None:
-            await proxy.close()
-        for process in reversed(started):
-            await asyncio.to_thread(process.stop)
     heard = [normalise(text) for text in transcripts if text]
     assert heard == [s.reference for s in sentences]
     assert resets > 0 and resumed > 0, (resets, resumed)

@@ -31,9 +31,12 @@ class TranscriptionSettings:
     fmt: PcmFormat  # what the client sends
     language_code: str  # BCP-47, "en-US" when the client left it empty
     interim_results: bool
+    speculative_results: bool
     end_of_utterance_silence_ms: int
     speech_start_ms: int
     correlation: common_pb2.Correlation
+    # The client left the silence to the engine (0): an engine may then choose it per pause.
+    engine_silence: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,12 @@ class SpeechStarted:
 
 @dataclass(frozen=True)
 class Transcript:
-    """An interim or final transcript of the current utterance, with its span in samples at the
-    engine's rate. After a final the SDK sends END_OF_UTTERANCE at `end` and the next utterance
-    begins. `stability` applies to interims (the SDK sends 1.0 on finals), `confidence` to finals."""
+    """An interim, speculative or final transcript of the current utterance, with its span in
+    samples at the engine's rate. After a final the SDK sends END_OF_UTTERANCE at `end` and the
+    next utterance begins. `stability` applies to interims (the SDK sends 1.0 on finals),
+    `confidence` to finals. A speculative one (not final) is what the engine heard when speech
+    paused at `end`: the engine follows it with the final or with SpeculationWithdrawn (see
+    TranscriptionResult.speculative); the SDK passes both on only to clients that asked."""
 
     text: str
     is_final: bool
@@ -55,13 +61,32 @@ class Transcript:
     end: int
     stability: float = 0.0
     confidence: float = 0.0
+    speculative: bool = False
 
 
-SpeechEvent = SpeechStarted | Transcript
+@dataclass(frozen=True)
+class SpeculationWithdrawn:
+    """Speech resumed: the speculative transcript that ended at `end` is withdrawn."""
+
+    end: int
+
+
+SpeechEvent = SpeechStarted | Transcript | SpeculationWithdrawn
+
+
+@dataclass(frozen=True)
+class Endpointing:
+    """The endpointing an engine is made for: what a client's 0 ("the stage's default") means."""
+
+    end_of_utterance_silence_ms: int
+    speech_start_ms: int
 
 
 class SpeechEngine(Engine):
-    """A speech recogniser. One instance per process, shared by every call."""
+    """A speech recogniser. One instance per process, shared by every call. Every engine
+    declares the endpointing that suits what it hears (`default_endpointing`)."""
+
+    default_endpointing: Endpointing
 
     def sample_rate(self, settings: TranscriptionSettings) -> int:
         """The rate the engine wants its audio at; the SDK resamples to it. The default is the
@@ -87,11 +112,9 @@ pb = speech_to_text_pb2
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeechToTextService"].full_name
 TranscribeContext = grpc.aio.ServicerContext[pb.TranscribeRequest, pb.TranscribeResponse]
 
-# Endpointing limits and defaults from the contract (speech_to_text.proto).
+# Endpointing limits from the contract (speech_to_text.proto); 0 is the engine's default.
 END_OF_UTTERANCE_SILENCE_MS = (80, 5000)
-DEFAULT_END_OF_UTTERANCE_SILENCE_MS = 120
 SPEECH_START_MS = (5, 1000)
-DEFAULT_SPEECH_START_MS = 20
 DEFAULT_LANGUAGE = "en-US"
 # Audio messages read ahead of the engine; beyond this the client is slowed by flow control.
 AUDIO_READ_AHEAD = 256
@@ -110,27 +133,30 @@ def _in_range(value: int, field: str, limits: tuple[int, int], default: int) -> 
     return value
 
 
-def parse_config(config: pb.TranscriptionConfig) -> TranscriptionSettings:
-    """Validates the config; raises InvalidInput naming the offending field."""
+def parse_config(config: pb.TranscriptionConfig, defaults: Endpointing) -> TranscriptionSettings:
+    """Validates the config (0s become the engine's `defaults`); raises InvalidInput naming the
+    offending field."""
     fmt = parse_audio_format(config.audio_format, "config.audio_format")
     endpointing = config.endpointing
     return TranscriptionSettings(
         fmt=fmt,
         language_code=config.language_code or DEFAULT_LANGUAGE,
         interim_results=config.interim_results,
+        speculative_results=config.speculative_results,
         end_of_utterance_silence_ms=_in_range(
             endpointing.end_of_utterance_silence_ms,
             "config.endpointing.end_of_utterance_silence_ms",
             END_OF_UTTERANCE_SILENCE_MS,
-            DEFAULT_END_OF_UTTERANCE_SILENCE_MS,
+            defaults.end_of_utterance_silence_ms,
         ),
         speech_start_ms=_in_range(
             endpointing.speech_start_ms,
             "config.endpointing.speech_start_ms",
             SPEECH_START_MS,
-            DEFAULT_SPEECH_START_MS,
+            defaults.speech_start_ms,
         ),
         correlation=config.correlation,
+        engine_silence=endpointing.end_of_utterance_silence_ms == 0,
     )
 
 
@@ -159,7 +185,8 @@ class ArrivalLog:
 
 @dataclass(frozen=True)
 class _Final:
-    """A final transcript and when the audio in which its speech ended arrived."""
+    """A final (or speculative) transcript and when the audio in which its speech ended (or
+    paused) arrived."""
 
     transcript: Transcript
     speech_ended_at: float
@@ -171,7 +198,7 @@ class _Failure:
 
 
 # What the reader and the engine task hand the call's task; None: the engine has finished.
-_Outgoing = SpeechStarted | Transcript | _Final | _Failure | None
+_Outgoing = SpeechStarted | Transcript | SpeculationWithdrawn | _Final | _Failure | None
 
 
 class _AudioChannel:
@@ -244,7 +271,7 @@ class _Call:
                 self.engine.transcribe(self.settings, aiter(self.audio))
             ) as events:
                 async for event in events:
-                    if isinstance(event, Transcript) and event.is_final:
+                    if isinstance(event, Transcript) and (event.is_final or event.speculative):
                         ended = self.arrivals.arrival_of(event.end, time.monotonic())
                         self.outbox.put_nowait(_Final(event, ended))
                     else:
@@ -253,19 +280,32 @@ class _Call:
         except Exception as exc:
             self.outbox.put_nowait(_Failure(exc))
 
-    def responses(self, item: SpeechStarted | Transcript | _Final) -> list[pb.TranscribeResponse]:
+    def responses(
+        self, item: SpeechStarted | Transcript | SpeculationWithdrawn | _Final
+    ) -> list[pb.TranscribeResponse]:
         correlation = self.settings.correlation
         if isinstance(item, SpeechStarted):
             return [self._speech_event(pb.SPEECH_EVENT_TYPE_SPEECH_STARTED, item.offset)]
+        if isinstance(item, SpeculationWithdrawn):
+            if not self.settings.speculative_results:
+                return []
+            return [self._speech_event(pb.SPEECH_EVENT_TYPE_SPECULATION_WITHDRAWN, item.end)]
         if isinstance(item, Transcript):  # an interim
             if not self.settings.interim_results:
                 return []
             result = self._result(item, stability=item.stability)
             return [pb.TranscribeResponse(result=result, correlation=correlation)]
+        finalization_s = time.monotonic() - item.speech_ended_at
+        if item.transcript.speculative:
+            if not self.settings.speculative_results:
+                return []
+            speculative = self._result(item.transcript, stability=item.transcript.stability)
+            speculative.speculative = True
+            speculative.finalization_time.CopyFrom(durations.from_seconds(finalization_s))
+            return [pb.TranscribeResponse(result=speculative, correlation=correlation)]
         final = self._result(item.transcript, stability=1.0)
         final.is_final = True
         final.confidence = item.transcript.confidence
-        finalization_s = time.monotonic() - item.speech_ended_at
         final.finalization_time.CopyFrom(durations.from_seconds(finalization_s))
         STAGE_FIGURE_SECONDS.labels("stt_finalization").observe(finalization_s)
         end_of_utterance = self._speech_event(pb.SPEECH_EVENT_TYPE_END_OF_UTTERANCE, item.transcript.end)
@@ -298,7 +338,7 @@ class SpeechToTextServicer(speech_to_text_pb2_grpc.SpeechToTextServiceServicer):
         self._sessions = sessions
 
     def _parse(self, config: pb.TranscriptionConfig) -> TranscriptionSettings:
-        settings = parse_config(config)
+        settings = parse_config(config, self._engine.default_endpointing)
         self._engine.check(settings)
         return settings
 
@@ -326,6 +366,7 @@ class SpeechToTextServicer(speech_to_text_pb2_grpc.SpeechToTextServiceServicer):
                 "audio_format": settings.fmt.describe(),
                 "language_code": settings.language_code,
                 "interim_results": settings.interim_results,
+                "speculative_results": settings.speculative_results,
                 "end_of_utterance_silence_ms": settings.end_of_utterance_silence_ms,
             },
         )

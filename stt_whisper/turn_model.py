@@ -1,0 +1,142 @@
+"""Smart Turn v3.2: a small Whisper-encoder model (ONNX, CPU) that scores whether a speaker has
+finished their turn from the last 8 s of their audio. It is Daily's, BSD-2-Clause, and ships in
+the `pipecat-ai` wheel on PyPI, whose other dependencies this stage does not want (pipecat-ai
+pins protobuf below the version voicepipe uses, and brings numba, Pillow, aiohttp and 20 more):
+
+    python -m stt_whisper.turn_model REQUIREMENT [--dir DIR]
+
+downloads that one wheel with pip (no dependencies, nothing installed; REQUIREMENT is the pin of
+pyproject.toml's extra turn-model) and copies the model and its licence out of it into DIR (by
+default the one the stage looks in); `make install` runs it.
+The stage runs the model with onnxruntime and faster-whisper's feature extractor; without the
+file (or without --turn-model) it keeps a fixed endpointing silence."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from faster_whisper.feature_extractor import FeatureExtractor
+
+from voicepipe.config import FlagParser
+from voicepipe.pcm import Samples
+
+MODEL_IN_WHEEL = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
+LICENCE_IN_WHEEL = re.compile(r"pipecat_ai-[^/]+\.dist-info/licenses/LICENSE")
+DEFAULT_DIR = Path(sys.prefix) / "share" / "voicepipe" / "smart-turn"
+MODEL_FILE = "smart-turn-v3.2-cpu.onnx"
+LICENCE_FILE = "LICENSE-smart-turn"
+DEFAULT_PATH = DEFAULT_DIR / MODEL_FILE
+_SAMPLE_RATE = 16_000
+_SECONDS = 8  # the model hears the last 8 s (shorter audio is padded with silence before it)
+
+
+# Above this probability the turn is judged finished.
+COMPLETE_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """Where the turn model is, and the silences it chooses between."""
+
+    model_path: Path | None  # None: no turn model, a fixed silence
+    complete_ms: int  # after speech the model judges a finished turn
+    incomplete_ms: int  # after speech it judges unfinished (and until it has judged)
+
+    @staticmethod
+    def add_flags(flags: FlagParser) -> None:
+        flags.add(
+            "--turn-model",
+            type=str,
+            default="",
+            help="the Smart Turn ONNX file (`python -m stt_whisper.turn_model` installs it and prints"
+            f" its path, by default {DEFAULT_PATH.relative_to(sys.prefix)} under the environment);"
+            " empty: no turn model, every pause ends an utterance after the fixed 400 ms (measured"
+            " better here, see BENCHMARKS.md)",
+        )
+        for verdict, judged, default in (("complete", "finished", 200), ("incomplete", "unfinished", 800)):
+            flags.add(
+                f"--turn-{verdict}-silence-ms",
+                type=int,
+                default=default,
+                help=f"silence that ends an utterance the turn model judges {judged}",
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TurnEnd:
+        path = Path(args.turn_model) if args.turn_model else None
+        return cls(path, args.turn_complete_silence_ms, args.turn_incomplete_silence_ms)
+
+    def silence_ms(self, complete_probability: float) -> int:
+        return self.complete_ms if complete_probability > COMPLETE_THRESHOLD else self.incomplete_ms
+
+
+class TurnModel:
+    """The loaded model; `complete` blocks (run it on a worker thread)."""
+
+    def __init__(self, path: Path) -> None:
+        options = onnxruntime.SessionOptions()
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 4
+        self._session = onnxruntime.InferenceSession(
+            str(path), providers=["CPUExecutionProvider"], sess_options=options
+        )
+        self._features = FeatureExtractor(feature_size=80, sampling_rate=_SAMPLE_RATE, chunk_length=_SECONDS)
+
+    def complete(self, audio: Samples) -> float:
+        """The probability (0 to 1) that the speech in 16 kHz `audio`, which ends where the
+        speaker paused, is a finished turn."""
+        window = _SECONDS * _SAMPLE_RATE
+        wave = audio[-window:].astype(np.float32) / 32768.0
+        wave = np.pad(wave, (window - wave.size, 0))
+        wave = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)  # as the model was trained
+        features = self._features(wave, padding=0)[:, : window // 160]
+        (scores,) = self._session.run(None, {"input_features": features[None].astype(np.float32)})
+        return float(np.asarray(scores).reshape(-1)[0])
+
+
+def install(requirement: str, directory: Path) -> Path:
+    """Copies the model and its licence out of the wheel `requirement` names into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as download:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--dest",
+                download,
+                requirement,
+            ],
+            check=True,
+        )
+        [wheel] = Path(download).glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            [licence] = [name for name in archive.namelist() if LICENCE_IN_WHEEL.fullmatch(name)]
+            (directory / MODEL_FILE).write_bytes(archive.read(MODEL_IN_WHEEL))
+            (directory / LICENCE_FILE).write_bytes(archive.read(licence))
+    return directory / MODEL_FILE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m stt_whisper.turn_model", description=__doc__)
+    parser.add_argument("requirement", help="the wheel to take it from (pyproject.toml's extra turn-model)")
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="where to put the model")
+    args = parser.parse_args()
+    print(install(args.requirement, args.dir))
+
+
+if __name__ == "__main__":
+    main()
