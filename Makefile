@@ -15,7 +15,7 @@ install: $(INSTALLED) $(GENERATED)
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,gateway]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,tts-piper,stt-whisper,llm-openai,certs,gateway]'
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.
@@ -66,11 +66,11 @@ demo-stubs: install
 	$(PY) -m orchestrator.demo --stubs
 
 bench: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,gateway,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,tts-piper,stt-whisper,llm-openai,certs,gateway,bench]'
 	$(PY) -m bench
 
 bench-short: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,gateway,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,tts-piper,stt-whisper,llm-openai,certs,gateway,bench]'
 	$(PY) -m bench --short
 
 clean:
