@@ -45,7 +45,7 @@ lint: install
 	$(BUF) lint protos
 
 # The four services on their default ports, stopped together by Ctrl-C; each role runs its stub
-# unless told otherwise: `make up STT=whisper LLM=openai TTS=espeak`. `make up CERTS=out/certs`
+# unless told otherwise: `make up STT=whisper LLM=openai TTS=piper` (or TTS=espeak). `make up CERTS=out/certs`
 # runs every link with mutual TLS (after `make certs`).
 STT ?= stub
 LLM ?= stub
@@ -58,7 +58,7 @@ up: install
 certs: install
 	$(PY) -m voicepipe.certs out/certs
 
-# A real spoken conversation (Whisper, the local LLM, espeak-ng); demo-stubs: the stub stack.
+# A real spoken conversation (Whisper, the local LLM, the Piper voice); demo-stubs: the stub stack.
 demo: install
 	$(PY) -m orchestrator.demo
 

@@ -13,6 +13,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from voicepipe.audio_format import InvalidInput
+from voicepipe.handlers import drain
 from voicepipe.logs import bind_correlation
 from voicepipe.stage import StageError
 
@@ -68,7 +69,10 @@ async def open_stream(
         config = await read_config(requests, data_field, data_name)
         bind_correlation(config.correlation.session_id, config.correlation.turn_id)
         settings = parse(config)
-    except (InvalidInput, StageError) as error:
+    except InvalidInput as error:
+        await drain(requests)  # the client may still be writing: let it finish (see drain())
+        await reject(error, context)
+    except StageError as error:
         await reject(error, context)
     await accept(context)
     return settings
@@ -118,6 +122,9 @@ async def serve_stream(
             async with contextlib.aclosing(body(settings, requests)) as responses:
                 async for response in responses:
                     yield response
+    except InvalidInput as error:
+        await drain(requests)  # the client may still be writing: let it finish (see drain())
+        await reject(error, context)
     except Exception as error:
         await reject(error, context)
 
