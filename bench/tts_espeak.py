@@ -26,7 +26,7 @@ from tts_espeak.engine import EspeakEngine
 from voice.v1 import common_pb2
 from voicepipe.audio_format import LINEAR16, PcmFormat
 from voicepipe.stage import StageError
-from voicepipe.stage.tts import Segment, SynthesisSettings
+from voicepipe.stage.tts import Segment, SynthesisSettings, VoiceEngine
 
 REPLY = (
     "Sure, I can help with that.",
@@ -47,7 +47,7 @@ class Spoken:
     audio_s: float
 
 
-async def speak(engine: EspeakEngine, text: str) -> Spoken:
+async def speak(engine: VoiceEngine, text: str) -> Spoken:
     due = time.monotonic()
     first: float | None = None
     samples = 0
@@ -58,7 +58,7 @@ async def speak(engine: EspeakEngine, text: str) -> Spoken:
     return Spoken(first - due, time.monotonic() - due, samples / engine.sample_rate(SETTINGS))
 
 
-async def single_session(engine: EspeakEngine, samples: int) -> None:
+async def single_session(engine: VoiceEngine, samples: int) -> None:
     print("| segment | chars | audio | TTFA p50 | synthesis p50 | real-time factor p50 |")
     print("|---|---|---|---|---|---|")
     for name, text in (("sentence", REPLY[1]), ("longest (4096 chars)", LONG_SEGMENT)):
@@ -81,7 +81,7 @@ class SessionOutcome:
     refused: bool = False
 
 
-async def session(engine: EspeakEngine, delay_s: float) -> SessionOutcome:
+async def session(engine: VoiceEngine, delay_s: float) -> SessionOutcome:
     """One reply, played in real time from its first audio."""
     await asyncio.sleep(delay_s)
     outcome = SessionOutcome()
@@ -105,7 +105,8 @@ async def session(engine: EspeakEngine, delay_s: float) -> SessionOutcome:
     return outcome
 
 
-async def capacity(engine: EspeakEngine, levels: tuple[int, ...]) -> None:
+async def capacity(engine: VoiceEngine, levels: tuple[int, ...]) -> int:
+    """Prints a row per level tried; returns the most sessions carried with no late piece."""
     print("\n| sessions | TTFA p50 | TTFA max | late pieces | worst lateness | refused |")
     print("|---|---|---|---|---|---|")
     rng = random.Random(1)
@@ -135,6 +136,7 @@ async def capacity(engine: EspeakEngine, levels: tuple[int, ...]) -> None:
         carried = count
     tried = ", ".join(map(str, levels))
     print(f"\nreal-time sessions carried with no late piece: {carried} (tried: {tried})")
+    return carried
 
 
 async def run(short: bool) -> None:

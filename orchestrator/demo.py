@@ -2,8 +2,8 @@
 interrupted by a barge-in. Prints the transcripts, replies and the per-turn latency table, writes
 the reply audio to out/demo/, then stops the stack.
 
-By default the stack is real: Whisper hears, the local language model answers and espeak-ng
-speaks; the caller is espeak-ng too, in another voice. `--stubs` (`make demo-stubs`) runs the
+By default the stack is real: Whisper hears, the local language model answers and the Piper
+neural voice speaks; the caller is espeak-ng. `--stubs` (`make demo-stubs`) runs the
 stub stack with the realistic latency profile instead: fast and deterministic.
 """
 
@@ -16,9 +16,9 @@ import sys
 from orchestrator.stack import STUBS, start_stack
 from voicepipe_client.cli import converse, parse_args
 
-REAL = {"stt": "whisper", "llm": "openai", "tts": "espeak"}
+REAL = {"stt": "whisper", "llm": "openai", "tts": "piper"}
 # The caller speaks with a British voice (received pronunciation, which tiny.en hears best of
-# espeak's English voices); the agent answers in espeak's default American one.
+# espeak's English voices); the agent answers with the Piper voice (tts_piper).
 REAL_SCRIPT = [
     "--speaker", "espeak:en-gb-x-rp",
     "--say", "Hello, my name is Sam.",
@@ -34,7 +34,7 @@ STUB_SCRIPT = [
 
 
 async def demo(stubs: bool) -> int:
-    what = "stub stack (realistic latency profile)" if stubs else "real stack (Whisper, local LLM, espeak-ng)"
+    what = "stub stack (realistic latency profile)" if stubs else "real stack (Whisper, local LLM, Piper)"
     print(f"starting the {what}...", file=sys.stderr, flush=True)
     stack = await start_stack("realistic", ephemeral=True, engines=STUBS if stubs else REAL)
     try:

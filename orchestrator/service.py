@@ -21,6 +21,7 @@ from orchestrator.upstreams import Upstreams
 from voice.v1 import common_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.audio_format import InvalidInput, parse_audio_format
+from voicepipe.handlers import drain
 from voicepipe.logs import session_id_var, tenant_var
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,6 @@ log = logging.getLogger(__name__)
 MAX_SESSION_ID_CHARS = 128
 # A client must send its config this soon after opening the call.
 CONFIG_TIMEOUT_S = 10.0
-# A refused call first waits this long for the client's first message: a grpc.aio client whose
-# write crosses the server's status reports INTERNAL instead of that status (grpc/grpc#36066).
-REFUSAL_READ_S = 1.0
 
 
 class SessionSlots:
@@ -117,11 +115,10 @@ class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
         code: grpc.StatusCode,
         message: str,
     ) -> None:
-        """Ends a call that is not admitted, once its first message (the config) is in or after
-        REFUSAL_READ_S, so that the client's config write does not cross the status."""
-        with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
-            async with asyncio.timeout(REFUSAL_READ_S):
-                await anext(requests, None)
+        """Ends a call that is not admitted once the client has stopped writing (see drain()), so
+        that its writes do not cross the status."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await drain(requests)
         await context.abort(code, message)
 
     async def _open(

@@ -2,7 +2,7 @@
 once they report SERVING and is itself waited on until SERVING; then the gateway (the web page),
 whose URL is printed. Ctrl-C stops them all. Each role runs the stub or a real engine:
 
-    python -m orchestrator.stack [--stt stub|whisper] [--llm stub|openai] [--tts stub|espeak]
+    python -m orchestrator.stack [--stt stub|whisper] [--llm stub|openai] [--tts stub|espeak|piper]
                                  [--latency-profile realistic] [--ephemeral-ports]
                                  [--certs out/certs]
 
@@ -33,7 +33,7 @@ PORTS = {"stt": (50052, 9602), "llm": (50053, 9603), "tts": (50054, 9604)}
 ENGINES = {
     "stt": {"stub": "stt_stub", "whisper": "stt_whisper"},
     "llm": {"stub": "llm_stub", "openai": "llm_openai"},
-    "tts": {"stub": "tts_stub", "espeak": "tts_espeak"},
+    "tts": {"stub": "tts_stub", "espeak": "tts_espeak", "piper": "tts_piper"},
 }
 STUBS = {role: "stub" for role in ENGINES}
 # The gateway's HTTP/WebSocket and metrics ports.

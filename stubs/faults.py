@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from voicepipe.config import FlagParser
+from voicepipe.handlers import CallHooks, wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,13 @@ class FaultInjector(grpc.aio.ServerInterceptor):
             or handler_call_details.method.startswith(UNTOUCHED_SERVICES)
         ):
             return original
-        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
         settings = self._settings
         self._calls += 1
         call_number = self._calls
         injected = settings.calls == 0 or call_number <= settings.fail_first + settings.calls
 
-        async def faulty(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        @contextlib.asynccontextmanager
+        async def faulty(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[CallHooks]:
             if call_number <= settings.fail_first:
                 log.warning("fault: failing call", extra={"call": call_number})
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"fault injection: call {call_number} fails")
@@ -117,30 +118,21 @@ class FaultInjector(grpc.aio.ServerInterceptor):
                     log.warning("fault: stalling call", extra={"call": call_number, "after": sent})
                     await asyncio.Event().wait()  # until the client cancels or the deadline passes
 
-            # aclosing: a cancelled call closes the handler's generator now, not at GC time.
-            async with contextlib.aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    await stall_here()
-                    if injected and sent == settings.break_after:
-                        log.warning("fault: breaking call", extra={"call": call_number, "after": sent})
-                        await context.abort(
-                            grpc.StatusCode.UNAVAILABLE,
-                            f"fault injection: stream broken after {sent} messages",
-                        )
-                    sent += 1
-                    yield response
+            async def before_response(response: Any) -> None:
+                nonlocal sent
+                await stall_here()
+                if injected and sent == settings.break_after:
+                    log.warning("fault: breaking call", extra={"call": call_number, "after": sent})
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"fault injection: stream broken after {sent} messages"
+                    )
+                sent += 1
+
+            yield CallHooks(sent=before_response)
             await stall_here()  # K was every response: the call does not end either
 
-        factory = (
-            grpc.stream_stream_rpc_method_handler
-            if handler.request_streaming
-            else grpc.unary_stream_rpc_method_handler
-        )
-        return factory(
-            faulty,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        wrapped: grpc.RpcMethodHandler[Any, Any] = wrap_handler(handler, faulty)
+        return wrapped
 
 
 class _FaultKnobs:

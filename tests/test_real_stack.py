@@ -1,6 +1,7 @@
-"""The orchestrator with real engines behind it: a barge-in over espeak-ng's voice keeps
-`heard_text` on a word boundary of what was played, and one spoken turn through all three real
-stages (Whisper, the local language model, espeak-ng) is heard right and spoken as written."""
+"""The orchestrator with real engines behind it: a barge-in over each real voice (espeak-ng,
+Piper) keeps `heard_text` on a word boundary of what was played, and one spoken turn through the
+demo's three real stages (Whisper, the local language model, the Piper voice) is heard right
+and spoken as written."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from faster_whisper import WhisperModel
 
+from orchestrator.demo import REAL
 from orchestrator.stack import LocalStack, start_stack
 from stubs.replies import STORY
 from tests.helpers import open_channel
@@ -28,14 +30,14 @@ def words(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
 
 
-@pytest.fixture(scope="module")
-async def espeak_stack() -> AsyncIterator[LocalStack]:
+@pytest.fixture(scope="module", params=["espeak", "piper"])
+async def voice_stack(request: pytest.FixtureRequest) -> AsyncIterator[LocalStack]:
     """The stub STT and LLM (the caller speaks the stub code; the LLM writes 20 tokens/s) in
-    front of the real espeak-ng voice."""
+    front of a real voice."""
     stack = await start_stack(
         "instant",
         ephemeral=True,
-        engines={"stt": "stub", "llm": "stub", "tts": "espeak"},
+        engines={"stt": "stub", "llm": "stub", "tts": request.param},
         stage_flags={"llm": ["--tokens-per-second", "20"]},
     )
     try:
@@ -45,10 +47,10 @@ async def espeak_stack() -> AsyncIterator[LocalStack]:
 
 
 async def test_barge_in_over_the_real_voice_keeps_heard_text_on_a_word_boundary(
-    espeak_stack: LocalStack,
+    voice_stack: LocalStack,
 ) -> None:
-    assert espeak_stack.orchestrator is not None
-    async with open_channel(espeak_stack.orchestrator.target) as channel:
+    assert voice_stack.orchestrator is not None
+    async with open_channel(voice_stack.orchestrator.target) as channel:
         caller = await Caller(channel, session_id="real-tts-barge-in").open()
         async with caller:
             await caller.speak("Please tell me a story.")
@@ -67,17 +69,15 @@ async def test_barge_in_over_the_real_voice_keeps_heard_text_on_a_word_boundary(
 
 
 async def test_a_spoken_turn_through_the_three_real_stages() -> None:
-    """What the caller says (espeak-ng) Whisper hears; the local model answers; the reply audio,
-    transcribed again, says the reply text (tiny.en hears espeak imperfectly: a bound on WER)."""
+    """What the caller says (espeak-ng) Whisper hears; the local model answers; the reply audio in
+    the demo's voice, transcribed again, says the reply text (tiny.en is imperfect: a bound on WER)."""
     speaker = EspeakSpeaker("en-gb-x-rp")
     said = speaker("Hello, my name is Sam.", PCM_16K.sample_rate)
     speaker.close()
     # A second of silence after it ends the utterance (the caller sends as fast as it can).
     silence = np.zeros(PCM_16K.sample_rate, dtype=np.int16)
     phrase = Utterance.from_samples(np.concatenate([said.samples, silence]), PCM_16K, said.speech_end_samples)
-    stack = await start_stack(
-        "instant", ephemeral=True, engines={"stt": "whisper", "llm": "openai", "tts": "espeak"}
-    )
+    stack = await start_stack("instant", ephemeral=True, engines=REAL)
     try:
         assert stack.orchestrator is not None
         async with open_channel(stack.orchestrator.target) as channel:

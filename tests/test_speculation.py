@@ -190,13 +190,11 @@ async def test_a_withdrawn_speculation_is_cancelled_and_the_history_never_holds_
     withdrawn, confirmed = await stack.speculative("withdrawn"), await stack.speculative("confirmed")
     stack.llm.requests.clear()
     caller = await converse(stack, paused("my name", "is ada"), paused("what is my name"))
-    # The LLM was asked about "my name" at the pause; that answer never reached the caller,
-    # and the history has the whole sentence only.
-    assert user_texts(stack.llm.requests) == [
-        ["my name"],
-        ["my name is ada"],
-        ["my name is ada", "what is my name"],
-    ]
+    # The LLM was asked about "my name" at the pause (unless speech resumed before the request
+    # left); that answer never reached the caller, and the history has the whole sentence only.
+    asked = user_texts(stack.llm.requests)
+    assert asked[:-2] in ([], [["my name"]]), asked
+    assert asked[-2:] == [["my name is ada"], ["my name is ada", "what is my name"]]
     assert await stack.speculative("withdrawn") == withdrawn + 1
     assert await stack.speculative("confirmed") == confirmed + 2
     assert [e.turn_started.user_text for e in caller.of_kind("turn_started")] == [

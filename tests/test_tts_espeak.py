@@ -14,7 +14,7 @@ from tts_espeak.engine import EspeakEngine
 from voice.v1 import common_pb2
 from voicepipe.audio_format import LINEAR16, InvalidInput, PcmFormat
 from voicepipe.pcm import Samples
-from voicepipe.stage.tts import Segment, SpeechAudio, SynthesisSettings
+from voicepipe.stage.tts import Segment, SpeechAudio, SynthesisSettings, VoiceEngine
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs away."
 # About four minutes of speech: the contract's longest segment.
@@ -40,7 +40,7 @@ def settings(voice: str = "") -> SynthesisSettings:
     )
 
 
-async def speak(engine: EspeakEngine, text: str, voice: str = "") -> list[SpeechAudio]:
+async def speak(engine: VoiceEngine, text: str, voice: str = "") -> list[SpeechAudio]:
     return [piece async for piece in engine.synthesize(settings(voice), Segment(1, text, time.monotonic()))]
 
 

@@ -8,13 +8,13 @@ import argparse
 from collections.abc import AsyncGenerator
 from typing import Self
 
-from tts_espeak.alignment import WordAligner
-from tts_espeak.libespeak import Espeak, Mark, Parameter
-from tts_espeak.normalize import NormalizedText, normalize
+from tts_espeak.libespeak import Espeak, Parameter
 from tts_espeak.voices import VoiceCatalogue
 from voicepipe.config import FlagParser
 from voicepipe.pcm import Samples
+from voicepipe.stage.alignment import Mark, WordAligner
 from voicepipe.stage.blocking import BlockingWorker, Emitter
+from voicepipe.stage.normalize import NormalizedText, normalize
 from voicepipe.stage.tts import Segment, SpeechAudio, SynthesisSettings, VoiceEngine, VoiceList
 
 RATE_WPM = (80, 450)

@@ -18,6 +18,7 @@ import espeakng_loader
 import numpy as np
 
 from voicepipe.pcm import Samples
+from voicepipe.stage.alignment import Mark
 
 # speak_lib.h
 _AUDIO_OUTPUT_SYNCHRONOUS: Final = 2
@@ -28,6 +29,7 @@ _EE_OK: Final = 0
 _EVENT_LIST_TERMINATED: Final = 0
 _EVENT_WORD: Final = 1
 _EVENT_END: Final = 5
+_PHONEMES_IPA: Final = 0x02
 # Audio handed to the callback in buffers of this length: shorter buffers reach the client sooner.
 BUFFER_MS: Final = 20
 
@@ -76,18 +78,6 @@ _SynthCallback = ctypes.CFUNCTYPE(
 
 
 @dataclass(frozen=True)
-class Mark:
-    """A word starting (`length` code points from `position`) or a clause ending (length 0), at
-    `sample` samples into the message. `position` is a 0-based code point index into the text
-    passed to `synth` (espeak counts from 1)."""
-
-    is_word: bool
-    position: int
-    length: int
-    sample: int
-
-
-@dataclass(frozen=True)
 class VoiceFile:
     """One voice the data directory holds: `identifier` is its file under voices/ (such as
     "gmw/en-US"); `languages` its language tags, most preferred first."""
@@ -96,6 +86,15 @@ class VoiceFile:
     name: str
     languages: tuple[str, ...]
     gender: str
+
+
+@dataclass(frozen=True)
+class Clause:
+    """One clause of a text in phonemes: it ends at code point `end` of the text (its
+    punctuation and the spaces after it included)."""
+
+    end: int
+    ipa: str
 
 
 # Called with each buffer of audio and the marks that fall in it; returns True to abort synthesis.
@@ -148,6 +147,8 @@ class Espeak:
             ctypes.c_void_p,
         )
         lib.espeak_Synth.restype = ctypes.c_int
+        lib.espeak_TextToPhonemes.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int)
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         lib.espeak_Terminate.argtypes = ()
         lib.espeak_Terminate.restype = ctypes.c_int
         rate = lib.espeak_Initialize(
@@ -208,6 +209,25 @@ class Espeak:
             raise self._error
         if status != _EE_OK:
             raise RuntimeError(f"espeak_Synth failed (error {status})")
+
+    def phonemes(self, text: str) -> list[Clause]:
+        """`text` in IPA phonemes of the selected voice, clause by clause, words separated by
+        spaces (espeak_TextToPhonemes); nothing is synthesised."""
+        data = text.encode()
+        buffer = ctypes.create_string_buffer(data)
+        start = ctypes.addressof(buffer)
+        pointer = ctypes.c_void_p(start)
+        clauses: list[Clause] = []
+        previous = 0
+        while pointer.value is not None:
+            ipa = self._lib.espeak_TextToPhonemes(ctypes.byref(pointer), _CHARS_UTF8, _PHONEMES_IPA)
+            after = len(data) if pointer.value is None else pointer.value - start
+            end = len(data[:after].decode(errors="ignore"))
+            if pointer.value is not None:
+                end -= 1  # espeak has read one character of the next clause
+            clauses.append(Clause(end=max(end, previous), ipa=(ipa or b"").decode()))
+            previous = clauses[-1].end
+        return clauses
 
     def _on_audio(
         self, wav: ctypes._Pointer[ctypes.c_short], count: int, events: ctypes._Pointer[_Event]

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tts_espeak.libespeak import Espeak, Mark
-from tts_espeak.normalize import normalize
+from tts_espeak.libespeak import Espeak
 from tts_espeak.voices import VoiceCatalogue
 from voicepipe.pcm import Resampler, Samples
+from voicepipe.stage.alignment import Mark
+from voicepipe.stage.normalize import normalize
 
 # espeak's output falls below this (of 32767) only in pauses: where speech ends.
 SILENCE_LEVEL = 200

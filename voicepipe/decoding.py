@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from voicepipe.audio_format import InvalidInput
+from voicepipe.handlers import CallHooks, drain, wrap_handler
 from voicepipe.metrics import SERVER_MALFORMED_MESSAGES
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,12 @@ class _CallDecoder:
 
     async def decode_stream(self, raw_messages: AsyncIterator[bytes]) -> AsyncIterator[Any]:
         async for raw in raw_messages:
-            yield self.decode(raw)
-
-
-async def _reject(error: MalformedRequest, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-    raise AssertionError("unreachable")  # abort() raises
+            try:
+                message = self.decode(raw)
+            except MalformedRequest:
+                await drain(raw_messages)  # the call ends: let the client finish writing first
+                raise
+            yield message
 
 
 def _decoding_handler(handler: Any, type_name: str, path: str) -> grpc.RpcMethodHandler[Any, Any]:
@@ -89,41 +90,15 @@ def _decoding_handler(handler: Any, type_name: str, path: str) -> grpc.RpcMethod
         decoder = _CallDecoder(deserializer, type_name, path)
         return decoder.decode_stream(raw) if request_streaming else decoder.decode(raw)
 
-    if handler.response_streaming:
-        behavior = handler.stream_stream if request_streaming else handler.unary_stream
-
-        async def streaming(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            try:
-                result = behavior(requests(raw), context)
-                if not hasattr(result, "__aiter__"):  # handlers that use context.write()
-                    await result
-                    return
-                # aclosing: a cancelled call closes the handler's generator now, not at GC.
-                async with contextlib.aclosing(result) as responses:
-                    async for response in responses:
-                        yield response
-            except MalformedRequest as error:
-                await _reject(error, context)
-
-        streaming_factory = (
-            grpc.stream_stream_rpc_method_handler
-            if request_streaming
-            else grpc.unary_stream_rpc_method_handler
-        )
-        return streaming_factory(streaming, response_serializer=handler.response_serializer)
-
-    behavior_unary = handler.stream_unary if request_streaming else handler.unary_unary
-
-    async def unary(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    @contextlib.asynccontextmanager
+    async def decoded(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[CallHooks]:
         try:
-            return await behavior_unary(requests(raw), context)
+            yield CallHooks(requests=requests)
         except MalformedRequest as error:
-            await _reject(error, context)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
-    unary_factory = (
-        grpc.stream_unary_rpc_method_handler if request_streaming else grpc.unary_unary_rpc_method_handler
-    )
-    return unary_factory(unary, response_serializer=handler.response_serializer)
+    result: grpc.RpcMethodHandler[Any, Any] = wrap_handler(handler, decoded, request_deserializer=None)
+    return result
 
 
 class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):

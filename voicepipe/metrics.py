@@ -13,6 +13,8 @@ import grpc
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
+from voicepipe.handlers import CallHooks, wrap_handler
+
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
 SERVER_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _LABELS)
@@ -94,7 +96,7 @@ class _RpcObserver:
             self._received.inc()
             yield request
 
-    def sent(self) -> None:
+    async def sent(self, response: Any) -> None:
         self._sent.inc()
 
     @contextlib.contextmanager
@@ -134,53 +136,14 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
             SERVER_RETRIED.labels(service, method).inc()
         request_streaming: bool = handler.request_streaming
 
-        def observe() -> _RpcObserver:
-            return _RpcObserver(rpc_type, service, method, request_streaming)
-
-        if handler.response_streaming:
-            behavior = handler.stream_stream if request_streaming else handler.unary_stream
-
-            async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                observer = observe()
-                with observer.outcome(context):
-                    result = behavior(observer.requests(request), context)
-                    if not hasattr(result, "__aiter__"):  # handlers that use context.write()
-                        await result
-                        return
-                    # aclosing: a cancelled call closes the handler's generator now, not at GC.
-                    async with contextlib.aclosing(result) as responses:
-                        async for response in responses:
-                            observer.sent()
-                            yield response
-
-            streaming_factory = (
-                grpc.stream_stream_rpc_method_handler
-                if request_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
-            return streaming_factory(
-                streaming,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-
-        behavior_unary = handler.stream_unary if request_streaming else handler.unary_unary
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            observer = observe()
+        @contextlib.asynccontextmanager
+        async def observed(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[CallHooks]:
+            observer = _RpcObserver(rpc_type, service, method, request_streaming)
             with observer.outcome(context):
-                response = await behavior_unary(observer.requests(request), context)
-                observer.sent()
-                return response
+                yield CallHooks(requests=observer.requests, sent=observer.sent)
 
-        unary_factory = (
-            grpc.stream_unary_rpc_method_handler if request_streaming else grpc.unary_unary_rpc_method_handler
-        )
-        return unary_factory(
-            unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        wrapped: grpc.RpcMethodHandler[Any, Any] = wrap_handler(handler, observed)
+        return wrapped
 
 
 def start_metrics_endpoint(host: str, port: int) -> int:

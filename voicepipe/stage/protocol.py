@@ -1,18 +1,23 @@
 """The stream protocol the STT and TTS contracts share (config first, then data, in a oneof),
-how a call is accepted or rejected, the session limit, and the stage's own timing metrics."""
+how a call is accepted or rejected, the tasks that do a call's work beside its responses
+(`CallOutbox`), the session limit, and the stage's own timing metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 from prometheus_client import Counter, Histogram
 
+from voicepipe.aio import cancel_and_wait
 from voicepipe.audio_format import InvalidInput
+from voicepipe.handlers import drain
 from voicepipe.logs import bind_correlation
 from voicepipe.stage import StageError
 
@@ -20,6 +25,7 @@ log = logging.getLogger(__name__)
 
 Settings = TypeVar("Settings")
 Response = TypeVar("Response")
+Item = TypeVar("Item")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 STAGE_FIGURE_SECONDS = Histogram(
@@ -68,7 +74,10 @@ async def open_stream(
         config = await read_config(requests, data_field, data_name)
         bind_correlation(config.correlation.session_id, config.correlation.turn_id)
         settings = parse(config)
-    except (InvalidInput, StageError) as error:
+    except InvalidInput as error:
+        await drain(requests)  # the client may still be writing: let it finish (see drain())
+        await reject(error, context)
+    except StageError as error:
         await reject(error, context)
     await accept(context)
     return settings
@@ -118,8 +127,71 @@ async def serve_stream(
             async with contextlib.aclosing(body(settings, requests)) as responses:
                 async for response in responses:
                     yield response
+    except InvalidInput as error:
+        await drain(requests)  # the client may still be writing: let it finish (see drain())
+        await reject(error, context)
     except Exception as error:
         await reject(error, context)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A call's task failed: the call ends with `error` (see reject())."""
+
+    error: Exception
+
+
+class _End:
+    """The call's work is done: no more responses."""
+
+
+# Responses a call's tasks may have produced ahead of the client before they wait for it.
+OUTBOX_ROOM = 64
+
+
+class CallOutbox(Generic[Item]):
+    """The work of one bidi call beside its responses: tasks (the one reading the requests, the
+    engine's) hand the call its responses, in order, through this outbox. A task that raises,
+    or calls `fail`, ends the call with that error as soon as the responses before it have gone:
+    one way for any task to end a call. `responses()` yields them and, however the call ends,
+    cancels and awaits every task."""
+
+    def __init__(self, call_name: str) -> None:
+        self._name = call_name
+        self._queue: asyncio.Queue[Item | Failure | _End] = asyncio.Queue()
+        self._room = asyncio.Semaphore(OUTBOX_ROOM)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, work: Coroutine[Any, Any, None], role: str) -> None:
+        """Runs `work` in a task named `role:call name`; if it raises, the call fails with it."""
+        self._tasks.append(asyncio.create_task(self._run(work), name=f"{role}:{self._name}"))
+
+    async def _run(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Exception as error:
+            self.fail(error)
+
+    async def send(self, item: Item) -> None:
+        """Queues a response; waits while OUTBOX_ROOM responses wait for the client."""
+        await self._room.acquire()
+        self._queue.put_nowait(item)
+
+    def end(self) -> None:
+        self._queue.put_nowait(_End())
+
+    def fail(self, error: Exception) -> None:
+        self._queue.put_nowait(Failure(error))
+
+    async def responses(self) -> AsyncGenerator[Item, None]:
+        try:
+            while not isinstance(item := await self._queue.get(), _End):
+                if isinstance(item, Failure):
+                    raise item.error
+                self._room.release()
+                yield item
+        finally:
+            await cancel_and_wait(*self._tasks)
 
 
 class SessionLimit:

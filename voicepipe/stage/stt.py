@@ -15,11 +15,10 @@ import grpc
 
 from voice.v1 import common_pb2, speech_to_text_pb2, speech_to_text_pb2_grpc
 from voicepipe import durations
-from voicepipe.aio import cancel_and_wait
 from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.pcm import Resampler, Samples
 from voicepipe.stage import Engine
-from voicepipe.stage.protocol import STAGE_FIGURE_SECONDS, SessionLimit, serve_stream
+from voicepipe.stage.protocol import STAGE_FIGURE_SECONDS, CallOutbox, Failure, SessionLimit, serve_stream
 
 log = logging.getLogger(__name__)
 
@@ -192,25 +191,16 @@ class _Final:
     speech_ended_at: float
 
 
-@dataclass(frozen=True)
-class _Failure:
-    error: BaseException
-
-
-# What the reader and the engine task hand the call's task; None: the engine has finished.
-_Outgoing = SpeechStarted | Transcript | SpeculationWithdrawn | _Final | _Failure | None
-
-
 class _AudioChannel:
     """Audio read off the request stream, handed to the engine in order. A bad request is
     queued behind the audio before it: when the engine reaches it, everything the engine made of
     the earlier audio is already in the outbox, and the failure goes after it."""
 
-    def __init__(self, outbox: asyncio.Queue[_Outgoing]) -> None:
-        self._queue: asyncio.Queue[Samples | _Failure | None] = asyncio.Queue(AUDIO_READ_AHEAD)
+    def __init__(self, outbox: CallOutbox[pb.TranscribeResponse]) -> None:
+        self._queue: asyncio.Queue[Samples | Failure | None] = asyncio.Queue(AUDIO_READ_AHEAD)
         self._outbox = outbox
 
-    async def put(self, item: Samples | _Failure | None) -> None:
+    async def put(self, item: Samples | Failure | None) -> None:
         await self._queue.put(item)
 
     async def __aiter__(self) -> AsyncIterator[Samples]:
@@ -218,9 +208,9 @@ class _AudioChannel:
             item = await self._queue.get()
             if item is None:
                 return
-            if isinstance(item, _Failure):
-                self._outbox.put_nowait(item)
-                await asyncio.Event().wait()  # the call's task ends the call, cancelling this
+            if isinstance(item, Failure):
+                self._outbox.fail(item.error)
+                await asyncio.Event().wait()  # the call ends, cancelling this
                 return
             yield item
 
@@ -232,7 +222,7 @@ class _Call:
         self.settings = settings
         self.engine = engine
         self.rate = engine.sample_rate(settings)
-        self.outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        self.outbox: CallOutbox[pb.TranscribeResponse] = CallOutbox(settings.correlation.session_id)
         self.audio = _AudioChannel(self.outbox)
         self.arrivals = ArrivalLog(
             (settings.end_of_utterance_silence_ms + ARRIVAL_MARGIN_MS) * self.rate // 1000
@@ -255,7 +245,7 @@ class _Call:
             await self._feed(resample.flush(), time.monotonic())
             await self.audio.put(None)
         except Exception as exc:
-            await self.audio.put(_Failure(exc))
+            await self.audio.put(Failure(exc))
 
     async def _feed(self, samples: Samples, arrived: float) -> None:
         if not samples.size:
@@ -266,19 +256,16 @@ class _Call:
         await self.audio.put(samples)
 
     async def recognise(self) -> None:
-        try:
-            async with contextlib.aclosing(
-                self.engine.transcribe(self.settings, aiter(self.audio))
-            ) as events:
-                async for event in events:
-                    if isinstance(event, Transcript) and (event.is_final or event.speculative):
-                        ended = self.arrivals.arrival_of(event.end, time.monotonic())
-                        self.outbox.put_nowait(_Final(event, ended))
-                    else:
-                        self.outbox.put_nowait(event)
-            self.outbox.put_nowait(None)
-        except Exception as exc:
-            self.outbox.put_nowait(_Failure(exc))
+        async with contextlib.aclosing(self.engine.transcribe(self.settings, aiter(self.audio))) as events:
+            async for event in events:
+                if isinstance(event, Transcript) and (event.is_final or event.speculative):
+                    ended = self.arrivals.arrival_of(event.end, time.monotonic())
+                    responses = self.responses(_Final(event, ended))
+                else:
+                    responses = self.responses(event)
+                for response in responses:
+                    await self.outbox.send(response)
+        self.outbox.end()
 
     def responses(
         self, item: SpeechStarted | Transcript | SpeculationWithdrawn | _Final
@@ -371,20 +358,15 @@ class SpeechToTextServicer(speech_to_text_pb2_grpc.SpeechToTextServiceServicer):
             },
         )
         call = _Call(self._engine, settings)
-        session = settings.correlation.session_id
-        reader = asyncio.create_task(call.read(requests), name=f"stt-read-audio:{session}")
-        engine = asyncio.create_task(call.recognise(), name=f"stt-engine:{session}")
+        call.outbox.start(call.read(requests), "stt-read-audio")
+        call.outbox.start(call.recognise(), "stt-engine")
         try:
-            while (item := await call.outbox.get()) is not None:
-                if isinstance(item, _Failure):
-                    raise item.error
-                for response in call.responses(item):
+            async with contextlib.aclosing(call.outbox.responses()) as responses:
+                async for response in responses:
                     yield response
         except (asyncio.CancelledError, GeneratorExit):
             log.info("transcription cancelled", extra={"utterances": call.utterance_index})
             raise
-        finally:
-            await cancel_and_wait(reader, engine)
         log.info(
             "transcription ended",
             extra={"utterances": call.utterance_index, "audio_s": round(call.samples_fed / call.rate, 3)},

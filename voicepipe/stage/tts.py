@@ -16,11 +16,10 @@ import numpy as np
 
 from voice.v1 import common_pb2, text_to_speech_pb2, text_to_speech_pb2_grpc
 from voicepipe import durations
-from voicepipe.aio import cancel_and_wait
 from voicepipe.audio_format import InvalidInput, PcmFormat, parse_audio_format
 from voicepipe.pcm import Resampler, Samples
 from voicepipe.stage import Engine
-from voicepipe.stage.protocol import STAGE_FIGURE_SECONDS, SessionLimit, serve_stream
+from voicepipe.stage.protocol import STAGE_FIGURE_SECONDS, CallOutbox, SessionLimit, serve_stream
 
 log = logging.getLogger(__name__)
 
@@ -176,25 +175,21 @@ class SegmentChecker:
 
 class SegmentReader:
     """Reads the requests after the config, queueing segments as they become due (at a flush,
-    or at the end of the request stream); None marks the end. A bad request is recorded in
-    `failure` and wakes the queue, so the call ends at once even in the middle of a segment."""
+    or at the end of the request stream); None marks the end. A bad request raises, which ends
+    the call (see CallOutbox) even in the middle of a segment."""
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Segment | None] = asyncio.Queue()
-        self.failure: Exception | None = None
 
     async def run(self, requests: AsyncIterator[pb.SynthesizeRequest]) -> None:
         checker = SegmentChecker()
         pending: list[pb.TextSegment] = []
-        try:
-            async for request in requests:
-                segment = checker.check(request)
-                pending.append(segment)
-                if segment.flush:
-                    self._release(pending)
-            self._release(pending)
-        except Exception as exc:
-            self.failure = exc
+        async for request in requests:
+            segment = checker.check(request)
+            pending.append(segment)
+            if segment.flush:
+                self._release(pending)
+        self._release(pending)
         self.queue.put_nowait(None)
 
     def _release(self, pending: list[pb.TextSegment]) -> None:
@@ -275,6 +270,13 @@ class SegmentChunker:
         return message
 
 
+@dataclass
+class _SegmentCount:
+    """Segments a call has spoken in full (for its log lines)."""
+
+    segments: int = 0
+
+
 class TextToSpeechServicer(text_to_speech_pb2_grpc.TextToSpeechServiceServicer):
     """Serves a VoiceEngine as TextToSpeechService.Synthesize: segments in order, one at a time,
     each streamed as the engine produces it."""
@@ -315,39 +317,48 @@ class TextToSpeechServicer(text_to_speech_pb2_grpc.TextToSpeechServiceServicer):
             },
         )
         reader = SegmentReader()
-        reader_task = asyncio.create_task(
-            reader.run(requests), name=f"tts-read-segments:{settings.correlation.session_id}"
-        )
+        outbox: CallOutbox[pb.SynthesizeResponse] = CallOutbox(settings.correlation.session_id)
+        spoken = _SegmentCount()
+        outbox.start(reader.run(requests), "tts-read-segments")
+        outbox.start(self._speak(settings, reader, outbox, spoken), "tts-synthesize")
+        try:
+            async with contextlib.aclosing(outbox.responses()) as responses:
+                async for response in responses:
+                    yield response
+        except (asyncio.CancelledError, GeneratorExit):
+            log.info("synthesis cancelled", extra={"segments": spoken.segments})
+            raise
+        log.info("synthesis ended", extra={"segments": spoken.segments})
+
+    async def _speak(
+        self,
+        settings: SynthesisSettings,
+        reader: SegmentReader,
+        outbox: CallOutbox[pb.SynthesizeResponse],
+        spoken: _SegmentCount,
+    ) -> None:
+        """Speaks the segments as they become due, each streamed as the engine produces it."""
         engine_rate = self._engine.sample_rate(settings)
         correlation = settings.correlation
-        segments = 0
-        try:
-            while (segment := await reader.queue.get()) is not None:
-                chunker = SegmentChunker(settings, engine_rate, segment)
-                pieces = self._engine.synthesize(settings, segment)
-                async with contextlib.aclosing(pieces):
-                    async for piece in pieces:
-                        for chunk in chunker.add(piece):
-                            self._check(reader)
-                            yield pb.SynthesizeResponse(audio=chunk, correlation=correlation)
-                for chunk in chunker.finish():
-                    self._check(reader)
-                    yield pb.SynthesizeResponse(audio=chunk, correlation=correlation)
-                segments += 1
-                yield pb.SynthesizeResponse(
+        while (segment := await reader.queue.get()) is not None:
+            chunker = SegmentChunker(settings, engine_rate, segment)
+            async with contextlib.aclosing(self._engine.synthesize(settings, segment)) as pieces:
+                async for piece in pieces:
+                    for chunk in chunker.add(piece):
+                        await outbox.send(pb.SynthesizeResponse(audio=chunk, correlation=correlation))
+            for chunk in chunker.finish():
+                await outbox.send(pb.SynthesizeResponse(audio=chunk, correlation=correlation))
+            spoken.segments += 1
+            await outbox.send(
+                pb.SynthesizeResponse(
                     segment_complete=pb.SegmentComplete(
                         segment_id=segment.segment_id,
                         audio_duration=durations.from_samples(chunker.samples, settings.fmt.sample_rate),
                     ),
                     correlation=correlation,
                 )
-            self._check(reader)
-        except (asyncio.CancelledError, GeneratorExit):
-            log.info("synthesis cancelled", extra={"segments": segments})
-            raise
-        finally:
-            await cancel_and_wait(reader_task)
-        log.info("synthesis ended", extra={"segments": segments})
+            )
+        outbox.end()
 
     async def ListVoices(
         self,
@@ -355,9 +366,3 @@ class TextToSpeechServicer(text_to_speech_pb2_grpc.TextToSpeechServiceServicer):
         context: grpc.aio.ServicerContext[pb.ListVoicesRequest, pb.ListVoicesResponse],
     ) -> pb.ListVoicesResponse:
         return (await self._engine.list_voices()).to_proto()
-
-    @staticmethod
-    def _check(reader: SegmentReader) -> None:
-        """Ends the call at once if the reader found a bad request."""
-        if reader.failure is not None:
-            raise reader.failure

@@ -1,22 +1,34 @@
-"""Word-aligned audio: espeak's buffers and word events become SpeechAudio pieces whose `text_end`
-says how much of the original segment text has been spoken once the piece has played.
+"""Word-aligned audio: an engine's audio and its word marks (where each word starts, where each
+clause ends, in samples) become SpeechAudio pieces whose `text_end` says how much of the
+original segment text has been spoken once the piece has played.
 
 A word counts as spoken when the audio reaches the start of the next word or the end of its
-clause (espeak reports both as events with the sample they fall on), so a listener who stops
+clause, so a listener who stops
 after a piece has heard every word its `text_end` covers, and `text_end` always falls on a word
 boundary of the original text."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tts_espeak.libespeak import Mark
-from tts_espeak.normalize import NormalizedText
 from voicepipe.pcm import Samples
+from voicepipe.stage.normalize import NormalizedText
 from voicepipe.stage.tts import SpeechAudio
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A word starting (`length` code points from `position`) or a clause ending (length 0), at
+    `sample` samples into the segment's audio. `position` is a 0-based code point index into the
+    normalised text the engine speaks."""
+
+    is_word: bool
+    position: int
+    length: int
+    sample: int
 
 
 class WordAligner:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tts_espeak.normalize import normalize
+from voicepipe.stage.normalize import normalize
 
 
 def words(text: str) -> list[str]:

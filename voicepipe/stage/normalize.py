@@ -2,7 +2,7 @@
 URLs, symbols) becomes text that reads aloud sensibly, never spelled out character by character.
 
 The result keeps, for every character it holds, the position in the original text it came from,
-so that what espeak reports as spoken maps back to the segment text the client sent: the
+so that what an engine reports as spoken maps back to the segment text the client sent: the
 character ranges of the audio always index the original."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SYMBOLS: Final = {
     "→": "to",
     "©": "copyright",
 }
-# Dropped: markup, separators and brackets that espeak would otherwise name.
+# Dropped: markup, separators and brackets that a voice would otherwise name.
 SILENT: Final = frozenset("*_`|/\\^{}[]#®™•")
 DASHES: Final = frozenset("\u2014\u2013")  # em and en dash: read as a pause
 CURRENCIES: Final = {"$": "dollars", "€": "euros", "£": "pounds", "¥": "yen"}
@@ -134,7 +134,7 @@ def _normalize_into(out: _Builder, text: str, start: int, end: int) -> None:
 
 @dataclass(frozen=True)
 class NormalizedText:
-    """`text` is what espeak speaks; `origins[i]` is the index in `original` that `text[i]` came
+    """`text` is what the engine speaks; `origins[i]` is the index in `original` that `text[i]` came
     from (non-decreasing); `word_starts` are the original's word boundaries (0, and every index
     where a word begins after whitespace)."""
 
@@ -148,7 +148,7 @@ class NormalizedText:
         return any(char.isalnum() for char in self.text)
 
     def spoken_through(self, end: int) -> int:
-        """Once `text[:end]` has been spoken (`end` is the end of a word espeak reported), how much
+        """Once `text[:end]` has been spoken (`end` is the end of a word the engine reported), how much
         of the original has: a prefix that ends on a word boundary of the original (before a
         word, after the whitespace that precedes it), never more than was spoken. The
         punctuation and spaces after the spoken word count as spoken with it."""
