@@ -81,6 +81,7 @@ images:
 		|| bash docker/base-image.sh $(PYTHON_IMAGE)
 	DOCKER_BUILDKIT=1 $(DOCKER) build --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) --target runtime -t voicepipe:local .
 	DOCKER_BUILDKIT=1 $(DOCKER) build --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) --target real -t voicepipe-real:local .
+	$(DOCKER) image prune --force --filter label=org.opencontainers.image.title=voicepipe
 
 bench: install
 	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,stt-whisper,llm-openai,certs,bench]'
