@@ -188,8 +188,7 @@ def kill_replica_serving(
     containers: Sequence[str], event: str, session_id: str, timeout_s: float
 ) -> list[str]:
     """`docker kill` the replica that logs `event` for the session, once it has; returns what the
-    killed process had logged for the session (docker may restart the container, and the
-    process it starts then logs on)."""
+    killed process had logged for the session."""
     replica = wait_for_session(containers, event, session_id, timeout_s)
     docker("kill", replica)
     return [str(e.get("event")) for e in log_events(replica) if e.get("session_id") == session_id]

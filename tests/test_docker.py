@@ -179,16 +179,16 @@ async def test_session_survives_a_restart_of_the_stt_service(
     assert heard(second.audio, PCM_16K) == ["7 divided by 2 is 3.5."]
 
 
-async def kill_replica(stack: ComposeStack, stage: str, session: str) -> list[str]:
-    """Kills the stage's replica that serves the session; what it had logged for the session."""
-    containers = stack.containers(stage)
+async def kill_replica(replicas: list[str], stage: str, session: str) -> list[str]:
+    """Kills the one of the stage's `replicas` (listed before the call, as listing takes a while)
+    that serves the session; returns what it had logged for the session."""
     return await asyncio.to_thread(
-        kill_replica_serving, containers, CALL_STARTED[stage], session, TURN_TIMEOUT_S
+        kill_replica_serving, replicas, CALL_STARTED[stage], session, TURN_TIMEOUT_S
     )
 
 
 async def restore_replicas(stack: ComposeStack, stage: str) -> None:
-    """Back to REPLICAS[stage] running replicas (a killed one is restarted, or replaced)."""
+    """Back to REPLICAS[stage] running replicas (a killed container stays stopped until then)."""
     await asyncio.to_thread(
         stack.compose,
         "up",
@@ -212,7 +212,7 @@ async def test_stt_replica_killed_mid_utterance(
         assert (await talk.turn_ended("1", timeout_s=TURN_TIMEOUT_S)).agent_text == "2 plus 3 is 5."
         session = talk.conversation.settings.session_id
         await talk.conversation.play(before).sent.wait()
-        await kill_replica(stub_stack, "stt", session)
+        await kill_replica(stub_stack.containers("stt"), "stt", session)
         await talk.conversation.speak(after)
         turn = await talk.turn_ended("2", timeout_s=TURN_TIMEOUT_S)
     assert talk.final_transcripts() == ["What is 2 plus 3?", "Please repeat after me: forty two apples."]
@@ -229,7 +229,7 @@ async def test_tts_replica_killed_mid_reply(
         session = talk.conversation.settings.session_id
         await talk.speak("Please tell me a story.")
         await talk.wait_for(lambda: talk.audio_received("1") >= PCM_16K.bytes_for(500), what="reply audio")
-        await kill_replica(stub_stack, "tts", session)
+        await kill_replica(stub_stack.containers("tts"), "tts", session)
         story = await talk.turn_ended("1", timeout_s=TURN_TIMEOUT_S)
     assert story.completed is not None and story.agent_text == STORY, story
     assert " ".join(heard(story.audio, PCM_16K)).split() == STORY.split()
@@ -242,8 +242,9 @@ async def test_llm_replica_killed_before_its_first_token(
 ) -> None:
     async with await caller(orchestrator_channel).open() as talk:
         session = talk.conversation.settings.session_id
+        replicas = stub_stack.containers("llm")
         await talk.speak("What is 2 plus 3?")
-        killed = await kill_replica(stub_stack, "llm", session)
+        killed = await kill_replica(replicas, "llm", session)
         turn = await talk.turn_ended("1", timeout_s=TURN_TIMEOUT_S)
     assert "generated" not in killed, killed
     assert turn.agent_text == "2 plus 3 is 5." and heard(turn.audio, PCM_16K) == ["2 plus 3 is 5."]
@@ -344,7 +345,7 @@ async def test_whisper_replica_killed_mid_recording_loses_and_repeats_nothing(
         await talk.conversation.speak(recording())
         await talk.turn_ended("1", timeout_s=REAL_TURN_TIMEOUT_S)
         await talk.conversation.play(before).sent.wait()
-        await kill_replica(real_stack, "stt", talk.conversation.settings.session_id)
+        await kill_replica(real_stack.containers("stt"), "stt", talk.conversation.settings.session_id)
         await talk.conversation.speak(after)
         turn = await talk.turn_ended("2", timeout_s=REAL_TURN_TIMEOUT_S)
         finals = talk.final_transcripts()
