@@ -1,7 +1,8 @@
 """How long a compose stack takes from `docker-compose up` to an orchestrator that reports
 SERVING, and `down` to nothing, for the stub stack, the stub stack with replicas and the real
-stack (images built: `make images`; a Docker engine running). Each stack is started `--rounds`
-times under a project name of its own, the orchestrator on an ephemeral loopback port.
+stack (images built by `make images`; the Docker engine is started if none runs, and stopped
+after). Each stack is started `--rounds` times under a project name of its own, the orchestrator
+on an ephemeral loopback port.
 
     python -m bench.compose_up [--rounds 3]
 """
@@ -13,7 +14,7 @@ import asyncio
 import statistics
 import time
 
-from tests.docker_engine import ComposeStack
+from tests.docker_engine import ComposeStack, docker_engine
 from voicepipe.healthcheck import wait_until_serving
 
 SERVING_TIMEOUT_S = 300.0
@@ -55,4 +56,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    with docker_engine():
+        asyncio.run(main())
