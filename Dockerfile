@@ -91,6 +91,8 @@ RUN /opt/venv/bin/python -m stt_whisper.turn_model "$(cat /tmp/turn-model-requir
 
 # --- service: what both images run on ---------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS service
+# By this label `make images` removes the untagged images its rebuilds leave behind.
+LABEL org.opencontainers.image.title=voicepipe
 # Inside a container the services listen on every interface; outside one they default to
 # loopback. The ports stay at their defaults (see EXPOSE).
 ENV PATH=/opt/venv/bin:$PATH \

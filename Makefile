@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/voice/v1/*.proto)
 GENERATED := voice/v1/.generated
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: install protos test chaos lint demo demo-stubs up certs bench bench-short clean
+.PHONY: install protos test chaos lint demo demo-stubs up certs base-image images bench bench-short clean
 
 install: $(INSTALLED) $(GENERATED)
 
@@ -70,6 +70,24 @@ demo: install
 
 demo-stubs: install
 	$(PY) -m orchestrator.demo --stubs
+
+# The Dockerfile's base image, built offline from Debian packages with the host's extra CA
+# certificates (for machines that cannot pull python:3.11-slim; see docker/base-image.sh).
+base-image:
+	bash docker/base-image.sh $(PYTHON_IMAGE)
+
+# Both images with BuildKit: voicepipe:local (orchestrator and stubs) and voicepipe-real:local
+# (the real engines), the names the compose files run. The base image is built offline first
+# when it is not there and cannot be pulled. DOCKER: a client that builds with BuildKit
+# (Debian's docker 20.10 does with DOCKER_BUILDKIT=1; newer clients need the buildx plugin).
+PYTHON_IMAGE ?= python:3.11-slim
+DOCKER ?= $(shell docker buildx version >/dev/null 2>&1 || ! test -x /usr/bin/docker && echo docker || echo /usr/bin/docker)
+images:
+	$(DOCKER) image inspect $(PYTHON_IMAGE) >/dev/null 2>&1 || $(DOCKER) pull $(PYTHON_IMAGE) \
+		|| bash docker/base-image.sh $(PYTHON_IMAGE)
+	DOCKER_BUILDKIT=1 $(DOCKER) build --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) --target runtime -t voicepipe:local .
+	DOCKER_BUILDKIT=1 $(DOCKER) build --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) --target real -t voicepipe-real:local .
+	$(DOCKER) image prune --force --filter label=org.opencontainers.image.title=voicepipe
 
 bench: install
 	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,tts-piper,stt-whisper,llm-openai,certs,gateway,bench]'

@@ -242,9 +242,10 @@ async def say(conversation: Conversation, phrase: Utterance) -> Turn:
     return turn
 
 
-async def converse(orchestrator: ServiceProcess, variant: Variant, phrases: list[Utterance]) -> None:
-    """One conversation: the phrases, each spoken once the reply to the one before has played."""
-    async with connect(orchestrator.target) as channel:
+async def converse(target: str, variant: Variant, phrases: list[Utterance]) -> None:
+    """One conversation with the orchestrator at `target`: the phrases, each spoken once the reply
+    to the one before has played."""
+    async with connect(target) as channel:
         conversation = Conversation(
             channel,
             SessionSettings(FMT, FMT),
@@ -284,7 +285,7 @@ async def run(
             llm_stages[versus] = other_llm.target
         orchestrators = await start_orchestrators(stack, variants, llm_stages)
         for orchestrator in orchestrators if versus else orchestrators[:1]:  # each backend warms up
-            await converse(orchestrator, Variant(0, "warm-up"), [warm_up])
+            await converse(orchestrator.target, Variant(0, "warm-up"), [warm_up])
         named = {f"orchestrator ({v.name})": o for v, o in zip(variants, orchestrators, strict=True)}
         named |= {p.module: p for p in stack.processes if p.module != "orchestrator"}  # and the LLM backend
         cpu_before = {name: procstat.sample(p.process.pid).cpu_s for name, p in named.items()}
@@ -293,7 +294,7 @@ async def run(
             # The order rotates from round to round, so no variant always goes first.
             for k in range(len(variants)):
                 which = (index + k) % len(variants)
-                await converse(orchestrators[which], variants[which], phrases)
+                await converse(orchestrators[which].target, variants[which], phrases)
         wall = time.monotonic() - started
         for variant, orchestrator in zip(variants, orchestrators, strict=True):
             variant.read_speculation(orchestrator)
@@ -325,7 +326,7 @@ async def run_concurrent(
     try:
         assert stack.orchestrator is not None
         orchestrator = stack.orchestrator
-        await converse(orchestrator, Variant(0, "warm-up"), [warm_up])
+        await converse(orchestrator.target, Variant(0, "warm-up"), [warm_up])
         pids = [p.process.pid for p in stack.processes]
         spread_s = max(len(p.frames) for p in phrases) * FRAME_MS / 1000
         for n in sessions:
@@ -333,7 +334,9 @@ async def run_concurrent(
 
             async def one(k: int, step: Variant = step, n: int = n) -> None:
                 await asyncio.sleep(k * spread_s / n)
-                await converse(orchestrator, step, phrases[k % len(phrases) :] + phrases[: k % len(phrases)])
+                await converse(
+                    orchestrator.target, step, phrases[k % len(phrases) :] + phrases[: k % len(phrases)]
+                )
 
             cpu_before = sum(procstat.sample(pid).cpu_s for pid in pids)
             started = time.monotonic()

@@ -40,6 +40,9 @@ UPSTREAM_SERVING = Gauge(
     "voicepipe_upstream_serving", "1 while the upstream's health Watch reports SERVING.", ("upstream",)
 )
 
+# round_robin: a stage's name may resolve to several replicas (`dns:///stt:50052` with
+# `docker-compose up --scale stt=3`); the channel connects to every address and spreads calls
+# over them (gRPC's default, pick_first, would send every call to the first).
 # Calls that may be retried by the channel itself: Generate (gRPC retries a server-streaming
 # call only until its first response arrives, which is exactly when retrying is safe) and
 # unary health checks. Throttling stops retries while more than half of recent calls fail, so a

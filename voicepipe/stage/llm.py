@@ -168,6 +168,8 @@ class LanguageModelServicer(language_model_pb2_grpc.LanguageModelServiceServicer
         first_token_s = last_token_s = 0.0
         sent = 0
         text: list[str] = []
+        # Like "transcription started" and "synthesis started": which replica took the turn.
+        log.info("generation started", extra={"messages": len(generation.messages)})
         finished = Finished()
         try:
             deltas = self._engine.generate(generation)
