@@ -13,19 +13,22 @@ spoken turn, so one utterance with a pause in it gets one answer, not two."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from orchestrator.metrics import TURNS
 from orchestrator.output import SessionFailed, SessionOutput
 from orchestrator.retry import StageFailed
+from orchestrator.tickets import Tickets
 from orchestrator.timings import TurnTimings
 from orchestrator.turn import Turn, TurnSettings
 from orchestrator.upstreams import Upstreams
-from voice.v1 import common_pb2, language_model_pb2
+from voice.v1 import common_pb2, language_model_pb2, resumption_pb2
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.aio import cancel_and_wait
 from voicepipe.logs import turn_id_var
@@ -43,6 +46,7 @@ class TurnRequest:
     turn: Turn | None = None  # already started, when it arrived while the conversation was idle
     spoken: bool = False  # from a final transcript (not typed)
     message: language_model_pb2.ChatMessage | None = None  # its place in the history
+    audio_end: Duration | None = None  # where its utterance ends in the session audio (spoken)
 
 
 @dataclass(frozen=True)
@@ -58,28 +62,35 @@ class TurnContext:
 
 
 class TurnRunner:
-    """Runs the conversation's turns (as `run()`, its task) and remembers what was said."""
+    """Runs the conversation's turns (as `run()`, its task) and remembers what was said; after
+    each turn it sends the client a resumption ticket (with `tickets`)."""
 
-    def __init__(self, context: TurnContext, system_prompt: str) -> None:
+    def __init__(
+        self, context: TurnContext, start: resumption_pb2.ResumptionState, tickets: Tickets | None
+    ) -> None:
+        """`start`: the session's settings, and the history, turn count and audio offset it
+        starts from (a new conversation's: the system prompt, 0, 0)."""
         self._context = context
         self._output = context.output
-        self.history: list[language_model_pb2.ChatMessage] = []
-        if system_prompt:
-            self.history.append(
-                language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_SYSTEM, content=system_prompt)
-            )
-        self._turn_count = 0
+        self._state = start
+        self._tickets = tickets
+        self.history: list[language_model_pb2.ChatMessage] = list(start.history)
+        self._turn_count = start.turns
+        self._audio_covered = Duration()
+        self._audio_covered.CopyFrom(start.audio_offset)
+        self.draining = False
         self._requests: asyncio.Queue[TurnRequest | None] = asyncio.Queue(MAX_QUEUED_TURNS + 1)
         self._idle = False  # the runner waits for a request; nothing is being played
         self._playing: tuple[TurnRequest, Turn, asyncio.Task[None]] | None = None
         self._withdrawn: TurnRequest | None = None  # its words open the next spoken turn
 
-    def submit_speech(self, text: str, timings: TurnTimings) -> None:
-        """A final transcript: a turn, opened by the words of a turn withdrawn before it."""
+    def submit_speech(self, text: str, timings: TurnTimings, end: Duration) -> None:
+        """A final transcript ending at `end` in the session audio: a turn, opened by the words
+        of a turn withdrawn before it."""
         words = [self._withdrawn.text if self._withdrawn else "", text.strip()]
         self._withdrawn = None
         if joined := " ".join(word for word in words if word):
-            self.submit(TurnRequest(joined, timings, spoken=True))
+            self.submit(TurnRequest(joined, timings, spoken=True, audio_end=end))
 
     def submit(self, request: TurnRequest) -> None:
         """Queues a turn; raises SessionFailed (and fails the session) when too many wait."""
@@ -101,8 +112,16 @@ class TurnRunner:
         """No more turns: run() returns once the ones queued have been played (a withdrawn
         turn that no later words joined is answered after all)."""
         if (withdrawn := self._withdrawn) is not None:
-            self.submit_speech("", withdrawn.timings)
+            self.submit_speech("", withdrawn.timings, withdrawn.audio_end or Duration())
         await self._requests.put(None)
+
+    def drain(self) -> None:
+        """The server is going away: run() returns once the turn being played has ended (and
+        its ticket is out); turns waiting are not played (their client sends them again)."""
+        self.draining = True
+        if self._idle:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._requests.put_nowait(None)
 
     def interrupt(self) -> None:
         """Barge-in: stop the turn being played at once; no more of its audio leaves. A spoken
@@ -130,11 +149,16 @@ class TurnRunner:
                 self._idle = False
                 if request is None:
                     return
+                if self.draining:
+                    if request.turn is not None:
+                        request.turn.close()
+                    return
                 turn = request.turn or self._new_turn(request)
                 try:
                     await self._play(request, turn)
                 finally:
                     turn.close()
+                await self.send_ticket()
         finally:
             self._idle = False
             while not self._requests.empty():  # the session ended with turns waiting
@@ -178,7 +202,10 @@ class TurnRunner:
 
     async def _report(self, request: TurnRequest, turn: Turn, task: asyncio.Task[None]) -> None:
         """Says how the turn ended; the history keeps what the user heard of the reply."""
-        if task.cancelled() and request is self._withdrawn:
+        withdrawn = task.cancelled() and request is self._withdrawn
+        if not withdrawn and request.audio_end is not None:
+            self._audio_covered.CopyFrom(request.audio_end)  # the history now holds its words
+        if withdrawn:
             TURNS.labels("withdrawn").inc()
             log.info("turn withdrawn: the user went on speaking", extra={"turn": turn.turn_id})
             await self._output.put(
@@ -213,6 +240,24 @@ class TurnRunner:
             self._remember_reply(turn.reply.text)
             await self._output.put(turn.completed_event())
             log.info("turn completed", extra={"turn": turn.turn_id, "reply_chars": len(turn.reply.text)})
+
+    async def send_ticket(self) -> None:
+        """The client's resumption ticket for the conversation as it stands (with tickets)."""
+        if self._tickets is None:
+            return
+        state = self._state
+        state.turns = self._turn_count
+        state.audio_offset.CopyFrom(self._audio_covered)
+        del state.history[:]
+        state.history.extend(self.history)
+        if (ticket := self._tickets.issue(state)) is None:
+            log.warning("no resumption ticket: the system prompt alone is over the ticket's limit")
+            return
+        await self._output.put(
+            pb.ConverseResponse(
+                resumption=ticket, correlation=common_pb2.Correlation(session_id=self._context.session_id)
+            )
+        )
 
     def _remember_reply(self, text: str) -> None:
         if text:

@@ -129,6 +129,7 @@ class Caller:
         output_format: PcmFormat = PCM_16K,
         session_id: str = "",
         timeout_s: float = CONVERSE_TIMEOUT_S,
+        resumption_ticket: bytes = b"",
     ) -> None:
         self.input_format = input_format
         self.events: list[pb.ConverseResponse] = []
@@ -136,7 +137,7 @@ class Caller:
         self._over = False
         self.conversation = Conversation(
             channel,
-            SessionSettings(input_format, output_format, session_id),
+            SessionSettings(input_format, output_format, session_id, resumption_ticket=resumption_ticket),
             microphone=Microphone(realtime=False),
             timeout_s=timeout_s,
             assembler=TurnAssembler(output_format, listener=self),
