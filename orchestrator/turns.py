@@ -143,7 +143,7 @@ class TurnRunner:
     async def run(self) -> None:
         """One turn at a time, in order, until finish()."""
         try:
-            while True:
+            while not self.draining:
                 self._idle = True
                 request = await self._requests.get()
                 self._idle = False

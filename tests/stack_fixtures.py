@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -94,14 +93,6 @@ async def processes() -> AsyncIterator[Processes]:
 async def serving(process: ServiceProcess) -> ServiceProcess:
     await wait_until_serving(process.target, EVENT_TIMEOUT_S)
     return process
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (the OS picks it; the socket is closed again)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- audio ------------------------------------------------------------------------------------------

@@ -16,11 +16,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.resumption import EXIT_TIMEOUT_S, Replicas
 from orchestrator import auth
 from orchestrator.tickets import MAX_TICKET_BYTES, Tickets
 from stubs.audio_code import normalize_text
 from tests.helpers import exchange
-from tests.stack_fixtures import EVENT_TIMEOUT_S, Caller, Processes, free_port, heard, processes, serving
+from tests.stack_fixtures import EVENT_TIMEOUT_S, Caller, heard, processes, serving
 from voice.v1 import resumption_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.processes import ServiceProcess
@@ -29,8 +30,6 @@ from voicepipe_client import PCM_16K, SessionSettings, Turn, connect
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
-# A draining orchestrator lets the turn being played end; it exits well within this.
-EXIT_TIMEOUT_S = 15.0
 
 # What the LLM stub answers (stubs/replies.py), given the history.
 REPLIES = {
@@ -66,53 +65,13 @@ async def stages(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stag
         yield Stages(tuple(f"--{role}={p.target}" for role, p in started.items()), keys_file, key)
 
 
-class Replicas:
-    """Two orchestrators, each on a port of its own that it keeps across restarts."""
-
-    def __init__(self, group: Processes, stages: Stages) -> None:
-        self._group = group
-        self._stages = stages
-        self.ports = [free_port(), free_port()]
-        self.running: list[ServiceProcess] = []
-
-    async def start(self, index: int) -> ServiceProcess:
-        process = await self._group.start(
-            "orchestrator",
-            *self._stages.flags,
-            f"--resumption-keys-file={self._stages.keys_file}",
-            "--shutdown-grace=5",
-            port=self.ports[index],
-        )
-        return await serving(process)
-
-    @property
-    def target(self) -> str:
-        return "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
-
-    def holder(self, session_id: str) -> int:
-        """The replica whose live call holds the conversation."""
-        for index, process in enumerate(self.running):
-            events = [e for e in process.events() if e.get("session_id") == session_id]
-            started = sum(e["event"] == "session started" for e in events)
-            ended = sum(e["event"] in ("session ended", "session failed") for e in events)
-            if process.process.poll() is None and started > ended:
-                return index
-        raise AssertionError(f"no replica holds {session_id}")
-
-    async def restart(self, index: int) -> None:
-        """SIGTERM, wait for the exit, start again on the same port."""
-        old = self.running[index]
-        old.signal(signal.SIGTERM)
-        assert await asyncio.to_thread(old.wait, EXIT_TIMEOUT_S) == 0
-        self.running[index] = await self.start(index)
-
-
 @pytest.fixture
 async def replicas(stages: Stages) -> AsyncIterator[Replicas]:
-    async with processes() as group:
-        pair = Replicas(group, stages)
-        pair.running = list(await asyncio.gather(pair.start(0), pair.start(1)))
-        yield pair
+    pair = Replicas([*stages.flags, f"--resumption-keys-file={stages.keys_file}", "--shutdown-grace=5"])
+    try:
+        yield await pair.start()
+    finally:
+        await asyncio.to_thread(pair.stop)
 
 
 @pytest.fixture
@@ -149,7 +108,9 @@ async def test_sigterm_moves_the_conversation_to_the_other_orchestrator(
     await say(caller, "My name is Ada.")
     holder = replicas.holder(caller.conversation.settings.session_id)
     second = await caller.speak("Remember the blue door.")
-    replicas.running[holder].signal(signal.SIGTERM)  # while that turn is on its way
+    async with asyncio.timeout(EVENT_TIMEOUT_S):
+        await second.first_audio.wait()
+    replicas.running[holder].signal(signal.SIGTERM)  # the turn plays to its end, then the call moves
     await done(second)
     await say(caller, "What is my name?")
     assert await asyncio.to_thread(replicas.running[holder].wait, EXIT_TIMEOUT_S) == 0
@@ -159,6 +120,8 @@ async def test_sigterm_moves_the_conversation_to_the_other_orchestrator(
     )
     [moved] = caller.conversation.resumptions
     assert moved.code == UNAVAILABLE and "resumption ticket" in moved.details
+    # The drained replica finished that turn: nothing was heard twice or redone.
+    assert caller.final_transcripts() == ["My name is Ada.", "Remember the blue door.", "What is my name?"]
     await caller.end_input()
     assert (await caller.ended())[0] == grpc.StatusCode.OK
 
@@ -199,6 +162,18 @@ async def test_kill_mid_turn_redoes_the_turn_from_the_replayed_audio(
     assert caller.conversation.transcripts.count("What is my name?") == 1  # the conversation's view
 
 
+async def test_kill_mid_typed_turn_sends_the_text_again(replicas: Replicas, caller: Caller) -> None:
+    first = await done(await caller.type("My name is Ada."))
+    holder = replicas.holder(caller.conversation.settings.session_id)
+    question = await caller.type("What is my name?")
+    async with asyncio.timeout(EVENT_TIMEOUT_S):
+        await question.first_audio.wait()
+    await asyncio.to_thread(replicas.running[holder].kill)
+    await done(question)
+    assert [first, question] == caller.conversation.turns
+    assert_answered(caller.conversation.turns, ["My name is Ada.", "What is my name?"])
+
+
 async def test_rolling_restart_of_both_during_ten_turns(replicas: Replicas, caller: Caller) -> None:
     said = [
         "My name is Ada.",
@@ -214,7 +189,7 @@ async def test_rolling_restart_of_both_during_ten_turns(replicas: Replicas, call
     ]
     for number, text in enumerate(said):
         if number in (3, 6):  # replica 0, then replica 1, between turns
-            await replicas.restart(number // 3 - 1)
+            assert await replicas.restart(number // 3 - 1) == 0
         await say(caller, text)
     assert_answered(caller.conversation.turns, said)
     assert 1 <= len(caller.conversation.resumptions) <= 2
