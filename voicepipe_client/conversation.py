@@ -271,6 +271,8 @@ class Conversation:
             call = self.call
             if await self._send(request):
                 return True
+        if self._reader is None:  # nobody reads how the call ended, nor continues it
+            return False
         while self.call is call and not self._over:  # the reader moves the conversation, or ends it
             await self._call_changed.wait()
         return not self._over
