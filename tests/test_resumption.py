@@ -26,6 +26,7 @@ from voice.v1 import resumption_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.processes import ServiceProcess
 from voicepipe_client import PCM_16K, SessionSettings, Turn, connect
+from voicepipe_client.conversation import MAX_RESEND_S, SentAudio
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -329,3 +330,22 @@ async def test_a_server_without_a_key_does_not_resume(stages: Stages, guarded: G
         keyless = await serving(await group.start("orchestrator", *stages.flags))
         code, details, _ = await resume_with(keyless.target, "", guarded.ticket.ticket)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "--resumption-keys-file" in details
+
+
+# --- what the client keeps to send again ----------------------------------------------------------
+
+
+def test_the_audio_sent_again_starts_exactly_at_the_tickets_offset() -> None:
+    kept = SentAudio(PCM_16K)
+    frames = [bytes([n]) * 640 for n in range(5)]  # 20 ms each: 320 samples
+    for frame in frames:
+        kept.add(frame)
+    kept.forget_before(320)  # a ticket covers the first frame
+    assert kept.since(400) == [frames[1][160:], *frames[2:]]  # from sample 400, mid-frame
+
+
+def test_at_most_a_minute_of_uncovered_audio_is_kept() -> None:
+    kept = SentAudio(PCM_16K)
+    for _ in range(int(MAX_RESEND_S / 0.02) + 50):
+        kept.add(bytes(640))
+    assert len(b"".join(kept.since(0))) == MAX_RESEND_S * 16_000 * 2

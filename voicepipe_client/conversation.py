@@ -41,6 +41,10 @@ MAX_RESUME_ATTEMPTS = 8
 RESUME_FIRST_WAIT_S = 0.05
 RESUME_MAX_WAIT_S = 1.0
 RESUME_CONNECT_TIMEOUT_S = 10.0
+# Caller audio kept for a new call at most (as the orchestrator's own STT replay keeps): a longer
+# stretch no ticket covers (a minute of silence) loses its oldest part, and the offsets of the
+# call after a move are then that much early.
+MAX_RESEND_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -90,17 +94,25 @@ def _samples(offset: Duration, rate: int) -> int:
 
 
 class SentAudio:
-    """The caller audio sent that the latest ticket does not cover, placed by sample in the
-    conversation's audio (over all its calls)."""
+    """The caller audio sent that the latest ticket does not cover (at most MAX_RESEND_S),
+    placed by sample in the conversation's audio (over all its calls)."""
 
     def __init__(self, fmt: PcmFormat) -> None:
         self._bytes_per_sample = fmt.bytes_per_sample
+        self._limit = int(MAX_RESEND_S * fmt.sample_rate)
         self._frames: collections.deque[tuple[int, bytes]] = collections.deque()
         self.end_sample = 0
+        self.keeping = True  # False once the server is known to send no tickets
 
     def add(self, data: bytes) -> None:
-        self._frames.append((self.end_sample, data))
+        if self.keeping:
+            self._frames.append((self.end_sample, data))
         self.end_sample += len(data) // self._bytes_per_sample
+        self.forget_before(self.end_sample - self._limit)
+
+    def stop_keeping(self) -> None:
+        self.keeping = False
+        self._frames.clear()
 
     def forget_before(self, sample: int) -> None:
         """Covered by a ticket: audio before `sample` will not be needed again."""
@@ -148,6 +160,8 @@ class Conversation:
         self.resumptions: list[Resumed] = []
         self._resume = resume
         self._sent_audio = SentAudio(settings.input_format)
+        if not resume:
+            self._sent_audio.stop_keeping()
         self._texts: list[tuple[Turn, pb.ConverseRequest]] = []  # typed turns no ticket covers yet
         self._input_ended = False
         self._closing = False
@@ -220,7 +234,8 @@ class Conversation:
             turn = Turn(speech_ended_at=time.monotonic())
             self.assembler.expect(turn)
             request = pb.ConverseRequest(text=pb.TextTurn(text=text))
-            self._texts.append((turn, request))  # sent again on a new call until a ticket covers it
+            if self._sent_audio.keeping:  # sent again on a new call until a ticket covers it
+                self._texts.append((turn, request))
             await self._send(request)
         return turn
 
@@ -330,6 +345,10 @@ class Conversation:
             rate = self.settings.input_format.sample_rate
             self._sent_audio.forget_before(_samples(self.ticket.audio_offset, rate))
             self._texts = [(turn, text) for turn, text in self._texts if not turn.ended]
+        if self.ticket is None and kind != "session_started" and self._sent_audio.keeping:
+            # The server sends its first ticket right after session_started, or none at all.
+            self._sent_audio.stop_keeping()
+            self._texts.clear()
         self.assembler.handle(response)
 
     async def _continue(self, code: grpc.StatusCode, details: str) -> bool:
