@@ -152,7 +152,7 @@ async def one_move(replicas: Replicas, kind: str, session_id: str) -> tuple[Resu
     conversation = Conversation(
         channel,
         SessionSettings(session_id=session_id),
-        microphone=Microphone(realtime=False),
+        microphone=Microphone(realtime=True),  # 20 ms frames, silence between utterances
         timeout_s=TURN_TIMEOUT_S * 3,
         assembler=TurnAssembler(PCM_16K, listener=listener),
     )

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 4096
 DRAINED = "the orchestrator is shutting down: continue the conversation with its last resumption ticket"
+# A drained conversation waits this long for its client to half-close before the call ends (a
+# grpc.aio client whose write crosses the status sees INTERNAL instead of it: grpc/grpc#36066).
+DRAIN_HALF_CLOSE_WAIT_S = 1.0
 TAKEN_OVER = "the conversation was resumed on another call"
 
 
@@ -96,6 +99,7 @@ class Conversation:
             start.audio_offset,
         )
         self._turns_before = start.turns
+        self._input_closed = asyncio.Event()
 
     def _correlation(self) -> common_pb2.Correlation:
         return common_pb2.Correlation(session_id=self.session_id)
@@ -130,6 +134,12 @@ class Conversation:
     async def _run_turns(self) -> None:
         await self._turns.run()
         if self._turns.draining:
+            await self.output.put(
+                pb.ConverseResponse(draining=pb.Draining(), correlation=self._correlation())
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_HALF_CLOSE_WAIT_S):
+                    await self._input_closed.wait()
             self.output.close(SessionFailed(grpc.StatusCode.UNAVAILABLE, DRAINED))
 
     def _stop(self) -> None:
@@ -186,6 +196,7 @@ class Conversation:
                     raise InvalidInput("config may be sent only once, as the first message")
                 else:
                     raise InvalidInput("empty request: set one of config, audio, text or control")
+            self._input_closed.set()
             self._stt.end_input()
             await listener  # ends after the link's last event
             await self._turns.finish()

@@ -83,14 +83,13 @@ async def caller(replicas: Replicas, request: pytest.FixtureRequest) -> AsyncIte
         yield client
 
 
-async def done(turn: Turn) -> Turn:
-    async with asyncio.timeout(EVENT_TIMEOUT_S):
-        await turn.done.wait()
-    return turn
+async def done(caller: Caller, turn: Turn) -> Turn:
+    """`turn` once it has ended (failing with what the caller saw if it does not)."""
+    return await caller.wait_for(lambda: turn if turn.done.is_set() else None, what=f"end of {turn}")
 
 
 async def say(caller: Caller, text: str) -> Turn:
-    return await done(await caller.speak(text))
+    return await done(caller, await caller.speak(text))
 
 
 def assert_answered(turns: list[Turn], said: list[str]) -> None:
@@ -112,7 +111,7 @@ async def test_sigterm_moves_the_conversation_to_the_other_orchestrator(
     async with asyncio.timeout(EVENT_TIMEOUT_S):
         await second.first_audio.wait()
     replicas.running[holder].signal(signal.SIGTERM)  # the turn plays to its end, then the call moves
-    await done(second)
+    await done(caller, second)
     await say(caller, "What is my name?")
     assert await asyncio.to_thread(replicas.running[holder].wait, EXIT_TIMEOUT_S) == 0
     assert replicas.holder(caller.conversation.settings.session_id) == 1 - holder
@@ -121,6 +120,7 @@ async def test_sigterm_moves_the_conversation_to_the_other_orchestrator(
     )
     [moved] = caller.conversation.resumptions
     assert moved.code == UNAVAILABLE and "resumption ticket" in moved.details
+    assert len(caller.of_kind("draining")) == 1  # the drained replica said so before ending the call
     # The drained replica finished that turn: nothing was heard twice or redone.
     assert caller.final_transcripts() == ["My name is Ada.", "Remember the blue door.", "What is my name?"]
     await caller.end_input()
@@ -153,7 +153,7 @@ async def test_kill_mid_turn_redoes_the_turn_from_the_replayed_audio(
         await question.first_audio.wait()
     assert question.turn_id == "2" and question.completed is None
     await asyncio.to_thread(replicas.running[holder].kill)
-    await done(question)
+    await done(caller, question)
     await say(caller, "Remember the blue door.")
     assert_answered(
         caller.conversation.turns, ["My name is Ada.", "What is my name?", "Remember the blue door."]
@@ -164,14 +164,14 @@ async def test_kill_mid_turn_redoes_the_turn_from_the_replayed_audio(
 
 
 async def test_kill_mid_typed_turn_sends_the_text_again(replicas: Replicas, caller: Caller) -> None:
-    first = await done(await caller.type("My name is Ada."))
+    first = await done(caller, await caller.type("My name is Ada."))
     holder = replicas.holder(caller.conversation.settings.session_id)
     question = await caller.type("What is my name?")
     async with asyncio.timeout(EVENT_TIMEOUT_S):
         await question.first_audio.wait()
     await asyncio.to_thread(replicas.running[holder].kill)
-    await done(question)
-    assert [first, question] == caller.conversation.turns
+    await done(caller, question)
+    assert [first, question] == caller.conversation.turns, caller.summary()
     assert_answered(caller.conversation.turns, ["My name is Ada.", "What is my name?"])
 
 
@@ -341,11 +341,13 @@ def test_the_audio_sent_again_starts_exactly_at_the_tickets_offset() -> None:
     for frame in frames:
         kept.add(frame)
     kept.forget_before(320)  # a ticket covers the first frame
-    assert kept.since(400) == [frames[1][160:], *frames[2:]]  # from sample 400, mid-frame
+    assert kept.since(400) == [b"".join(frames)[800:]]  # from sample 400, mid-frame, as one message
 
 
 def test_at_most_a_minute_of_uncovered_audio_is_kept() -> None:
     kept = SentAudio(PCM_16K)
     for _ in range(int(MAX_RESEND_S / 0.02) + 50):
         kept.add(bytes(640))
-    assert len(b"".join(kept.since(0))) == MAX_RESEND_S * 16_000 * 2
+    again = kept.since(0)
+    assert len(b"".join(again)) == MAX_RESEND_S * 16_000 * 2
+    assert max(len(message) for message in again) == PCM_16K.max_message_bytes  # the contract's limit

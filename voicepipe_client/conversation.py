@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class SentAudio:
     def __init__(self, fmt: PcmFormat) -> None:
         self._bytes_per_sample = fmt.bytes_per_sample
         self._limit = int(MAX_RESEND_S * fmt.sample_rate)
+        self._max_message = fmt.max_message_bytes
         self._frames: collections.deque[tuple[int, bytes]] = collections.deque()
         self.end_sample = 0
         self.keeping = True  # False once the server is known to send no tickets
@@ -122,13 +124,14 @@ class SentAudio:
             self._frames.popleft()
 
     def since(self, sample: int) -> list[bytes]:
-        """The audio from `sample` on, as it was sent (the first message cut there)."""
-        kept = [
-            (start, data)
+        """The audio from `sample` on, in as few messages as the contract allows (a new call
+        answers once they are all written)."""
+        audio = b"".join(
+            data[max(0, sample - start) * self._bytes_per_sample :]
             for start, data in self._frames
             if start + len(data) // self._bytes_per_sample > sample
-        ]
-        return [data[max(0, sample - start) * self._bytes_per_sample :] for start, data in kept]
+        )
+        return [audio[i : i + self._max_message] for i in range(0, len(audio), self._max_message)]
 
 
 class Conversation:
@@ -170,6 +173,7 @@ class Conversation:
         self._attempts = 0  # calls opened since the last one that answered
         self._move: tuple[grpc.StatusCode, str, float] | None = None  # the call ended, not answered yet
         self._last_audio_at: float | None = None
+        self._retired: object = None  # a call the server is draining: nothing more is written to it
         self._write_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -297,7 +301,9 @@ class Conversation:
         self._call_changed = asyncio.Event()
 
     async def _send(self, request: pb.ConverseRequest) -> bool:
-        """False if the call has ended: how it ended is the reader's to report."""
+        """False if the call has ended (how it ended is the reader's to report) or is draining."""
+        if self.call is self._retired:
+            return False
         try:
             await self.call.write(request)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -324,9 +330,19 @@ class Conversation:
         try:
             async for response in call:
                 self._handle(response)
+                if response.WhichOneof("event") == "draining":
+                    await self._retire(call)
             return await call.code(), await call.details()
         except grpc.aio.AioRpcError as error:
             return error.code(), error.details() or ""
+
+    async def _retire(self, call: grpc.aio.StreamStreamCall[pb.ConverseRequest, pb.ConverseResponse]) -> None:
+        """The server drains `call`: writes stop going to it (they are kept for the next call)
+        and it is half-closed, so that the server ends it at once with UNAVAILABLE."""
+        async with self._write_lock:
+            self._retired = call
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.done_writing()
 
     def _handle(self, response: pb.ConverseResponse) -> None:
         now = time.monotonic()
@@ -356,7 +372,8 @@ class Conversation:
         (opened with the latest ticket, the audio and typed turns it does not cover sent
         again), False when the conversation ends here."""
         ticket = self.ticket
-        if code != grpc.StatusCode.UNAVAILABLE or ticket is None or not self._resume or self._closing:
+        going_away = code == grpc.StatusCode.UNAVAILABLE or self.call is self._retired
+        if not going_away or ticket is None or not self._resume or self._closing:
             return False
         if self._attempts >= MAX_RESUME_ATTEMPTS:
             return False
