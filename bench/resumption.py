@@ -170,7 +170,10 @@ async def one_move(replicas: Replicas, kind: str, session_id: str) -> tuple[Resu
         async with asyncio.timeout(TURN_TIMEOUT_S):
             await listener.resumed.wait()
         if question.agent_text != ANSWER or len(conversation.resumptions) != 1:
-            raise RuntimeError(f"{kind}: answered {question.agent_text!r}, moves {conversation.resumptions}")
+            raise RuntimeError(
+                f"{kind}: answered {question.agent_text!r}, moves {conversation.resumptions},"
+                f" ended {conversation.code}: {conversation.details}"
+            )
         return conversation.resumptions[0], question, index
 
 

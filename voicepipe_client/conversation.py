@@ -42,6 +42,10 @@ MAX_RESUME_ATTEMPTS = 8
 RESUME_FIRST_WAIT_S = 0.05
 RESUME_MAX_WAIT_S = 1.0
 RESUME_CONNECT_TIMEOUT_S = 10.0
+# What a grpc.aio client reports instead of a call's status when one of its writes crossed the
+# end of the call (grpc/grpc#36066): seen when a replica dies while the microphone writes. Not a
+# status a server sends, so it counts as the call having gone away.
+CROSSED_WRITE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 # Caller audio kept for a new call at most (as the orchestrator's own STT replay keeps): a longer
 # stretch no ticket covers (a minute of silence) loses its oldest part, and the offsets of the
 # call after a move are then that much early.
@@ -372,7 +376,11 @@ class Conversation:
         (opened with the latest ticket, the audio and typed turns it does not cover sent
         again), False when the conversation ends here."""
         ticket = self.ticket
-        going_away = code == grpc.StatusCode.UNAVAILABLE or self.call is self._retired
+        going_away = (
+            code == grpc.StatusCode.UNAVAILABLE
+            or (code, details) == CROSSED_WRITE
+            or self.call is self._retired
+        )
         if not going_away or ticket is None or not self._resume or self._closing:
             return False
         if self._attempts >= MAX_RESUME_ATTEMPTS:
