@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +75,12 @@ def load_keys(path: str) -> tuple[bytes, ...]:
         raise SystemExit(f"{path}: {error}") from None
 
 
+def _history_field_bytes(message: language_model_pb2.ChatMessage) -> int:
+    """What `message` adds to a serialised ResumptionState: its tag, length and bytes."""
+    size = message.ByteSize()
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
+
+
 def _mac(key: bytes, payload: bytes) -> bytes:
     return hmac.new(key, payload, hashlib.sha256).digest()
 
@@ -93,15 +98,10 @@ class Tickets:
         state = resumption_pb2.ResumptionState()
         state.CopyFrom(template)
         state.expires_at.FromNanoseconds(time.time_ns() + int(self.ttl_s * 1e9))
-        overhead = len(VERSION) + MAC_BYTES
-
-        def fits(history: Sequence[language_model_pb2.ChatMessage]) -> bool:
-            del state.history[:]
-            state.history.extend(history)
-            return overhead + state.ByteSize() <= MAX_TICKET_BYTES
-
-        history = trim_oldest_turns(list(template.history), fits)
-        if not fits(history):
+        del state.history[:]
+        budget = MAX_TICKET_BYTES - len(VERSION) - MAC_BYTES - state.ByteSize()
+        state.history.extend(trim_oldest_turns(template.history, _history_field_bytes, budget))
+        if len(VERSION) + MAC_BYTES + state.ByteSize() > MAX_TICKET_BYTES:
             return None
         payload = state.SerializeToString()
         return pb.ResumptionTicket(

@@ -245,12 +245,13 @@ class TurnRunner:
         """The client's resumption ticket for the conversation as it stands (with tickets)."""
         if self._tickets is None:
             return
-        state = self._state
-        state.turns = self._turn_count
-        state.audio_offset.CopyFrom(self._audio_covered)
-        del state.history[:]
-        state.history.extend(self.history)
-        if (ticket := self._tickets.issue(state)) is None:
+        covered = Duration()
+        covered.CopyFrom(self._audio_covered)
+        # Off the loop: a long conversation's history takes milliseconds to copy, measure and sign.
+        ticket = await asyncio.to_thread(
+            self._ticket, self._tickets, self._turn_count, covered, list(self.history)
+        )
+        if ticket is None:
             log.warning("no resumption ticket: the system prompt alone is over the ticket's limit")
             return
         await self._output.put(
@@ -258,6 +259,21 @@ class TurnRunner:
                 resumption=ticket, correlation=common_pb2.Correlation(session_id=self._context.session_id)
             )
         )
+
+    def _ticket(
+        self,
+        tickets: Tickets,
+        turns: int,
+        covered: Duration,
+        history: list[language_model_pb2.ChatMessage],
+    ) -> pb.ResumptionTicket | None:
+        """(In a worker thread; only send_ticket touches the state template.)"""
+        state = self._state
+        state.turns = turns
+        state.audio_offset.CopyFrom(covered)
+        del state.history[:]
+        state.history.extend(history)
+        return tickets.issue(state)
 
     def _remember_reply(self, text: str) -> None:
         if text:

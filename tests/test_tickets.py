@@ -29,19 +29,24 @@ def conversation(turns: int, words: int = 3) -> list[ChatMessage]:
 
 def test_trimming_cuts_whole_turns_oldest_first_and_keeps_the_system_prompt() -> None:
     messages = conversation(5)
-    kept = trim_oldest_turns(messages, lambda history: len(history) <= 5)
+    kept = trim_oldest_turns(messages, lambda message: 1, 5)
     assert kept == [messages[0], *messages[7:]]  # turns 4 and 5, each question with its answer
 
 
 def test_a_turn_whose_reply_was_never_heard_is_cut_as_one() -> None:
     messages = [ChatMessage(role=USER, content="first"), *conversation(2)[1:]]  # "first" got no reply
-    kept = trim_oldest_turns(messages, lambda history: len(history) <= 2)
+    kept = trim_oldest_turns(messages, lambda message: len(message.content), 60)
     assert [m.content for m in kept] == ["question2 question2 question2", "answer2 answer2 answer2"]
 
 
 def test_trimming_leaves_a_history_that_fits_alone() -> None:
     messages = conversation(2)
-    assert trim_oldest_turns(messages, lambda history: True) == messages
+    assert trim_oldest_turns(messages, lambda message: 1, 5) == messages
+
+
+def test_system_messages_stay_even_over_the_budget() -> None:
+    messages = conversation(2)
+    assert trim_oldest_turns(messages, lambda message: 1, 0) == messages[:1]
 
 
 def state(history: list[ChatMessage]) -> resumption_pb2.ResumptionState:
