@@ -9,6 +9,7 @@ from orchestrator import auth
 from orchestrator.sentences import FIRST_CLAUSE_MIN_WORDS, FIRST_SEGMENTS
 from orchestrator.service import VoiceAgentServicer
 from orchestrator.session import SessionLimits
+from orchestrator.tickets import Tickets, load_keys
 from orchestrator.upstreams import LB_POLICIES, Upstreams
 from voice.v1 import voice_agent_pb2, voice_agent_pb2_grpc
 from voicepipe.config import FlagParser, ServerSettings, parse_bool
@@ -90,6 +91,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f" once it has {FIRST_CLAUSE_MIN_WORDS} words, or only at the end of its first sentence;"
         " later segments are whole sentences",
     )
+    flags.add(
+        "--resumption-keys-file",
+        type=str,
+        default="",
+        help="file of hex keys (one a line; the first signs, all verify) shared by every replica:"
+        " clients then get resumption tickets and may continue a conversation on any replica (empty: off)",
+    )
+    flags.add(
+        "--resumption-ticket-ttl",
+        type=float,
+        default=600.0,
+        help="seconds a resumption ticket is accepted after it was issued",
+    )
     ChannelTls.add_flags(flags, "--upstream-tls", peer="each stage")
     return flags.parse(argv)
 
@@ -123,6 +137,12 @@ async def serve(args: argparse.Namespace) -> None:
         first_segment=args.first_segment,
         speculative_generation=args.speculative_generation,
     )
+    tickets = (
+        Tickets(load_keys(args.resumption_keys_file), args.resumption_ticket_ttl)
+        if args.resumption_keys_file
+        else None
+    )
+    servicer = VoiceAgentServicer(upstreams, limits, args.max_sessions, gate, tickets)
     service = GrpcService(
         "orchestrator",
         settings,
@@ -130,7 +150,7 @@ async def serve(args: argparse.Namespace) -> None:
             Registration(
                 voice_agent_pb2.DESCRIPTOR.services_by_name["VoiceAgentService"].full_name,
                 voice_agent_pb2_grpc.add_VoiceAgentServiceServicer_to_server,
-                VoiceAgentServicer(upstreams, limits, args.max_sessions, gate),
+                servicer,
             )
         ],
     )
@@ -140,6 +160,11 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         await wait_for_shutdown_signal()
     finally:
+        await service.drain()  # NOT_SERVING; new calls are still served for --drain-delay
+        if tickets is not None:
+            # Then conversations end after the turn they are playing, their tickets sent: their
+            # clients continue on another replica. Without tickets they get --shutdown-grace.
+            servicer.conversations.drain()
         await service.stop()
         await upstreams.close()
 

@@ -85,10 +85,11 @@ class SessionOutput:
         self._queue.put_nowait(failure)
         self._on_fail()
 
-    def close(self) -> None:
-        """Ends the stream with OK once everything queued has been sent."""
+    def close(self, failure: SessionFailed | None = None) -> None:
+        """Ends the stream once everything queued has been sent: with OK, or with the status of
+        `failure` (a draining server's UNAVAILABLE, which follows the last ticket)."""
         try:
-            self._queue.put_nowait(None)
+            self._queue.put_nowait(failure)
         except asyncio.QueueFull:
             self.fail(SessionFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, "client is not reading"))
 

@@ -39,11 +39,13 @@ class _Chunk:
 class ReplayBuffer:
     """Session audio since the end of the last final transcript, numbered for the writer."""
 
-    def __init__(self, fmt: PcmFormat) -> None:
+    def __init__(self, fmt: PcmFormat, start_sample: int = 0) -> None:
+        """`start_sample`: where the first audio appended sits in the session audio (a resumed
+        conversation's audio goes on from its ticket's offset)."""
         self.fmt = fmt
         self._chunks: collections.deque[_Chunk] = collections.deque()
         self.next_seq = 0
-        self.end_sample = 0
+        self.end_sample = start_sample
         self.changed = asyncio.Event()
 
     def append(self, data: bytes, arrived_at: float) -> None:

@@ -26,11 +26,12 @@ from orchestrator.stt_link import (
     SpeechStarted,
     SttFailed,
 )
+from orchestrator.tickets import Tickets
 from orchestrator.timings import TurnTimings
 from orchestrator.turn import TurnSettings
 from orchestrator.turns import TurnContext, TurnRequest, TurnRunner, report_stage_error
 from orchestrator.upstreams import Upstreams
-from voice.v1 import common_pb2, speech_to_text_pb2
+from voice.v1 import common_pb2, resumption_pb2, speech_to_text_pb2
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.aio import cancel_and_wait
 from voicepipe.audio_format import InvalidInput, PcmFormat
@@ -38,6 +39,11 @@ from voicepipe.audio_format import InvalidInput, PcmFormat
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 4096
+DRAINED = "the orchestrator is shutting down: continue the conversation with its last resumption ticket"
+# A drained conversation waits this long for its client to half-close before the call ends (a
+# grpc.aio client whose write crosses the status sees INTERNAL instead of it: grpc/grpc#36066).
+DRAIN_HALF_CLOSE_WAIT_S = 1.0
+TAKEN_OVER = "the conversation was resumed on another call"
 
 
 @dataclass(frozen=True)
@@ -57,16 +63,22 @@ class Conversation:
 
     def __init__(
         self,
-        session_id: str,
+        start: resumption_pb2.ResumptionState,
         input_format: PcmFormat,
         turn_settings: TurnSettings,
-        system_prompt: str,
         upstreams: Upstreams,
         limits: SessionLimits,
+        tickets: Tickets | None,
         client_deadline: float | None,
         on_stop: Callable[[], None],
+        *,
+        resumed: bool,
     ) -> None:
+        """`start`: the session's settings and where it starts (see TurnRunner), from a ticket
+        when `resumed`."""
+        session_id = start.session_id
         self.session_id = session_id
+        self.resumed = resumed
         self.input_format = input_format
         self.output = SessionOutput(limits.max_output_events, limits.slow_client_timeout_s, self._stop)
         self._on_stop = on_stop
@@ -76,7 +88,8 @@ class Conversation:
             TurnContext(
                 session_id, turn_settings, upstreams, self.output, limits.turn_budget_s, session_deadline
             ),
-            system_prompt,
+            start,
+            tickets,
         )
         self._stt = SpeechRecognitionLink(
             upstreams.stt,
@@ -86,21 +99,24 @@ class Conversation:
             speech_to_text_pb2.EndpointingConfig(
                 end_of_utterance_silence_ms=limits.end_of_utterance_silence_ms
             ),
+            start.audio_offset,
             speculative=limits.speculative_generation,
         )
+        self._turns_before = start.turns
+        self._input_closed = asyncio.Event()
 
     def _correlation(self) -> common_pb2.Correlation:
         return common_pb2.Correlation(session_id=self.session_id)
 
     async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[pb.ConverseResponse]:
         """The Converse response stream; `requests` is what follows the config message."""
-        await self.output.put(
-            pb.ConverseResponse(
-                session_started=pb.SessionStarted(session_id=self.session_id), correlation=self._correlation()
-            )
+        started = pb.SessionStarted(
+            session_id=self.session_id, resumed=self.resumed, turns_before=self._turns_before
         )
+        await self.output.put(pb.ConverseResponse(session_started=started, correlation=self._correlation()))
+        await self._turns.send_ticket()
         listener = self._supervised(self._listen(), "stt")
-        turns = self._supervised(self._turns.run(), "turns")
+        turns = self._supervised(self._run_turns(), "turns")
         reader = self._supervised(self._read(requests, listener, turns), "reader")
         self._tasks = [reader, listener, turns]
         try:
@@ -109,6 +125,26 @@ class Conversation:
         finally:
             self._stop()
             await cancel_and_wait(*self._tasks)
+
+    def drain(self) -> None:
+        """The server is going away: the turn being played ends (its ticket goes out), then the
+        call ends with UNAVAILABLE, and the client continues on another replica."""
+        self._turns.drain()
+
+    def take_over(self) -> None:
+        """Another call continues this conversation (from its ticket): this one ends now."""
+        self.output.fail(SessionFailed(grpc.StatusCode.ABORTED, TAKEN_OVER))
+
+    async def _run_turns(self) -> None:
+        await self._turns.run()
+        if self._turns.draining:
+            await self.output.put(
+                pb.ConverseResponse(draining=pb.Draining(), correlation=self._correlation())
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_HALF_CLOSE_WAIT_S):
+                    await self._input_closed.wait()
+            self.output.close(SessionFailed(grpc.StatusCode.UNAVAILABLE, DRAINED))
 
     def _stop(self) -> None:
         """Stops the session's work (and with it every upstream call) and frees its slot. Called
@@ -164,6 +200,7 @@ class Conversation:
                     raise InvalidInput("config may be sent only once, as the first message")
                 else:
                     raise InvalidInput("empty request: set one of config, audio, text or control")
+            self._input_closed.set()
             self._stt.end_input()
             await listener  # ends after the link's last event
             await self._turns.finish()
@@ -193,7 +230,7 @@ class Conversation:
                         # The turn first: when the conversation is idle its Generate request leaves
                         # now, ahead of this event to the client.
                         timings = TurnTimings(event.speech_ended_at, event.finalization, event.received_at)
-                        await self._turns.submit_speech(event.text, timings)
+                        await self._turns.submit_speech(event.text, timings, event.end)
                         await self._transcript(event.text, event.start, event.end, is_final=True)
                     case SttFailed():
                         failure = StageFailed(pb.STAGE_STT, event.code, event.message)

@@ -103,9 +103,11 @@ class SpeechRecognitionLink:
         correlation: common_pb2.Correlation,
         deadline: float,
         endpointing: speech_to_text_pb2.EndpointingConfig,
+        audio_offset: Duration,
         *,
         speculative: bool = False,
     ) -> None:
+        """`audio_offset`: where the session audio fed next starts (non-zero when resumed)."""
         self._upstream = upstream
         self._stub = speech_to_text_pb2_grpc.SpeechToTextServiceStub(upstream.channel)
         self._fmt = fmt
@@ -124,7 +126,7 @@ class SpeechRecognitionLink:
         self._resumption = Resumption(
             "stt", stop=self._drained, initial_wait_s=0.05, max_wait_s=1.0, retry_breaker_open=True
         )
-        self.buffer = ReplayBuffer(fmt)
+        self.buffer = ReplayBuffer(fmt, _samples(audio_offset, fmt.sample_rate))
         self._input_ended = False
         self._input_ended_at: float | None = None
         self._sent_seq = 0

@@ -17,20 +17,23 @@ any other outcome cancels it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from orchestrator.metrics import SPECULATIVE, TURNS
 from orchestrator.output import EventSink, SessionFailed, SessionOutput
 from orchestrator.retry import StageFailed
 from orchestrator.speculation import HeldOutput, Speculation
+from orchestrator.tickets import Tickets
 from orchestrator.timings import TurnTimings
 from orchestrator.turn import Turn, TurnSettings
 from orchestrator.upstreams import Upstreams
-from voice.v1 import common_pb2, language_model_pb2
+from voice.v1 import common_pb2, language_model_pb2, resumption_pb2
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe import history
 from voicepipe.aio import cancel_and_wait
@@ -52,6 +55,7 @@ class TurnRequest:
     spoken: bool = False  # from a final transcript (not typed)
     message: language_model_pb2.ChatMessage | None = None  # its place in the history
     speculation: Speculation | None = None  # its turn, already running (events held)
+    audio_end: Duration | None = None  # where its utterance ends in the session audio (spoken)
 
 
 @dataclass(frozen=True)
@@ -67,17 +71,23 @@ class TurnContext:
 
 
 class TurnRunner:
-    """Runs the conversation's turns (as `run()`, its task) and remembers what was said."""
+    """Runs the conversation's turns (as `run()`, its task) and remembers what was said; after
+    each turn it sends the client a resumption ticket (with `tickets`)."""
 
-    def __init__(self, context: TurnContext, system_prompt: str) -> None:
+    def __init__(
+        self, context: TurnContext, start: resumption_pb2.ResumptionState, tickets: Tickets | None
+    ) -> None:
+        """`start`: the session's settings, and the history, turn count and audio offset it
+        starts from (a new conversation's: the system prompt, 0, 0)."""
         self._context = context
         self._output = context.output
-        self.history: list[language_model_pb2.ChatMessage] = []
-        if system_prompt:
-            self.history.append(
-                language_model_pb2.ChatMessage(role=language_model_pb2.ROLE_SYSTEM, content=system_prompt)
-            )
-        self._turn_count = 0
+        self._state = start
+        self._tickets = tickets
+        self.history: list[language_model_pb2.ChatMessage] = list(start.history)
+        self._turn_count = start.turns
+        self._audio_covered = Duration()
+        self._audio_covered.CopyFrom(start.audio_offset)
+        self.draining = False
         self._requests: asyncio.Queue[TurnRequest | None] = asyncio.Queue(MAX_QUEUED_TURNS + 1)
         self._idle = False  # the runner waits for a request; nothing is being played
         self._playing: tuple[TurnRequest, Turn, asyncio.Task[None]] | None = None
@@ -109,9 +119,9 @@ class TurnRunner:
         if speculation is not None:
             await speculation.cancel(outcome)
 
-    async def submit_speech(self, text: str, timings: TurnTimings) -> None:
-        """A final transcript: a turn, opened by the words of a turn withdrawn before it. A
-        speculative turn on the same words becomes it."""
+    async def submit_speech(self, text: str, timings: TurnTimings, end: Duration) -> None:
+        """A final transcript ending at `end` in the session audio: a turn, opened by the words
+        of a turn withdrawn before it. A speculative turn on the same words becomes it."""
         words = [self._withdrawn.text if self._withdrawn else "", text.strip()]
         self._withdrawn = None
         joined = " ".join(word for word in words if word)
@@ -121,7 +131,13 @@ class TurnRunner:
             self._turn_count += 1
             self.history.append(speculation.message)
             request = TurnRequest(
-                joined, speculation.turn.timings, speculation.turn, True, speculation.message, speculation
+                joined,
+                speculation.turn.timings,
+                speculation.turn,
+                spoken=True,
+                message=speculation.message,
+                speculation=speculation,
+                audio_end=end,
             )
             self._requests.put_nowait(request)  # nothing waits (checked above): there is room
             return
@@ -131,7 +147,7 @@ class TurnRunner:
             "replaced" if speculation is not None and speculation.text != joined else "dropped"
         )
         if joined:
-            self.submit(TurnRequest(joined, timings, spoken=True))
+            self.submit(TurnRequest(joined, timings, spoken=True, audio_end=end))
 
     def submit(self, request: TurnRequest) -> None:
         """Queues a turn; raises SessionFailed (and fails the session) when too many wait."""
@@ -153,9 +169,17 @@ class TurnRunner:
         """No more turns: run() returns once the ones queued have been played (a withdrawn
         turn that no later words joined is answered after all)."""
         if (withdrawn := self._withdrawn) is not None:
-            await self.submit_speech("", withdrawn.timings)
+            await self.submit_speech("", withdrawn.timings, withdrawn.audio_end or Duration())
         await self._end_speculation("dropped")
         await self._requests.put(None)
+
+    def drain(self) -> None:
+        """The server is going away: run() returns once the turn being played has ended (and
+        its ticket is out); turns waiting are not played (their client sends them again)."""
+        self.draining = True
+        if self._idle:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._requests.put_nowait(None)
 
     def interrupt(self) -> None:
         """Barge-in: stop the turn being played at once; no more of its audio leaves. A spoken
@@ -177,17 +201,22 @@ class TurnRunner:
     async def run(self) -> None:
         """One turn at a time, in order, until finish()."""
         try:
-            while True:
+            while not self.draining:
                 self._idle = True
                 request = await self._requests.get()
                 self._idle = False
                 if request is None:
+                    return
+                if self.draining:
+                    if request.turn is not None:
+                        request.turn.close()
                     return
                 turn = request.turn or self._new_turn(request)
                 try:
                     await self._play(request, turn)
                 finally:
                     turn.close()
+                await self.send_ticket()
         finally:
             self._idle = False
             await self._end_speculation("dropped")
@@ -249,7 +278,10 @@ class TurnRunner:
 
     async def _report(self, request: TurnRequest, turn: Turn, task: asyncio.Task[None]) -> None:
         """Says how the turn ended; the history keeps what the user heard of the reply."""
-        if task.cancelled() and request is self._withdrawn:
+        withdrawn = task.cancelled() and request is self._withdrawn
+        if not withdrawn and request.audio_end is not None:
+            self._audio_covered.CopyFrom(request.audio_end)  # the history now holds its words
+        if withdrawn:
             TURNS.labels("withdrawn").inc()
             log.info("turn withdrawn: the user went on speaking", extra={"turn": turn.turn_id})
             await self._output.put(
@@ -284,6 +316,40 @@ class TurnRunner:
             self._remember_reply(turn.reply.text)
             await self._output.put(turn.completed_event())
             log.info("turn completed", extra={"turn": turn.turn_id, "reply_chars": len(turn.reply.text)})
+
+    async def send_ticket(self) -> None:
+        """The client's resumption ticket for the conversation as it stands (with tickets)."""
+        if self._tickets is None:
+            return
+        covered = Duration()
+        covered.CopyFrom(self._audio_covered)
+        # Off the loop: a long conversation's history takes milliseconds to copy, measure and sign.
+        ticket = await asyncio.to_thread(
+            self._ticket, self._tickets, self._turn_count, covered, list(self.history)
+        )
+        if ticket is None:
+            log.warning("no resumption ticket: the system prompt alone is over the ticket's limit")
+            return
+        await self._output.put(
+            pb.ConverseResponse(
+                resumption=ticket, correlation=common_pb2.Correlation(session_id=self._context.session_id)
+            )
+        )
+
+    def _ticket(
+        self,
+        tickets: Tickets,
+        turns: int,
+        covered: Duration,
+        history: list[language_model_pb2.ChatMessage],
+    ) -> pb.ResumptionTicket | None:
+        """(In a worker thread; only send_ticket touches the state template.)"""
+        state = self._state
+        state.turns = turns
+        state.audio_offset.CopyFrom(covered)
+        del state.history[:]
+        state.history.extend(history)
+        return tickets.issue(state)
 
     def _remember_reply(self, text: str) -> None:
         if text:

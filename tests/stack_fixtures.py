@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -96,14 +95,6 @@ async def serving(process: ServiceProcess) -> ServiceProcess:
     return process
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on now (the OS picks it; the socket is closed again)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 # --- audio ------------------------------------------------------------------------------------------
 
 
@@ -129,6 +120,7 @@ class Caller:
         output_format: PcmFormat = PCM_16K,
         session_id: str = "",
         timeout_s: float = CONVERSE_TIMEOUT_S,
+        resumption_ticket: bytes = b"",
     ) -> None:
         self.input_format = input_format
         self.events: list[pb.ConverseResponse] = []
@@ -136,7 +128,7 @@ class Caller:
         self._over = False
         self.conversation = Conversation(
             channel,
-            SessionSettings(input_format, output_format, session_id),
+            SessionSettings(input_format, output_format, session_id, resumption_ticket=resumption_ticket),
             microphone=Microphone(realtime=False),
             timeout_s=timeout_s,
             assembler=TurnAssembler(output_format, listener=self),

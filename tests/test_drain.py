@@ -32,12 +32,12 @@ from tests.helpers import (
     wait_for_metric,
     watch_health,
 )
-from tests.stack_fixtures import free_port, processes, serving
+from tests.stack_fixtures import processes, serving
 from voice.v1 import language_model_pb2 as pb
 from voice.v1 import language_model_pb2_grpc
 from voicepipe import keepalive
 from voicepipe.config import ServerSettings
-from voicepipe.processes import ServiceProcess
+from voicepipe.processes import ServiceProcess, free_port
 from voicepipe.server import LIVENESS
 from voicepipe_client import PCM_16K, Conversation, Microphone, SessionSettings, Utterance
 

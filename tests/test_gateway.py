@@ -19,10 +19,10 @@ from orchestrator.auth import issue
 from orchestrator.stack import LocalStack, StackCertificates
 from stubs import audio_code
 from tests.gateway_fixtures import SocketCaller, gateway, socket_caller, ws_url
-from tests.stack_fixtures import free_port, heard, instant_stack, processes, serving
+from tests.stack_fixtures import heard, instant_stack, processes, serving
 from voicepipe.audio_format import LINEAR16, PcmFormat
 from voicepipe.certs import write_local_pki
-from voicepipe.processes import ServiceProcess
+from voicepipe.processes import ServiceProcess, free_port
 from voicepipe_client import PCM_16K, Utterance
 
 MAX_FRAME_BYTES = 4096

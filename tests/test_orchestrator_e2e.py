@@ -32,7 +32,6 @@ from tests.helpers import (
 from tests.stack_fixtures import (
     Caller,
     RecordingLlmProxy,
-    free_port,
     heard,
     instant_stack,
     processes,
@@ -41,7 +40,7 @@ from tests.stack_fixtures import (
 from voice.v1 import common_pb2, language_model_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.audio_format import PcmFormat
-from voicepipe.processes import ServiceProcess
+from voicepipe.processes import ServiceProcess, free_port
 from voicepipe_client import PCM_16K, Conversation, Microphone, SessionSettings
 
 if TYPE_CHECKING:

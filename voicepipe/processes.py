@@ -7,6 +7,7 @@ import collections
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -97,6 +98,15 @@ class ServiceProcess:
         self.process.kill()
         self.process.wait()
         self._reader.join(5)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the OS picks it; the socket is closed again): for a
+    service that must come back on the same port after a restart."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def stage_args(port: int = 0, metrics_port: int = 0, *extra: str) -> list[str]:

@@ -121,6 +121,7 @@ class GrpcService:
             ),
         )
         self.health = DrainingHealthServicer()
+        self._drained = False
         for registration in self.registrations:
             registration.add_to_server(registration.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -173,15 +174,22 @@ class GrpcService:
         for name in ("", *(r.full_name for r in self.registrations)):
             await self.health.set(name, status)
 
-    async def stop(self) -> None:
-        """The drain: health goes NOT_SERVING at once while new calls are still accepted for
-        `--drain-delay` (so that endpoints and load balancers stop sending them), then the server
-        stops accepting and in-flight calls get `--shutdown-grace` to finish."""
+    async def drain(self) -> None:
+        """Health goes NOT_SERVING at once while new calls are still accepted for
+        `--drain-delay`, so that endpoints and load balancers stop sending them."""
+        if self._drained:
+            return
+        self._drained = True
         delay_s = self.settings.drain_delay_s
         log.info("draining", extra={"drain_delay_s": delay_s})
         await self.health.enter_graceful_shutdown()
         if delay_s > 0:
             await asyncio.sleep(delay_s)
+
+    async def stop(self) -> None:
+        """The drain (unless drain() ran already), then the server stops accepting and in-flight
+        calls get `--shutdown-grace` to finish."""
+        await self.drain()
         log.info("shutting down", extra={"grace_s": self.settings.shutdown_grace_s})
         await self.server.stop(self.settings.shutdown_grace_s)
         log.info("stopped")

@@ -11,7 +11,7 @@
 
 from voicepipe_client.audio import FRAME_MS, Speaker, SpeechSamples, Utterance
 from voicepipe_client.channel import channel_options, connect
-from voicepipe_client.conversation import END_OF_INPUT, PCM_16K, Conversation, SessionSettings
+from voicepipe_client.conversation import END_OF_INPUT, PCM_16K, Conversation, Resumed, SessionSettings
 from voicepipe_client.microphone import Cue, FrameLag, Microphone, Pause, Speech
 from voicepipe_client.turns import EventListener, Turn, TurnAssembler
 
@@ -25,6 +25,7 @@ __all__ = [
     "FrameLag",
     "Microphone",
     "Pause",
+    "Resumed",
     "SessionSettings",
     "Speaker",
     "Speech",

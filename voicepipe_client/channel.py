@@ -17,8 +17,12 @@ from voicepipe import keepalive
 from voicepipe.tls import ChannelTls, open_channel
 
 
-def channel_options(*, own_connection: bool = False) -> list[tuple[str, int]]:
-    options = keepalive.client_options()
+def channel_options(*, own_connection: bool = False, load_balancing: str = "") -> list[tuple[str, int | str]]:
+    """`load_balancing`: gRPC's policy over the addresses a target resolves to, such as
+    "round_robin" (every call to a ready replica in turn); empty: gRPC's default, pick_first."""
+    options: list[tuple[str, int | str]] = [*keepalive.client_options()]
+    if load_balancing:
+        options.append(("grpc.lb_policy_name", load_balancing))
     if own_connection:
         # grpcio shares one connection among a process's channels to the same target; a caller
         # simulating many users gives each its own, as every phone or browser has.
@@ -49,11 +53,17 @@ class PlaintextBearerToken(grpc.aio.StreamStreamClientInterceptor):
 
 
 def connect(
-    target: str, *, own_connection: bool = False, tls: ChannelTls | None = None, token: str = ""
+    target: str,
+    *,
+    own_connection: bool = False,
+    tls: ChannelTls | None = None,
+    token: str = "",
+    load_balancing: str = "",
 ) -> grpc.aio.Channel:
-    """A channel to `target` (host:port or any gRPC target): plaintext unless `tls` is given;
-    `token` authenticates every call."""
-    options = channel_options(own_connection=own_connection)
+    """A channel to `target` (host:port or any gRPC target, such as `dns:///agent:50051` or
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051` for several replicas): plaintext unless `tls` is given;
+    `token` authenticates every call; `load_balancing` as in channel_options."""
+    options = channel_options(own_connection=own_connection, load_balancing=load_balancing)
     if tls is not None:
         credentials = grpc.access_token_call_credentials(token) if token else None
         return open_channel(target, tls, options, call_credentials=credentials)

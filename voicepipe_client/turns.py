@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -72,6 +73,16 @@ class Turn:
             return None
         return self.first_audio_at + self.audio_bytes / bytes_per_second
 
+    def _restart(self) -> None:
+        """Forgets what the server sent of the turn: it will be played again from the start (the
+        conversation moved to another call before a ticket covered it)."""
+        fresh = Turn(speech_ended_at=self.speech_ended_at)
+        for kept in dataclasses.fields(self):
+            if kept.name not in ("started", "first_audio", "done"):  # waited on: cleared instead
+                setattr(self, kept.name, getattr(fresh, kept.name))
+        for event in (self.started, self.first_audio, self.done):
+            event.clear()
+
     def _end(self, now: float) -> None:
         if self.ended_at is None:
             self.ended_at = now
@@ -112,6 +123,7 @@ class TurnAssembler:
         self.session_started = asyncio.Event()
         self.turns: list[Turn] = []  # in the order the server started them
         self.transcripts: list[str] = []  # final user transcripts
+        self._transcript_ends: list[float] = []  # where each ends in the caller audio (s)
         self.errors: list[pb.SessionError] = []  # every error, in order
         self.session_errors: list[pb.SessionError] = []  # those of no turn (STT)
         self.stray_events = 0  # turn events of a turn the server never started
@@ -147,6 +159,7 @@ class TurnAssembler:
         elif kind == "user_transcript":
             if response.user_transcript.is_final:
                 self.transcripts.append(response.user_transcript.text)
+                self._transcript_ends.append(response.user_transcript.audio_end_offset.ToNanoseconds() / 1e9)
                 if self.transcripts_start_turns:
                     self._start(response.correlation.turn_id, response.user_transcript.text)
         elif kind == "turn_completed":
@@ -169,6 +182,23 @@ class TurnAssembler:
             self.session_started.set()
         if self.listener is not None:
             self.listener.on_event(response)
+
+    def moved(self, turns_covered: int, audio_covered_s: float) -> None:
+        """The conversation goes on with a new call, from a ticket that covers the first
+        `turns_covered` turns and the caller audio before `audio_covered_s`. The turns after
+        those will be played again (the server redoes them from the audio and text the caller
+        sends again): they are expected anew, first; the transcripts of that audio will come
+        again."""
+        again = [
+            turn for turn in self.turns if not (turn.turn_id.isdigit() and int(turn.turn_id) <= turns_covered)
+        ]
+        for turn in again:
+            self.turns.remove(turn)
+            del self._by_id[turn.turn_id]
+            turn._restart()
+        self._expected.extendleft(reversed(again))
+        kept = sum(1 for end in self._transcript_ends if end <= audio_covered_s)
+        del self.transcripts[kept:], self._transcript_ends[kept:]
 
     def end(self) -> None:
         """The call is over: every turn still waited on is over too."""

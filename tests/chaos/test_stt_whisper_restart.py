@@ -15,9 +15,8 @@ from bench import recordings
 from bench.recordings import normalise
 from tests.chaos.test_stt_whisper_resets import FMT, speech_end
 from tests.helpers import open_channel
-from tests.stack_fixtures import free_port
 from voicepipe.healthcheck import wait_until_serving
-from voicepipe.processes import ServiceProcess, stage_args
+from voicepipe.processes import ServiceProcess, free_port, stage_args
 from voicepipe_client import Conversation, Microphone, SessionSettings, Turn, Utterance
 
 pytestmark = [
