@@ -26,7 +26,7 @@ from voice.v1 import resumption_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.processes import ServiceProcess
 from voicepipe_client import PCM_16K, SessionSettings, Turn, connect
-from voicepipe_client.conversation import MAX_RESEND_S, SentAudio
+from voicepipe_client.conversation import CROSSED_WRITE, MAX_RESEND_S, SentAudio
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -137,7 +137,8 @@ async def test_kill_between_turns_loses_nothing(replicas: Replicas, caller: Call
     await say(caller, "What is my name?")
     assert_answered(caller.conversation.turns, ["My name is Ada.", "What is my name?"])
     [moved] = caller.conversation.resumptions
-    assert moved.code == UNAVAILABLE
+    # The call went away: UNAVAILABLE, or grpc.aio's report of a write that crossed its end.
+    assert moved.code == UNAVAILABLE or (moved.code, moved.details) == CROSSED_WRITE, moved
     assert replicas.holder(caller.conversation.settings.session_id) == 1 - holder
 
 
