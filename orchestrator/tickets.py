@@ -20,15 +20,16 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from orchestrator.history import trim_oldest_turns
 from voice.v1 import language_model_pb2, resumption_pb2
 from voice.v1 import voice_agent_pb2 as pb
+from voicepipe import history
 
 VERSION = b"\x01"
 MAC_BYTES = hashlib.sha256().digest_size
@@ -81,6 +82,22 @@ def _history_field_bytes(message: language_model_pb2.ChatMessage) -> int:
     return 1 + max(1, (size.bit_length() + 6) // 7) + size
 
 
+def ticket_history(
+    messages: Sequence[language_model_pb2.ChatMessage], budget: int
+) -> list[language_model_pb2.ChatMessage]:
+    """The history a ticket carries: cut by the history rule (voicepipe.history) to `budget`
+    bytes, a turn at a time, the newest turn too if need be (a ticket is never refused for it)."""
+    return history.trim(
+        messages,
+        budget,
+        _history_field_bytes,
+        is_system=lambda m: m.role == language_model_pb2.ROLE_SYSTEM,
+        is_user=lambda m: m.role == language_model_pb2.ROLE_USER,
+        drop_step=1,
+        keep_newest=False,
+    )
+
+
 def _mac(key: bytes, payload: bytes) -> bytes:
     return hmac.new(key, payload, hashlib.sha256).digest()
 
@@ -100,7 +117,7 @@ class Tickets:
         state.expires_at.FromNanoseconds(time.time_ns() + int(self.ttl_s * 1e9))
         del state.history[:]
         budget = MAX_TICKET_BYTES - len(VERSION) - MAC_BYTES - state.ByteSize()
-        state.history.extend(trim_oldest_turns(template.history, _history_field_bytes, budget))
+        state.history.extend(ticket_history(template.history, budget))
         if len(VERSION) + MAC_BYTES + state.ByteSize() > MAX_TICKET_BYTES:
             return None
         payload = state.SerializeToString()

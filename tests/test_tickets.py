@@ -4,18 +4,35 @@ accepted; a keys file that cannot be used says why."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 
-from orchestrator.history import trim_oldest_turns
 from orchestrator.tickets import MAX_TICKET_BYTES, TicketRejected, Tickets, parse_keys
 from voice.v1 import language_model_pb2, resumption_pb2
 from voice.v1.language_model_pb2 import ChatMessage
+from voicepipe import history
 
 SYSTEM = language_model_pb2.ROLE_SYSTEM
 USER = language_model_pb2.ROLE_USER
 ASSISTANT = language_model_pb2.ROLE_ASSISTANT
 OLD_KEY, NEW_KEY = bytes([1] * 32), bytes([2] * 32)
+
+
+def trim_oldest_turns(
+    messages: list[ChatMessage], cost: Callable[[ChatMessage], int], budget: int
+) -> list[ChatMessage]:
+    """The history rule as a ticket applies it (ticket_history), with a cost of the test's own."""
+    return history.trim(
+        messages,
+        budget,
+        cost,
+        is_system=lambda m: m.role == SYSTEM,
+        is_user=lambda m: m.role == USER,
+        drop_step=1,
+        keep_newest=False,
+    )
 
 
 def conversation(turns: int, words: int = 3) -> list[ChatMessage]:
