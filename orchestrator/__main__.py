@@ -10,6 +10,7 @@ from orchestrator.sentences import FIRST_CLAUSE_MIN_WORDS, FIRST_SEGMENTS
 from orchestrator.service import VoiceAgentServicer
 from orchestrator.session import SessionLimits
 from orchestrator.tickets import Tickets, load_keys
+from orchestrator.turn import REPLY_MAX_TOKENS
 from orchestrator.upstreams import LB_POLICIES, Upstreams
 from voice.v1 import voice_agent_pb2, voice_agent_pb2_grpc
 from voicepipe.config import FlagParser, ServerSettings, parse_bool
@@ -38,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     flags.add(
         "--turn-timeout", type=float, default=30.0, help="deadline in seconds of one turn's LLM and TTS calls"
+    )
+    flags.add(
+        "--reply-max-tokens",
+        type=int,
+        default=REPLY_MAX_TOKENS,
+        help="cap on the tokens of one spoken reply, asked of the LLM stage (0: the stage's default);"
+        " a reply cut there is spoken as far as it got",
     )
     flags.add("--session-timeout", type=float, default=3600.0, help="longest conversation, in seconds")
     flags.add(
@@ -135,6 +143,7 @@ async def serve(args: argparse.Namespace) -> None:
         reply_audio_lead_s=args.reply_audio_lead_ms / 1000,
         end_of_utterance_silence_ms=args.end_of_utterance_silence_ms,
         first_segment=args.first_segment,
+        reply_max_tokens=args.reply_max_tokens,
         speculative_generation=args.speculative_generation,
     )
     tickets = (

@@ -36,13 +36,18 @@ class Generation:
         self,
         upstream: Upstream,
         messages: list[language_model_pb2.ChatMessage],
+        max_tokens: int,
         correlation: common_pb2.Correlation,
         deadline: float,
         timings: TurnTimings,
     ) -> None:
         self._upstream = upstream
         self._stub = language_model_pb2_grpc.LanguageModelServiceStub(upstream.channel)
-        self._request = language_model_pb2.GenerateRequest(messages=messages, correlation=correlation)
+        self._request = language_model_pb2.GenerateRequest(
+            messages=messages,
+            parameters=language_model_pb2.GenerationParameters(max_tokens=max_tokens),
+            correlation=correlation,
+        )
         self._deadline = deadline
         self._metadata = call_metadata(correlation)
         self._timings = timings

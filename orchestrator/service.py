@@ -237,6 +237,7 @@ class VoiceAgentServicer(voice_agent_pb2_grpc.VoiceAgentServiceServicer):
                 voice=start.voice,
                 audio_lead_s=self._limits.reply_audio_lead_s,
                 first_segment=self._limits.first_segment,
+                reply_max_tokens=self._limits.reply_max_tokens,
             ),
             self._upstreams,
             self._limits,

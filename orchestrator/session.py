@@ -55,6 +55,7 @@ class SessionLimits:
     reply_audio_lead_s: float
     end_of_utterance_silence_ms: int = 0  # asked of the STT stage (0: its default)
     first_segment: FirstSegment = "clause"  # where a reply's first TTS segment may end
+    reply_max_tokens: int = 0  # asked of the LLM stage (0: its default)
     speculative_generation: bool = False  # start a turn on STT's speculative transcript
 
 

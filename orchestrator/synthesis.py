@@ -1,16 +1,22 @@
 """A turn's Synthesize call, resumed when it breaks: the new call is sent again the segments
 whose audio was not fully received, and the audio already forwarded is skipped, so the caller
-hears every word once."""
+hears every word once.
+
+The call is read at the pace of playback (the Playout waits before it takes more audio), so it
+lives as long as the reply takes to say. Its deadline therefore moves: the turn's budget covers
+the work, and every second of reply audio received adds the second it takes to play. The gRPC
+call itself is bounded by the session's deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from orchestrator.calls import StageCall, call_metadata
 from orchestrator.playout import Playout
 from orchestrator.reply import Reply, Segment
-from orchestrator.retry import resume_turn_stream
+from orchestrator.retry import StageFailed, resume_turn_stream
 from orchestrator.timings import TurnTimings
 from orchestrator.upstreams import Upstream
 from voice.v1 import common_pb2, text_to_speech_pb2, text_to_speech_pb2_grpc
@@ -28,8 +34,11 @@ class Synthesis:
         voice: str,
         correlation: common_pb2.Correlation,
         deadline: float,
+        call_deadline: float,
         timings: TurnTimings,
     ) -> None:
+        """`deadline`: by when the reply's speech must be ready, not counting the time its audio
+        takes to play; `call_deadline`: the latest a call may live (the session's)."""
         self._upstream = upstream
         self._stub = text_to_speech_pb2_grpc.TextToSpeechServiceStub(upstream.channel)
         self._config = text_to_speech_pb2.SynthesizeRequest(
@@ -39,6 +48,8 @@ class Synthesis:
         )
         self._format = fmt
         self._deadline = deadline
+        self._call_deadline = call_deadline
+        self._budget: asyncio.Timeout | None = None
         self._metadata = call_metadata(correlation)
         self._writer_name = f"turn-{correlation.turn_id}-tts-writer"
         self._timings = timings
@@ -46,14 +57,23 @@ class Synthesis:
         self._text_done = False
 
     async def run(self, reply: Reply, playout: Playout) -> None:
-        """Raises StageFailed when TTS fails for good."""
-        await resume_turn_stream(pb.STAGE_TTS, lambda: self._attempt(reply, playout))
+        """Raises StageFailed when TTS fails for good or its speech is not ready in time."""
+        try:
+            async with asyncio.timeout(self._deadline - time.monotonic()) as self._budget:
+                await resume_turn_stream(pb.STAGE_TTS, lambda: self._attempt(reply, playout))
+        except TimeoutError:
+            raise StageFailed(
+                pb.STAGE_TTS,
+                "DEADLINE_EXCEEDED",
+                f"tts: the reply's speech was not ready in time ({playout.audio_seconds:.1f} s of audio"
+                " received; its playing time does not count against the turn's budget)",
+            ) from None
 
     def _start(self, timeout: float) -> Any:
         return self._stub.Synthesize(timeout=timeout, metadata=self._metadata, wait_for_ready=True)
 
     async def _attempt(self, reply: Reply, playout: Playout) -> None:
-        async with StageCall.open(self._upstream, self._deadline, self._start) as call:
+        async with StageCall.open(self._upstream, self._call_deadline, self._start) as call:
             writer = call.start_writer(self._write(call.rpc, reply), name=self._writer_name)
             async for response in call.rpc:
                 await self._receive(response, reply, playout)
@@ -98,6 +118,9 @@ class Synthesis:
             self._timings.first_audio_received_at = time.monotonic()
         segment.forwarded_bytes += len(audio)
         await playout.play(audio, heard_until=segment.reply_start + chunk.text_end)
+        if self._budget is not None:  # the audio's playing time is time given, not spent
+            remaining = self._deadline + playout.audio_seconds - time.monotonic()
+            self._budget.reschedule(asyncio.get_running_loop().time() + remaining)
 
 
 def _segment_request(segment: Segment) -> text_to_speech_pb2.SynthesizeRequest:

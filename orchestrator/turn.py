@@ -29,6 +29,9 @@ from voicepipe.durations import from_seconds
 # TTS waits on the LLM for text; its deadline is a little later than the LLM's so a stalled LLM
 # is reported as the LLM, not as a TTS that ran out of time waiting for it.
 TTS_DEADLINE_GRACE_S = 1.0
+# A spoken reply's token cap, some 150 words or a minute of speech: a model that rambles (small
+# ones do, on a greeting) would otherwise hold its backend slot, and the caller, for minutes.
+REPLY_MAX_TOKENS = 200
 
 
 @dataclass
@@ -39,6 +42,7 @@ class TurnSettings:
     # barge-in the caller has not been sent much more than it heard, and the history is honest.
     audio_lead_s: float
     first_segment: FirstSegment  # where the reply's first TTS segment may end
+    reply_max_tokens: int = 0  # asked of the LLM (0: the stage's default)
 
 
 class Turn:
@@ -53,19 +57,25 @@ class Turn:
         output: EventSink,
         timings: TurnTimings,
         deadline: float,
+        session_deadline: float,
     ) -> None:
+        """`deadline`: the LLM's, and TTS's for its work (the reply's playing time is added);
+        `session_deadline`: the latest any call may live."""
         self.turn_id = correlation.turn_id
         self.correlation = correlation
         self.timings = timings
         self.reply = Reply(output, correlation, timings, settings.first_segment)
         self.playout = Playout(settings.output_format, settings.audio_lead_s, output, correlation, timings)
-        self._generation = Generation(upstreams.llm, messages, correlation, deadline, timings)
+        self._generation = Generation(
+            upstreams.llm, messages, settings.reply_max_tokens, correlation, deadline, timings
+        )
         self._synthesis = Synthesis(
             upstreams.tts,
             settings.output_format,
             settings.voice,
             correlation,
             deadline + TTS_DEADLINE_GRACE_S,
+            session_deadline,
             timings,
         )
 

@@ -249,6 +249,7 @@ class TurnRunner:
             output=output,
             timings=timings,
             deadline=min(time.monotonic() + context.turn_budget_s, context.session_deadline),
+            session_deadline=context.session_deadline,
         )
 
     def _start(self, turn: Turn) -> asyncio.Task[None]:

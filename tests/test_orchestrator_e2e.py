@@ -16,8 +16,9 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2
 
 from orchestrator.stack import LocalStack
+from orchestrator.turn import TTS_DEADLINE_GRACE_S
 from stubs.audio_code import normalize_text
-from stubs.replies import STORY
+from stubs.replies import STORY, tokenize
 from tests.helpers import (
     NOT_SERVING,
     SERVING,
@@ -752,3 +753,35 @@ async def test_the_last_sentence_is_spoken_when_generation_completes_not_when_th
     assert turn.agent_text == "6 times 7 is 42."
     assert heard(bytes(turn.audio), PCM_16K) == ["6 times 7 is 42."]
     assert [(e.stage, e.code) for e in turn.errors] == [(pb.STAGE_LLM, "DEADLINE_EXCEEDED")]
+
+
+async def test_a_reply_longer_to_say_than_the_turn_timeout_is_spoken_whole() -> None:
+    """The Synthesize call is read at playback pace, so a long reply outlives the turn's budget;
+    the time its audio takes to play is not counted against it."""
+    async with (
+        instant_stack(orchestrator_flags=["--turn-timeout", "1.0"]) as stack,
+        open_channel(orchestrator_of(stack).target) as channel,
+    ):
+        client = Conversation(channel, SessionSettings(), microphone=Microphone(realtime=False), timeout_s=60)
+        async with client:
+            turn = await client.type("Tell me a story.")
+            assert await client.finish() == OK
+    assert turn.errors == []
+    assert turn.agent_text == STORY
+    assert heard(bytes(turn.audio), PCM_16K) == [normalize_text(STORY)]
+    assert len(turn.audio) / PCM_16K.bytes_for(1000) > 3 * (1.0 + TTS_DEADLINE_GRACE_S)
+
+
+async def test_a_spoken_reply_stops_at_the_reply_token_cap() -> None:
+    async with (
+        instant_stack(orchestrator_flags=["--reply-max-tokens", "6"]) as stack,
+        open_channel(orchestrator_of(stack).target) as channel,
+    ):
+        client = Conversation(channel, SessionSettings(), microphone=Microphone(realtime=False), timeout_s=30)
+        async with client:
+            turn = await client.type("Tell me a story.")
+            assert await client.finish() == OK
+    capped = "".join(tokenize(STORY)[:6])
+    assert turn.errors == []
+    assert turn.agent_text == capped
+    assert heard(bytes(turn.audio), PCM_16K) == [normalize_text(capped)]

@@ -329,8 +329,11 @@ async def test_stalled_stage_costs_its_deadline_then_the_next_turn_succeeds(stag
         elapsed = time.monotonic() - started
         assert stalled.outcome == "failed"
         assert [(e.stage, e.code) for e in stalled.errors] == [(STAGE_ENUM[stage], "DEADLINE_EXCEEDED")]
-        # TTS's deadline is the turn's plus a grace (so a stalled LLM is blamed on the LLM).
-        deadline_s = turn_timeout_s + (TTS_DEADLINE_GRACE_S if stage == "tts" else 0.0)
+        # TTS's deadline is the turn's plus a grace (so a stalled LLM is blamed on the LLM), plus
+        # the playing time of the audio it did send.
+        deadline_s = turn_timeout_s
+        if stage == "tts":
+            deadline_s += TTS_DEADLINE_GRACE_S + len(stalled.audio) / FMT.bytes_for(1000)
         assert deadline_s - 0.1 <= elapsed < deadline_s + 0.5, f"error after {elapsed:.2f} s"
         if fault == "network":
             stack.proxies[stage].black_hole(False)
