@@ -223,19 +223,33 @@ class OpenAIEngine(LanguageEngine):
         )
 
     async def warm_up(self) -> str | None:
-        """One request with the system prompt, so that the backend has evaluated (and caches)
-        the prefix every conversation starts with before the first caller speaks; it also proves
-        the key and the model name. Returns why it failed, or None."""
+        """One request with the system prompt per backend slot, all at once, so that every slot
+        has evaluated (and caches) the prefix every conversation starts with before the first
+        callers speak, however many speak at once; it also proves the key and the model name.
+        Returns why it failed, or None."""
         warm = Generation((Message("user", "Hello"),), 1, 0.0, common_pb2.Correlation())
         started = time.monotonic()
         try:
             messages = await self.messages(warm, 1)
+        except InvalidInput as error:
+            return str(error)
+        async with asyncio.TaskGroup() as group:
+            requests = [
+                group.create_task(self._warm_one(messages, warm), name=f"warm-up-slot-{slot}")
+                for slot in range(self.capacity.slots)
+            ]
+        if failed := next((reason for task in requests if (reason := task.result())), None):
+            return failed
+        log.info("warmed up", extra={"s": round(time.monotonic() - started, 3), "slots": len(requests)})
+        return None
+
+    async def _warm_one(self, messages: list[ChatCompletionMessageParam], warm: Generation) -> str | None:
+        try:
             async with contextlib.aclosing(self._stream(messages, warm, 1)) as deltas:
                 async for _ in deltas:
                     pass
-        except (StageError, InvalidInput) as error:
+        except StageError as error:
             return str(error)
-        log.info("warmed up", extra={"s": round(time.monotonic() - started, 3)})
         return None
 
     async def close(self) -> None:

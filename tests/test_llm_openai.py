@@ -29,6 +29,7 @@ from tests.helpers import NOT_SERVING, SERVING, open_channel, running, wait_for_
 from tests.stack_fixtures import Caller
 from voice.v1 import common_pb2, language_model_pb2, language_model_pb2_grpc, voice_agent_pb2
 from voicepipe.aio import cancel_and_wait
+from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe.stage.llm import SERVICE_NAME, Generation, Message
 
@@ -550,3 +551,41 @@ async def test_a_caller_whose_turn_finds_every_slot_busy_is_told_the_limit(
     assert error.stage == voice_agent_pb2.STAGE_LLM
     assert error.code == "RESOURCE_EXHAUSTED"
     assert "all 1 slots are generating" in error.message and "--max-waiting 0" in error.message
+
+
+async def test_every_slot_has_the_system_prompt_evaluated_before_serving(key_file: Path) -> None:
+    """Callers who arrive at once, one per slot, each find the speech prompt already in their
+    slot's cache: the stage warmed every slot before it reported SERVING, not just one."""
+    fresh = await asyncio.to_thread(backend.start, 0, "--api-key", API_KEY)
+    try:
+        with running("llm_openai", *stage_flags(backend.base_url(fresh), key_file)) as stage:
+            await wait_until_serving(stage.target, GENERATE_TIMEOUT_S)
+            async with httpx2.AsyncClient(
+                base_url=f"http://{fresh.target}", headers={"Authorization": f"Bearer {API_KEY}"}
+            ) as client:
+                prompt = (await client.post("/tokenize", json={"content": SPEECH_SYSTEM_PROMPT})).json()
+
+                async def first_turn(number: int) -> dict[str, int]:
+                    answer = await client.post(
+                        "/v1/chat/completions",
+                        json={
+                            "messages": [
+                                {"role": "system", "content": SPEECH_SYSTEM_PROMPT},
+                                {"role": "user", "content": f"Caller {number} says hello."},
+                            ],
+                            "max_tokens": 1,
+                        },
+                        timeout=GENERATE_TIMEOUT_S,
+                    )
+                    timings: dict[str, int] = answer.json()["timings"]
+                    return timings
+
+                async with asyncio.TaskGroup() as group:
+                    turns = [
+                        group.create_task(first_turn(n), name=f"first-turn-{n}")
+                        for n in range(backend.DEFAULT_PARALLEL)
+                    ]
+        # Each evaluated only its own words and the chat template's: the prompt came from cache.
+        assert all(t.result()["cache_n"] >= len(prompt["tokens"]) for t in turns), [t.result() for t in turns]
+    finally:
+        await asyncio.to_thread(fresh.stop)
