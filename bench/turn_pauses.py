@@ -215,11 +215,15 @@ def whole(heard: Heard, turn_end: TurnEnd | None) -> bool:
 
 
 def finished(turn_end: TurnEnd | None, heard: list[Heard], check_ms: float) -> str:
-    """The finished sentences' columns: heard whole, when their endpoint came, how many waited
-    longer than the fixed silence."""
+    """The finished sentences' columns: heard whole, when their endpoint came, how many the turn
+    model judged unfinished."""
     kept = sum(whole(h, turn_end) for h in heard)
     waits = [ends_after(h.pauses[-1], turn_end) + (check_ms if turn_end is not None else 0) for h in heard]
-    late = sum(w > FIXED_SILENCE_MS for w in waits)
+    late = (
+        0
+        if turn_end is None
+        else sum(ends_after(h.pauses[-1], turn_end) >= turn_end.incomplete_ms for h in heard)
+    )
     median, longest = statistics.median(waits), max(waits)
     return f"{kept} of {len(heard)} | {median:.0f} / {longest:.0f} | {late} of {len(heard)} |"
 
@@ -242,12 +246,9 @@ def table(pauses_ms: list[int], voices: list[str], check_after_ms: int) -> None:
     )
     print(
         "| endpointing | "
-        + " | ".join(
-            f"SPLIT, first part as a {ending}: whole at {'/'.join(map(str, pauses_ms))} ms"
-            for ending in ENDINGS
-        )
+        + " | ".join(f"SPLIT, {kind}: whole at {'/'.join(map(str, pauses_ms))} ms" for kind in heard_split)
         + " | finished sentences heard whole | finished: endpoint after (ms) median / max"
-        " | finished waiting over 400 ms |"
+        " | finished judged unfinished (waiting the long silence) |"
     )
     print("|---" * (len(heard_split) + 4) + "|")
     turn_ends = [
