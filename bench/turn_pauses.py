@@ -2,11 +2,12 @@
 turn model's threshold and two silences chosen by measurement.
 
     python -m bench.turn_pauses [--pauses-ms 300,500,700,1000] [--voices en-gb,en-us,en-us+f3]
-                                [--real-time]
+                                [--check-after-ms 200]
 
 The test set:
 - SPLIT, phrases spoken by espeak-ng in each voice with a pause after an unfinished first part
-  ("can you tell me about the … opening hours"): each should be heard as one utterance;
+  ("can you tell me about the … opening hours"), that part spoken as a sentence and as a clause,
+  and a human reader's pause inside a sentence: each should be heard as one utterance;
 - WHOLE, finished sentences in each voice, and the human recordings of finished sentences of
   pocketsphinx-testdata (bench.recordings): each should end promptly, and be heard whole too.
 
@@ -15,41 +16,29 @@ model (stt_whisper's Silero, Endpointer and TurnModel, as a call runs them), whi
 its length and the turn model's score at its check. The table then applies each setting's rule
 (stt_whisper.turn_model.TurnEnd) to those pauses: a phrase is heard whole when no pause inside it
 lasts the silence its score chose; a finished sentence's endpoint waits the silence chosen at its
-last pause (never less than the check's own 200 ms, plus the check's run time).
-
-With --real-time, the stage's defaults are then checked end to end against the fixed 400 ms: the
-Whisper engine in this process, behind its SDK interface, audio paced in real time (first voice
-only), counting finals and timing them from the end of speech."""
+last pause (never less than the check's own 200 ms, plus the check's run time)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import itertools
 import statistics
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from bench.recordings import all_recordings, cards, librivox
 from stt_whisper.call import PRE_ROLL
-from stt_whisper.decoder import ModelSettings
 from stt_whisper.endpoint import Ended, Endpointer, Held, Paused, Resumed, Started
-from stt_whisper.engine import FIXED_SILENCE_MS, SPEECH_START_MS, WhisperEngine
+from stt_whisper.engine import FIXED_SILENCE_MS, SPEECH_START_MS
 from stt_whisper.turn_model import DEFAULT_PATH, SILENCE_BEFORE_CHECK_MS, TurnEnd, TurnModel
 from stt_whisper.vad import WINDOW, SileroModel, VoiceActivity
 from tts_espeak.speaker import EspeakSpeaker
-from voice.v1 import common_pb2
-from voicepipe.audio_format import LINEAR16, PcmFormat
-from voicepipe.config import FlagParser
 from voicepipe.pcm import Samples
-from voicepipe.stage.stt import Transcript, TranscriptionSettings
 
 RATE = 16_000
-FRAME = RATE // 50
 LEAD = np.zeros(RATE // 2, np.int16)
 TAIL = np.zeros(RATE * 3 // 2, np.int16)
 SPLIT = (
@@ -275,74 +264,6 @@ def table(pauses_ms: list[int], voices: list[str], check_after_ms: int) -> None:
         print(f"  {heard.phrase.name}: {' '.join(scores)}")
 
 
-def _settings(engine: WhisperEngine, turn_model: bool) -> TranscriptionSettings:
-    """As the SDK makes them for a client that leaves the silence to the stage (the turn model's
-    choice, the long silence until it has judged) or asks for the fixed one."""
-    silence = engine.turn_end.incomplete_ms if turn_model else FIXED_SILENCE_MS
-    return TranscriptionSettings(
-        PcmFormat(LINEAR16, RATE), "en-US", False, False, silence, 20, common_pb2.Correlation(), turn_model
-    )
-
-
-async def _hear(
-    engine: WhisperEngine, audio: Samples, speech_end: int, turn_model: bool
-) -> tuple[int, float]:
-    """The number of finals, and the seconds from feeding the end of speech to the last final."""
-    ended_at = 0.0
-
-    async def frames() -> AsyncIterator[Samples]:
-        nonlocal ended_at
-        started = time.monotonic()
-        for index, start in enumerate(range(0, len(audio), FRAME)):
-            await asyncio.sleep(max(0.0, started + index * 0.02 - time.monotonic()))
-            if start <= speech_end < start + FRAME:
-                ended_at = time.monotonic()
-            yield audio[start : start + FRAME]
-
-    finals, last = 0, 0.0
-    async for event in engine.transcribe(_settings(engine, turn_model), frames()):
-        if isinstance(event, Transcript) and event.is_final and event.text:
-            finals, last = finals + 1, time.monotonic()
-    return finals, last - ended_at
-
-
-async def real_time(pauses_ms: list[int], voice: str) -> None:
-    flags = FlagParser("stt_whisper", "")
-    WhisperEngine.add_flags(flags)
-    engine_args = flags.parse([f"--turn-model={DEFAULT_PATH}"])
-    turn_end = TurnEnd.from_args(engine_args)
-    engine = WhisperEngine(ModelSettings.from_args(engine_args), 0, 500, turn_end)
-    await engine.start()
-    split = {ms: spoken([voice], ms, "sentence")[0] for ms in pauses_ms}
-    _, sentences = spoken([voice], 0, "sentence")
-    try:
-        for name, turn_model in {
-            f"fixed {FIXED_SILENCE_MS} ms": False,
-            f"turn model {turn_end.describe()}": True,
-        }.items():
-            kept = []
-            for phrases in split.values():
-                heard = [
-                    await _hear(engine, np.concatenate([p.audio, TAIL]), len(p.audio), turn_model)
-                    for p in phrases
-                ]
-                kept.append(sum(finals == 1 for finals, _ in heard))
-            results = [
-                await _hear(engine, np.concatenate([p.audio, TAIL]), len(p.audio), turn_model)
-                for p in sentences
-            ]
-            waits = [wait * 1000 for _, wait in results]
-            print(
-                f"{name}: SPLIT heard whole at pause {'/'.join(map(str, pauses_ms))} ms:"
-                f" {' / '.join(map(str, kept))} of {len(SPLIT)}; finished sentences heard whole"
-                f" {sum(finals == 1 for finals, _ in results)} of {len(sentences)}, end of speech -> final"
-                f" {statistics.median(waits):.0f} ms median, {max(waits):.0f} ms max",
-                flush=True,
-            )
-    finally:
-        await engine.close()
-
-
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -359,15 +280,12 @@ def main() -> None:
         default=SILENCE_BEFORE_CHECK_MS,
         help="the silence before the turn model's check (the stage's; 0: at the first silent window)",
     )
-    parser.add_argument("--real-time", action="store_true", help="also check the defaults end to end")
     args = parser.parse_args()
     if not DEFAULT_PATH.is_file():
         parser.error(f"no turn model at {DEFAULT_PATH}: install it with python -m stt_whisper.turn_model")
     pauses_ms = [int(p) for p in _names(args.pauses_ms)]
     voices = _names(args.voices)
     table(pauses_ms, voices, args.check_after_ms)
-    if args.real_time:
-        asyncio.run(real_time(pauses_ms, voices[0]))
 
 
 if __name__ == "__main__":
