@@ -17,9 +17,9 @@ import numpy as np
 
 from stt_whisper.agreement import LocalAgreement
 from stt_whisper.decoder import SAMPLE_RATE, WINDOW_S, Hypothesis
-from stt_whisper.endpoint import Ended, Endpointer, Paused, Resumed, Started
+from stt_whisper.endpoint import Ended, Endpointer, Held, Paused, Resumed, Started
 from stt_whisper.scheduler import DecodeQueue, Urgency
-from stt_whisper.turn_model import TurnEnd, TurnModel
+from stt_whisper.turn_model import SILENCE_BEFORE_CHECK_MS, TurnEnd, TurnModel
 from stt_whisper.vad import WINDOW, SileroModel, VoiceActivity
 from voicepipe.aio import cancel_and_wait
 from voicepipe.pcm import Samples
@@ -107,13 +107,17 @@ class CallTranscriber:
         self._interim_every = SAMPLE_RATE * interim_interval_ms // 1000
         self._audio = CallAudio()
         self._vad = VoiceActivity(shared.vad)
-        self._endpointer = Endpointer(settings.speech_start_ms, settings.end_of_utterance_silence_ms)
+        # The turn model judges each pause when the client left the silence to the stage.
+        self._turn_model = shared.turn_model if settings.engine_silence else None
+        self._endpointer = Endpointer(
+            settings.speech_start_ms,
+            settings.end_of_utterance_silence_ms,
+            hold_ms=None if self._turn_model is None else SILENCE_BEFORE_CHECK_MS,
+        )
         self._utterance: Utterance | None = None
         self._candidate: Decode | None = None  # a final's decode, started when speech paused
         self._interim: Decode | None = None
         self._speculated: Transcript | None = None  # sent, not yet confirmed or withdrawn
-        # The turn model judges each pause when the client left the silence to the stage.
-        self._turn_model = shared.turn_model if settings.engine_silence else None
         self._turn_check: asyncio.Task[float] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -154,6 +158,7 @@ class CallTranscriber:
             self._cancel(self._interim)
             self._interim = None
             self._candidate = self._start(utterance, position, Urgency.FINAL)
+        elif isinstance(boundary, Held):
             self._check_turn(utterance, position)
         elif isinstance(boundary, Resumed):
             utterance.paused = False
@@ -232,6 +237,8 @@ class CallTranscriber:
         )
 
     def _check_turn(self, utterance: Utterance, position: int) -> None:
+        """The whole utterance so far, up to `position` in the pause: Smart Turn's input is the
+        turn with the silence it was trained to end on (see turn_model)."""
         if self._turn_model is None:
             return
         audio = self._audio.span(utterance.audio_from, position)

@@ -29,6 +29,14 @@ class Paused:
 
 
 @dataclass(frozen=True)
+class Held:
+    """The pause has lasted the endpointer's `hold_ms` (voiced audio stopped at sample `end`):
+    the moment a turn model that was trained on turns ending in that much silence can judge it."""
+
+    end: int
+
+
+@dataclass(frozen=True)
 class Resumed:
     """Speech came back before the endpointing silence had held."""
 
@@ -40,13 +48,18 @@ class Ended:
     end: int
 
 
-Boundary = Started | Paused | Resumed | Ended
+Boundary = Started | Paused | Held | Resumed | Ended
 
 
 class Endpointer:
-    def __init__(self, speech_start_ms: int, end_of_utterance_silence_ms: int) -> None:
+    def __init__(
+        self, speech_start_ms: int, end_of_utterance_silence_ms: int, hold_ms: int | None = None
+    ) -> None:
+        """`hold_ms`: a pause that lasts this long (at least two windows, and has not ended the
+        utterance) is reported `Held`; None: never."""
         self._start_windows = max(1, math.ceil(speech_start_ms / _WINDOW_MS))
         self._end_windows = max(1, math.ceil(end_of_utterance_silence_ms / _WINDOW_MS))
+        self._hold_windows = None if hold_ms is None else max(2, math.ceil(hold_ms / _WINDOW_MS))
         self._pause_end_windows = self._end_windows  # this pause's (see end_pause_after)
         self._windows = 0
         self._voiced = False
@@ -92,4 +105,6 @@ class Endpointer:
             self.in_utterance = False
             self._silent_run = 0
             return Ended(self.voiced_end)
-        return Paused(self.voiced_end) if self._silent_run == 1 else None
+        if self._silent_run == 1:
+            return Paused(self.voiced_end)
+        return Held(self.voiced_end) if self._silent_run == self._hold_windows else None

@@ -37,10 +37,10 @@ LICENCE_FILE = "LICENSE-smart-turn"
 DEFAULT_PATH = DEFAULT_DIR / MODEL_FILE
 _SAMPLE_RATE = 16_000
 _SECONDS = 8  # the model hears the last 8 s (shorter audio is padded with silence before it)
-
-
-# Above this probability the turn is judged finished.
-COMPLETE_THRESHOLD = 0.5
+# Smart Turn runs once a pause has lasted this long, on the turn's audio up to then: it was
+# trained on turns that end in about 200 ms of silence (the moment its VAD reports a pause), and
+# judged at the first silent window (30-90 ms of silence) it scores differently (BENCHMARKS.md).
+SILENCE_BEFORE_CHECK_MS = 200
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class TurnEnd:
     model_path: Path | None  # None: no turn model, a fixed silence
     complete_ms: int  # after speech the model judges a finished turn
     incomplete_ms: int  # after speech it judges unfinished (and until it has judged)
+    threshold: float  # a score above it judges the turn finished
 
     @staticmethod
     def add_flags(flags: FlagParser) -> None:
@@ -62,21 +63,39 @@ class TurnEnd:
             " empty: no turn model, every pause ends an utterance after the fixed 400 ms (measured"
             " better here, see BENCHMARKS.md)",
         )
-        for verdict, judged, default in (("complete", "finished", 200), ("incomplete", "unfinished", 800)):
-            flags.add(
-                f"--turn-{verdict}-silence-ms",
-                type=int,
-                default=default,
-                help=f"silence that ends an utterance the turn model judges {judged}",
-            )
+        flags.add(
+            "--turn-complete-silence-ms",
+            type=int,
+            default=200,
+            help="silence that ends an utterance the turn model judges finished (it judges after"
+            f" {SILENCE_BEFORE_CHECK_MS} ms of silence: such an utterance ends with its verdict)",
+        )
+        flags.add(
+            "--turn-incomplete-silence-ms",
+            type=int,
+            default=1200,
+            help="silence that ends an utterance the turn model judges unfinished (and one it has not"
+            " judged yet): longer than a pause inside a sentence (up to 1 s in BENCHMARKS.md)",
+        )
+        flags.add(
+            "--turn-threshold",
+            type=float,
+            default=0.5,
+            help="the turn model's score (0 to 1) above which a turn is judged finished; higher keeps"
+            " more mid-sentence pauses inside the utterance and makes more finished sentences wait the"
+            " unfinished silence (BENCHMARKS.md)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TurnEnd:
         path = Path(args.turn_model) if args.turn_model else None
-        return cls(path, args.turn_complete_silence_ms, args.turn_incomplete_silence_ms)
+        return cls(path, args.turn_complete_silence_ms, args.turn_incomplete_silence_ms, args.turn_threshold)
 
     def silence_ms(self, complete_probability: float) -> int:
-        return self.complete_ms if complete_probability > COMPLETE_THRESHOLD else self.incomplete_ms
+        return self.complete_ms if complete_probability > self.threshold else self.incomplete_ms
+
+    def describe(self) -> str:
+        return f"> {self.threshold}: {self.complete_ms} / {self.incomplete_ms} ms"
 
 
 class TurnModel:
