@@ -10,7 +10,7 @@ import uvloop
 
 from gateway.app import Admission, Gateway
 from gateway.session import SessionLimits
-from voicepipe.config import LOG_LEVELS, FlagParser
+from voicepipe.config import FlagParser, add_service_flags
 from voicepipe.logs import configure_logging
 from voicepipe.metrics import start_metrics_endpoint, watch_event_loop
 from voicepipe.server import wait_for_shutdown_signal
@@ -25,27 +25,7 @@ MAX_PENDING_EVENTS = 2000
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags = FlagParser("gateway", "Serves the voice page and bridges each WebSocket to one conversation.")
-    flags.add("--host", type=str, default="127.0.0.1", help="address to listen on")
-    flags.add("--port", type=int, default=8000, help="HTTP/WebSocket port (0: the OS chooses)")
-    flags.add(
-        "--metrics-port",
-        type=int,
-        default=9605,
-        help="Prometheus /metrics port (0: the OS chooses; -1: no endpoint)",
-    )
-    flags.add("--log-level", type=str, default="info", choices=LOG_LEVELS, help="log level")
-    flags.add(
-        "--drain-delay",
-        type=float,
-        default=0.0,
-        help="seconds /healthz says draining after SIGTERM before new connections are refused",
-    )
-    flags.add(
-        "--shutdown-grace",
-        type=float,
-        default=10.0,
-        help="seconds open conversations may go on after that before they are closed (1001)",
-    )
+    add_service_flags(flags, port=8000, metrics_port=9605, listener="HTTP/WebSocket")
     ServerTls.add_flags(flags)
     flags.add("--orchestrator", type=str, default="127.0.0.1:50051", help="gRPC target of the orchestrator")
     ChannelTls.add_flags(flags, "--orchestrator-tls", peer="the orchestrator")

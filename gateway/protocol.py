@@ -6,6 +6,7 @@ Client -> gateway:
      "token": "...", "session_id": "...", "system_prompt": "..."}     first, exactly once
     binary: caller audio, PCM16 little-endian mono at input_sample_rate (20 ms per frame typical)
     {"type": "text", "text": "What is 2 plus 3?"}                      a typed turn
+    {"type": "barge_in"}                                               the caller interrupts the agent
     {"type": "end_of_input"}                                           finish, then the call ends
 
 Gateway -> client: one JSON event per orchestrator event (`event_json`), reply audio as binary

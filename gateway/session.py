@@ -26,7 +26,7 @@ from gateway.protocol import (
 )
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.aio import cancel_and_wait
-from voicepipe_client import Conversation, Microphone, TurnAssembler
+from voicepipe_client import Conversation, ConversationEnded, Microphone, TurnAssembler
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,12 @@ class SocketSession:
             text = message.get("text")
             if not isinstance(text, str):
                 raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, '"text" needs a string "text"')
-            await conversation.type(text)
+            try:
+                await conversation.type(text)
+            except ConversationEnded:
+                return  # as audio after the call's end: the socket closes with the call's status
+        elif kind == "barge_in":
+            await conversation.interrupt()
         elif kind == "end_of_input":
             self._input_ended = True
             await conversation.end_input()

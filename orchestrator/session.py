@@ -192,11 +192,14 @@ class Conversation:
                     arrived = time.monotonic()
                     self._turns.submit(TurnRequest(text, TurnTimings(arrived, Duration(), arrived)))
                 elif kind == "control":
-                    if request.control.type != pb.CONTROL_TYPE_END_OF_INPUT:
+                    if request.control.type == pb.CONTROL_TYPE_END_OF_INPUT:
+                        break
+                    if request.control.type != pb.CONTROL_TYPE_BARGE_IN:
                         raise InvalidInput(
-                            f"control.type {request.control.type} is not supported; use END_OF_INPUT"
+                            f"control.type {request.control.type} is not supported;"
+                            " use END_OF_INPUT or BARGE_IN"
                         )
-                    break
+                    self._turns.interrupt()
                 elif kind == "config":
                     raise InvalidInput("config may be sent only once, as the first message")
                 else:

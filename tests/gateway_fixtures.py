@@ -63,17 +63,29 @@ class SocketCaller:
         """Reads until an event of `kind` arrives (returned); fails if the socket closes first."""
         async with asyncio.timeout(timeout_s):
             while True:
-                message = await self.socket.receive()
-                if message.type == aiohttp.WSMsgType.TEXT:
-                    event: dict[str, Any] = json.loads(message.data)
-                    self.events.append(event)
-                    if event["type"] == kind:
-                        return event
-                elif message.type == aiohttp.WSMsgType.BINARY:
-                    self.audio += message.data
-                else:
-                    self._closed(message)
-                    raise AssertionError(f"closed ({self.close_code} {self.close_reason!r}) before {kind}")
+                event = await self._next(kind)
+                if event is not None and event["type"] == kind:
+                    return event
+
+    async def until_audio(self, size: int, timeout_s: float = EVENT_TIMEOUT_S) -> None:
+        """Reads until `size` bytes of reply audio have arrived; fails if the socket closes first."""
+        async with asyncio.timeout(timeout_s):
+            while len(self.audio) < size:
+                await self._next(f"{size} bytes of audio")
+
+    async def _next(self, awaited: str) -> dict[str, Any] | None:
+        """One message, kept: an event (returned) or reply audio (None); fails if the socket
+        closes before what is `awaited`."""
+        message = await self.socket.receive()
+        if message.type == aiohttp.WSMsgType.TEXT:
+            event: dict[str, Any] = json.loads(message.data)
+            self.events.append(event)
+            return event
+        if message.type == aiohttp.WSMsgType.BINARY:
+            self.audio += message.data
+            return None
+        self._closed(message)
+        raise AssertionError(f"closed ({self.close_code} {self.close_reason!r}) before {awaited}")
 
     async def closed(self, timeout_s: float = EVENT_TIMEOUT_S) -> tuple[int | None, str]:
         """Reads until the gateway closes the socket: its close code and reason."""

@@ -95,6 +95,12 @@ async def serving(process: ServiceProcess) -> ServiceProcess:
     return process
 
 
+async def own_orchestrator(group: Processes, stack: LocalStack, *flags: str, port: int = 0) -> ServiceProcess:
+    """An orchestrator of the test's own (one it may kill) in front of `stack`'s stages, SERVING."""
+    stages = [f"--{role}={process.target}" for role, process in stack.stages.items()]
+    return await serving(await group.start("orchestrator", *stages, *flags, port=port))
+
+
 # --- audio ------------------------------------------------------------------------------------------
 
 

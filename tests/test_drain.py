@@ -17,6 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+import gateway.__main__ as gateway_main
 import orchestrator.__main__ as orchestrator_main
 from llm_stub.__main__ import SPEC as LLM_STUB
 from stubs import audio_code, replies
@@ -36,7 +37,7 @@ from tests.stack_fixtures import processes, serving
 from voice.v1 import language_model_pb2 as pb
 from voice.v1 import language_model_pb2_grpc
 from voicepipe import keepalive
-from voicepipe.config import ServerSettings
+from voicepipe.config import env_var_name
 from voicepipe.processes import ServiceProcess, free_port
 from voicepipe.server import LIVENESS
 from voicepipe_client import PCM_16K, Conversation, Microphone, SessionSettings, Utterance
@@ -147,21 +148,39 @@ async def read_status(watch: Watch) -> int:
     return response.status
 
 
+# flag -> its value from the environment, and from the command line (as given and as parsed)
+SERVICE_FLAGS: dict[str, tuple[tuple[str, object], tuple[str, object]]] = {
+    "--host": (("0.0.0.0", "0.0.0.0"), ("::1", "::1")),
+    "--port": (("7001", 7001), ("7002", 7002)),
+    "--metrics-port": (("7003", 7003), ("-1", -1)),
+    "--log-level": (("debug", "debug"), ("warning", "warning")),
+    "--drain-delay": (("5", 5.0), ("2.5", 2.5)),
+    "--shutdown-grace": (("30", 30.0), ("1.5", 1.5)),
+}
+
+
 @pytest.mark.parametrize(
-    ("parse", "variable"),
+    ("parse", "service"),
     [
-        (orchestrator_main.parse_args, "VOICEPIPE_ORCHESTRATOR_DRAIN_DELAY"),
-        (LLM_STUB.parse_args, "VOICEPIPE_LLM_DRAIN_DELAY"),
+        (orchestrator_main.parse_args, "orchestrator"),
+        (LLM_STUB.parse_args, "llm"),
+        (gateway_main.parse_args, "gateway"),
     ],
-    ids=["orchestrator", "stage"],
+    ids=["orchestrator", "stage", "gateway"],
 )
-def test_every_server_takes_the_drain_delay_from_its_flag_or_variable(
-    parse: Callable[[list[str]], argparse.Namespace], variable: str, monkeypatch: pytest.MonkeyPatch
+def test_every_service_takes_the_shared_flags_from_flag_or_variable(
+    parse: Callable[[list[str]], argparse.Namespace], service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert ServerSettings.from_args(parse([])).drain_delay_s == 0
-    monkeypatch.setenv(variable, "5")
-    assert ServerSettings.from_args(parse([])).drain_delay_s == 5
-    assert ServerSettings.from_args(parse(["--drain-delay", "2.5"])).drain_delay_s == 2.5
+    """Listener, metrics, logs, drain and grace: the same flags and variables in every service;
+    the command line wins over the environment."""
+    assert parse([]).drain_delay == 0
+    for flag, ((from_env, _), _) in SERVICE_FLAGS.items():
+        monkeypatch.setenv(env_var_name(service, flag), from_env)
+    command_line = [f"{flag}={given}" for flag, (_, (given, _)) in SERVICE_FLAGS.items()]
+    for argv, pick in (([], 0), (command_line, 1)):
+        parsed = vars(parse(argv))
+        for flag, values in SERVICE_FLAGS.items():
+            assert parsed[flag.lstrip("-").replace("-", "_")] == values[pick][1], (service, flag, argv)
 
 
 # --- several replicas of a stage behind one target ----------------------------------------------

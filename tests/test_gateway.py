@@ -18,8 +18,10 @@ import pytest
 from orchestrator.auth import issue
 from orchestrator.stack import LocalStack, StackCertificates
 from stubs import audio_code
+from stubs.audio_code import normalize_text
+from stubs.replies import STORY
 from tests.gateway_fixtures import SocketCaller, gateway, socket_caller, ws_url
-from tests.stack_fixtures import heard, instant_stack, processes, serving
+from tests.stack_fixtures import heard, instant_stack, own_orchestrator, processes
 from voicepipe.audio_format import LINEAR16, PcmFormat
 from voicepipe.certs import write_local_pki
 from voicepipe.processes import ServiceProcess, free_port
@@ -94,6 +96,37 @@ async def test_a_spoken_conversation_over_the_socket(gateway_process: ServicePro
     assert (code, reason) == (1000, "")
 
 
+async def test_barge_in_stops_the_reply_and_the_conversation_goes_on(gateway_process: ServiceProcess) -> None:
+    """A `barge_in` message (a push-to-talk button pressed over the reply) interrupts it: no more
+    of its audio arrives, `interrupted` says what the caller was sent of it, and the next turn is
+    answered."""
+    async with socket_caller(ws_url(gateway_process)) as caller:
+        await caller.configure()
+        await caller.send({"type": "text", "text": "Please tell me a story."})
+        story = await caller.until("turn_started")
+        # The reply audio is paced in real time: a second into the story, it is far from over.
+        await caller.until_audio(PCM_16K.bytes_for(1000))
+        await caller.send({"type": "barge_in"})
+        interrupted = await caller.until("interrupted")
+        before = bytes(caller.audio)
+        await caller.send({"type": "barge_in"})  # nothing is playing now: no effect
+        await caller.send({"type": "text", "text": "What is 2 plus 3?"})
+        answer = await caller.until("turn_completed")
+        after = bytes(caller.audio[len(before) :])
+    assert interrupted["turn_id"] == story["turn_id"]
+    heard_text = interrupted["heard_text"]
+    assert heard_text and STORY.startswith(heard_text) and len(heard_text) < len(STORY) / 2, heard_text
+    # What arrived decodes to heard_text (the audio may end inside the next character's burst,
+    # which then decodes as one more symbol).
+    [decoded] = heard(before, PCM_16K)
+    assert decoded.startswith(normalize_text(heard_text)), (decoded, heard_text)
+    assert len(decoded[len(normalize_text(heard_text)) :].strip()) <= 1, (decoded, heard_text)
+    # Nothing of the story after `interrupted`: the audio since is the next reply's, all of it.
+    assert heard(after, PCM_16K) == ["2 plus 3 is 5."]
+    assert answer["agent_text"] == "2 plus 3 is 5." and answer["turn_id"] != story["turn_id"]
+    assert [e["type"] for e in caller.events].count("interrupted") == 1
+
+
 # case -> (what the caller sends, the close code, words of the reason)
 BAD_INPUT: dict[str, tuple[list[str | bytes], int, str]] = {
     "garbage JSON": ([json.dumps({"type": "config"}), "{not json"], 4003, "not JSON: "),
@@ -115,6 +148,13 @@ BAD_INPUT: dict[str, tuple[list[str | bytes], int, str]] = {
         4008,
         f"more than {MAX_MESSAGES_PER_SECOND} messages per second",
     ),
+    "a type that is not a string": ([json.dumps({"type": 3})], 4003, 'a JSON object with a "type"'),
+    "an unknown message type": (
+        [json.dumps({"type": "config"}), json.dumps({"type": "pause"})],
+        4003,
+        'unknown message type "pause"',
+    ),
+    "barge_in before config": ([json.dumps({"type": "barge_in"})], 4003, '"barge_in" before config'),
     "an odd byte count": ([json.dumps({"type": "config"}), b"\0\0\0"], 4003, "odd"),
     # The typed turn's reply (its audio paced in real time) keeps the call open meanwhile.
     "audio after end_of_input": (
@@ -123,6 +163,16 @@ BAD_INPUT: dict[str, tuple[list[str | bytes], int, str]] = {
             json.dumps({"type": "text", "text": "What is 2 plus 3?"}),
             json.dumps({"type": "end_of_input"}),
             b"\0\0" * 320,
+        ],
+        4003,
+        "input after end_of_input",
+    ),
+    "barge_in after end_of_input": (
+        [
+            json.dumps({"type": "config"}),
+            json.dumps({"type": "text", "text": "What is 2 plus 3?"}),
+            json.dumps({"type": "end_of_input"}),
+            json.dumps({"type": "barge_in"}),
         ],
         4003,
         "input after end_of_input",
@@ -193,9 +243,8 @@ async def test_the_bearer_token_comes_from_the_config_or_a_proxy_header(
 ) -> None:
     tokens = tmp_path / "tenants.json"
     token = await asyncio.to_thread(issue, tokens, "acme", None)
-    stages = [f"--{role}={process.target}" for role, process in stack.stages.items()]
     async with processes() as group:
-        orchestrator = await serving(await group.start("orchestrator", *stages, f"--tokens-file={tokens}"))
+        orchestrator = await own_orchestrator(group, stack, f"--tokens-file={tokens}")
         async with gateway(orchestrator.target) as process:
             async with socket_caller(ws_url(process)) as caller:
                 await caller.configure(token=token)

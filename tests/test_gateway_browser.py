@@ -17,7 +17,7 @@ from orchestrator.stack import LocalStack
 from stubs import audio_code
 from stubs.replies import STORY
 from tests.gateway_fixtures import chromium, gateway, page_url, write_wav
-from tests.stack_fixtures import instant_stack, processes, serving
+from tests.stack_fixtures import instant_stack, own_orchestrator, processes
 from voicepipe.processes import ServiceProcess
 
 RATE = 16_000
@@ -158,12 +158,45 @@ async def test_speaking_over_the_reply_stops_playback_at_once(
         await page.close()
 
 
+async def test_push_to_talk_over_the_reply_interrupts_it_at_once(
+    browser: Browser, gateway_process: ServiceProcess
+) -> None:
+    """Pressing the button while the agent speaks sends `barge_in`: playback stops at the press,
+    the reply ends interrupted, and none of its audio plays afterwards."""
+    page = await open_page(browser, page_url(gateway_process), push_to_talk=True)
+    try:
+        # Once the microphone has played its phrase (not sent: the button is up)...
+        await page.wait_for_function(
+            f"window.voicepipe.stats.micFrames >= {PHRASE_OVER_FRAMES}", timeout=WAIT_MS
+        )
+        await type_turn(page, "Please tell me a story.")
+        # ...half a second into the story, the caller presses the button.
+        await page.wait_for_function(
+            "(s => s.playing && s.played > window.voicepipe.sampleRate / 2)(window.voicepipe.stats)",
+            timeout=WAIT_MS,
+        )
+        await page.hover("#ptt")
+        await page.mouse.down()
+        await page.wait_for_function("window.voicepipe.stats.interrupted === 1", timeout=WAIT_MS)
+        heard = await page.locator("#log li.agent.interrupted .text").inner_text()
+        await page.wait_for_function("!window.voicepipe.stats.playing", timeout=WAIT_MS)
+        await page.mouse.up()
+        counted = await stats(page)
+    finally:
+        await page.close()
+    assert heard and STORY.startswith(heard) and len(heard) < len(STORY), heard
+    assert counted["bargeIns"] == 1 and counted["completed"] == 0, counted
+    # What was buffered at the press was dropped, and nothing of the story played after it.
+    assert counted["flushed"] > 0, counted
+    assert counted["played"] == counted["playedAtFlush"], counted
+    assert counted["playedAtFlush"] + counted["flushed"] == counted["receivedAtFlush"], counted
+
+
 async def test_killing_the_orchestrator_shows_the_error_and_the_page_reconnects(
     browser: Browser, stack: LocalStack
 ) -> None:
-    stages = [f"--{role}={process.target}" for role, process in stack.stages.items()]
     async with processes() as group:
-        orchestrator = await serving(await group.start("orchestrator", *stages))
+        orchestrator = await own_orchestrator(group, stack)
         async with gateway(orchestrator.target, "--connect-timeout=1") as process:
             page = await open_page(browser, page_url(process), push_to_talk=True)
             try:
@@ -173,7 +206,7 @@ async def test_killing_the_orchestrator_shows_the_error_and_the_page_reconnects(
                 assert "Disconnected" in await error.inner_text()
                 await page.wait_for_selector('#status[data-state="reconnecting"]', timeout=WAIT_MS)
                 # Back up on the same port: the page reconnects by itself and talks again.
-                await serving(await group.start("orchestrator", *stages, port=orchestrator.port))
+                await own_orchestrator(group, stack, port=orchestrator.port)
                 await page.wait_for_function("window.voicepipe.stats.sessions >= 2", timeout=WAIT_MS)
                 await page.wait_for_selector('#status[data-state="listening"]', timeout=WAIT_MS)
                 assert await error.is_hidden()

@@ -685,6 +685,11 @@ BAD_INPUT = [
         "control.type 0 is not supported",
         id="unspecified-control",
     ),
+    pytest.param(
+        [_config(), pb.ConverseRequest(control=pb.ControlMessage(type=9))],  # type: ignore[arg-type]
+        "control.type 9 is not supported; use END_OF_INPUT or BARGE_IN",
+        id="unknown-control",
+    ),
 ]
 
 

@@ -63,6 +63,35 @@ class FlagParser:
         return self.parser.parse_args(argv)
 
 
+def add_service_flags(flags: FlagParser, *, port: int, metrics_port: int, listener: str) -> None:
+    """The flags every service takes, gRPC servers and the gateway alike: where it listens (a
+    `listener` port: "gRPC", "HTTP/WebSocket"), its /metrics, its log level, and the shutdown (the
+    drain, then the grace). Each reads VOICEPIPE_<SERVICE>_<FLAG> like every flag."""
+    flags.add("--host", type=str, default="127.0.0.1", help="address to listen on")
+    flags.add("--port", type=int, default=port, help=f"{listener} port (0: the OS chooses)")
+    flags.add(
+        "--metrics-port",
+        type=int,
+        default=metrics_port,
+        help="Prometheus /metrics port (0: the OS chooses; -1: no endpoint)",
+    )
+    flags.add("--log-level", type=str, default="info", choices=LOG_LEVELS, help="log level")
+    flags.add(
+        "--drain-delay",
+        type=float,
+        default=0.0,
+        help="seconds after SIGTERM during which health says not ready (gRPC NOT_SERVING, /healthz 503)"
+        " but new calls are still accepted, so that load balancers and endpoints stop sending them"
+        " (then the grace begins)",
+    )
+    flags.add(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds calls in flight (open sockets) may run after the drain before they are ended",
+    )
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """What every server takes: where to listen, logging, connection management, shutdown."""
@@ -81,28 +110,7 @@ class ServerSettings:
 
     @staticmethod
     def add_flags(flags: FlagParser, *, port: int, metrics_port: int) -> None:
-        flags.add("--host", type=str, default="127.0.0.1", help="address to listen on")
-        flags.add("--port", type=int, default=port, help="gRPC port (0: the OS chooses)")
-        flags.add(
-            "--metrics-port",
-            type=int,
-            default=metrics_port,
-            help="Prometheus /metrics port (0: the OS chooses; -1: no endpoint)",
-        )
-        flags.add("--log-level", type=str, default="info", choices=LOG_LEVELS, help="log level")
-        flags.add(
-            "--drain-delay",
-            type=float,
-            default=0.0,
-            help="seconds after SIGTERM during which health is NOT_SERVING but new calls are still"
-            " accepted, so that load balancers and endpoints stop sending them (then the grace begins)",
-        )
-        flags.add(
-            "--shutdown-grace",
-            type=float,
-            default=10.0,
-            help="seconds in-flight calls may run after SIGTERM before they are cancelled",
-        )
+        add_service_flags(flags, port=port, metrics_port=metrics_port, listener="gRPC")
         flags.add(
             "--max-connection-age",
             type=float,

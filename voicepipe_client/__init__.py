@@ -11,7 +11,14 @@
 
 from voicepipe_client.audio import FRAME_MS, Speaker, SpeechSamples, Utterance
 from voicepipe_client.channel import channel_options, connect
-from voicepipe_client.conversation import END_OF_INPUT, PCM_16K, Conversation, Resumed, SessionSettings
+from voicepipe_client.conversation import (
+    END_OF_INPUT,
+    PCM_16K,
+    Conversation,
+    ConversationEnded,
+    Resumed,
+    SessionSettings,
+)
 from voicepipe_client.microphone import Cue, FrameLag, Microphone, Pause, Speech
 from voicepipe_client.turns import EventListener, Turn, TurnAssembler
 
@@ -20,6 +27,7 @@ __all__ = [
     "FRAME_MS",
     "PCM_16K",
     "Conversation",
+    "ConversationEnded",
     "Cue",
     "EventListener",
     "FrameLag",

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 PCM_16K = PcmFormat(common_pb2.AUDIO_ENCODING_LINEAR16, 16_000)
 END_OF_INPUT = pb.ConverseRequest(control=pb.ControlMessage(type=pb.CONTROL_TYPE_END_OF_INPUT))
+BARGE_IN = pb.ConverseRequest(control=pb.ControlMessage(type=pb.CONTROL_TYPE_BARGE_IN))
 
 # Calls opened in a row to continue a conversation before giving up, the first at once, then
 # after a wait doubling from RESUME_FIRST_WAIT_S up to RESUME_MAX_WAIT_S; and how long the
@@ -50,6 +51,16 @@ CROSSED_WRITE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 # stretch no ticket covers (a minute of silence) loses its oldest part, and the offsets of the
 # call after a move are then that much early.
 MAX_RESEND_S = 60.0
+
+
+class ConversationEnded(Exception):
+    """Input for a conversation that is over: its call ended and was not continued."""
+
+    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
+        how = "" if code is None else f" ({code.name}{': ' + details if details else ''})"
+        super().__init__(f"the conversation has ended{how}")
+        self.code = code
+        self.details = details
 
 
 @dataclass(frozen=True)
@@ -220,24 +231,30 @@ class Conversation:
 
     def say(self, utterance: Utterance) -> Turn:
         """Queues `utterance` for the microphone; returns the turn it will start (started once
-        the server says so: see Turn's events)."""
+        the server says so: see Turn's events; over without starting if the conversation ends
+        first). Raises ConversationEnded once the conversation is over."""
         turn = Turn()
-        self.microphone.queue.put(Speech(utterance, turn))
+        self._queue(Speech(utterance, turn))
         return turn
 
     async def speak(self, utterance: Utterance) -> Turn:
-        """say(), returning once every frame of `utterance` has left."""
+        """say(), returning once every frame of `utterance` has left (or never will)."""
         turn = Turn()
         speech = Speech(utterance, turn)
-        self.microphone.queue.put(speech)
+        self._queue(speech)
         await speech.sent.wait()
         return turn
 
     def play(self, utterance: Utterance) -> Speech:
         """Queues audio that starts no turn the caller waits for (a recording, silence)."""
         speech = Speech(utterance)
-        self.microphone.queue.put(speech)
+        self._queue(speech)
         return speech
+
+    def _queue(self, speech: Speech) -> None:
+        if self._over:
+            raise ConversationEnded(self.code, self.details)
+        self.microphone.queue.put(speech)
 
     async def send_audio(self, audio: bytes) -> bool:
         """Sends caller audio now, beside the microphone (audio relayed from a live source);
@@ -245,8 +262,11 @@ class Conversation:
         return await self._write(pb.ConverseRequest(audio=audio))
 
     async def type(self, text: str) -> Turn:
-        """Sends a text turn now; returns the turn it starts."""
+        """Sends a text turn now; returns the turn it starts. Raises ConversationEnded once the
+        conversation is over (no turn would ever start)."""
         async with self._write_lock:
+            if self._over:
+                raise ConversationEnded(self.code, self.details)
             turn = Turn(speech_ended_at=time.monotonic())
             self.assembler.expect(turn)
             request = pb.ConverseRequest(text=pb.TextTurn(text=text))
@@ -254,6 +274,14 @@ class Conversation:
                 self._texts.append((turn, request))
             await self._send(request)
         return turn
+
+    async def interrupt(self) -> bool:
+        """Tells the server the caller interrupts the agent now (a push-to-talk button pressed
+        while it speaks; speech over a reply needs nothing more): the turn being played, if any,
+        stops and ends interrupted. False if the call has ended or is being moved (the
+        interruption is not sent again on the new call)."""
+        async with self._write_lock:
+            return await self._send(BARGE_IN)
 
     async def barge_in(self, turn: Turn, utterance: Utterance, *, after_s: float) -> Turn:
         """Speaks `utterance` over `turn`'s reply once the caller has heard `after_s` of it (at
@@ -334,6 +362,7 @@ class Conversation:
         finally:
             self._over = True
             self._announce_call()
+            self.microphone.queue.drop()  # what it holds will never be sent: its turns are over
             self.assembler.end()
 
     async def _read_call(

@@ -32,6 +32,13 @@ class Speech:
     speech_ended_at: float | None = None
     sent: asyncio.Event = field(default_factory=asyncio.Event)  # every frame left (or never will)
 
+    def stop_sending(self) -> None:
+        """No more of the speech leaves (all of it has, or the microphone stopped): `sent`; a
+        turn whose end of speech never left is over, as the server will never start it."""
+        self.sent.set()
+        if self.turn is not None and self.speech_ended_at is None:
+            self.turn._end(time.monotonic())
+
 
 class Cue(Protocol):
     """What a real-time microphone says next; asked at each frame while it says nothing."""
@@ -71,10 +78,12 @@ class SpeechQueue:
         self._changed.set()
 
     def drop(self) -> None:
-        """The microphone has stopped: whatever is queued will never be sent."""
+        """The microphone has stopped (or the conversation is over): whatever is queued will
+        never be sent."""
         self._closed = True
+        self._changed.set()
         while self._items:
-            self._items.popleft().sent.set()
+            self._items.popleft().stop_sending()
 
     def __call__(self, now: float) -> Speech | Pause:
         if self._items:
@@ -133,7 +142,7 @@ class Microphone:
                     return
             else:
                 if not await self._send(speech, position, write, expect):
-                    speech.sent.set()
+                    speech.stop_sending()
                     return
                 position += 1
                 if position == len(speech.utterance.frames):
@@ -148,7 +157,7 @@ class Microphone:
                     if not await self._send(speech, position, write, expect):
                         return
             finally:
-                speech.sent.set()
+                speech.stop_sending()
 
     @staticmethod
     async def _send(speech: Speech, position: int, write: Write, expect: Expect) -> bool:

@@ -36,8 +36,10 @@ const stats = {
   flushed: 0, // samples dropped unplayed at an interruption or a disconnect
   playedAtFlush: 0, // what had been played by the last drop
   receivedAtFlush: 0,
+  discarded: 0, // samples of an interrupted reply that arrived after the interruption
   completed: 0, // turns
   interrupted: 0,
+  bargeIns: 0, // barge_in messages sent (push to talk pressed while the agent spoke)
   replyMs: 0, // reply audio of the completed turns, as the server counted it
 };
 window.voicepipe = { stats };
@@ -51,6 +53,8 @@ let reconnectTimer = null;
 let pushToTalk = false;
 let talking = false;
 const agentLines = new Map();
+const openTurns = new Set(); // started, not yet completed, interrupted or failed
+let discarding = false; // the caller barged in: reply audio is dropped until the next turn starts
 const silence = new Int16Array(FRAME_SAMPLES).buffer;
 
 function setStatus(state, text) {
@@ -134,12 +138,15 @@ function onEvent(event) {
       if (event.final) line("user", "You", event.text);
       break;
     case "turn_started":
+      openTurns.add(event.turn_id);
+      discarding = false;
       agentLine(event.turn_id);
       break;
     case "agent_text":
       agentLine(event.turn_id).querySelector(".text").textContent += event.text;
       break;
     case "turn_completed":
+      openTurns.delete(event.turn_id);
       stats.completed += 1;
       stats.replyMs += event.reply_audio_ms;
       agentLine(event.turn_id).querySelector(".text").textContent = event.agent_text;
@@ -147,6 +154,7 @@ function onEvent(event) {
       addWaterfall(event);
       break;
     case "interrupted": {
+      openTurns.delete(event.turn_id);
       player.port.postMessage("flush");
       stats.interrupted += 1;
       const item = agentLine(event.turn_id);
@@ -157,7 +165,10 @@ function onEvent(event) {
     case "error": {
       const where = event.stage === "unspecified" ? "" : `${event.stage.toUpperCase()} `;
       showError(`${where}error (${event.code}): ${event.message}`);
-      if (event.turn_id) agentLine(event.turn_id).classList.add("failed");
+      if (event.turn_id) {
+        openTurns.delete(event.turn_id);
+        agentLine(event.turn_id).classList.add("failed");
+      }
       break;
     }
   }
@@ -165,6 +176,10 @@ function onEvent(event) {
 
 function onAudio(data) {
   const pcm = new Int16Array(data);
+  if (discarding) {
+    stats.discarded += pcm.length;
+    return;
+  }
   const samples = new Float32Array(pcm.length);
   for (let i = 0; i < pcm.length; i++) samples[i] = pcm[i] / 32768;
   stats.received += samples.length;
@@ -193,6 +208,8 @@ function connect() {
   socket.onclose = (close) => {
     live = false;
     socket = null;
+    openTurns.clear();
+    discarding = false;
     player.port.postMessage("flush");
     const why = close.reason || CLOSE_WORDS[close.code] || "the connection closed";
     showError(`Disconnected: ${why} (code ${close.code}).`);
@@ -262,13 +279,27 @@ function setTalking(value) {
   $("ptt").classList.toggle("held", value);
 }
 
+// Push to talk pressed while the agent speaks (or prepares to): the caller interrupts. The
+// server stops the reply and answers `interrupted`; the page stops playing at once and drops
+// the reply's audio still on its way.
+function bargeIn() {
+  if (!live || (openTurns.size === 0 && !stats.playing)) return;
+  socket.send(JSON.stringify({ type: "barge_in" }));
+  stats.bargeIns += 1;
+  discarding = true;
+  player.port.postMessage("flush");
+}
+
 $("start").addEventListener("click", start);
 $("ptt-mode").addEventListener("change", (event) => {
   pushToTalk = event.target.checked;
   $("ptt").disabled = !pushToTalk;
   setTalking(false);
 });
-$("ptt").addEventListener("pointerdown", () => setTalking(true));
+$("ptt").addEventListener("pointerdown", () => {
+  bargeIn();
+  setTalking(true);
+});
 for (const up of ["pointerup", "pointerleave"]) $("ptt").addEventListener(up, () => setTalking(false));
 $("text-form").addEventListener("submit", (event) => {
   event.preventDefault();
