@@ -9,12 +9,13 @@ scenarios."""
 from __future__ import annotations
 
 from google.protobuf.duration_pb2 import Duration
-from prometheus_client import REGISTRY
+from prometheus_client import generate_latest
 
 from orchestrator.tickets import Tickets
 from stubs import audio_code, replies
 from stubs.audio_code import normalize_text
 from stubs.faults import FaultSettings
+from tests.helpers import metric_value
 from tests.turn_harness import (
     ASSISTANT,
     USER,
@@ -180,14 +181,9 @@ async def test_no_speculation_while_a_turn_is_playing() -> None:
 # --- broken streams -------------------------------------------------------------------------------
 
 
-def handled(code: str) -> float:
-    labels = {
-        "grpc_type": "server_stream",
-        "grpc_service": "voice.v1.LanguageModelService",
-        "grpc_method": "Generate",
-        "grpc_code": code,
-    }
-    return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+def counted(name: str, **labels: str) -> float:
+    """A counter of this process (the orchestrator's and the in-process stages' metrics)."""
+    return metric_value(generate_latest().decode(), name, **labels)
 
 
 async def test_a_generate_broken_before_any_text_is_simply_made_again() -> None:
@@ -201,9 +197,11 @@ async def test_a_generate_broken_before_any_text_is_simply_made_again() -> None:
 
 
 async def test_a_greedy_regeneration_after_text_reached_the_user_is_spliced_on() -> None:
+    resumed = counted("voicepipe_stage_resumptions_total", stage="llm")
     async with stages(llm_faults=FaultSettings(break_after=4, calls=1)) as stack, conversation(stack) as talk:
         talk.runner.submit(typed("what is 12 times 12"))
         answer = await talk.ended("1")
+    assert counted("voicepipe_stage_resumptions_total", stage="llm") == resumed + 1
     reply = "12 times 12 is 144."
     assert answer.turn_completed.agent_text == reply
     assert "".join(e.agent_text.text for e in talk.of_turn("1") if e.HasField("agent_text")) == reply
@@ -215,6 +213,7 @@ async def test_a_greedy_regeneration_after_text_reached_the_user_is_spliced_on()
 async def test_a_sampled_regeneration_that_differs_ends_the_reply_at_what_was_delivered() -> None:
     # The sampled stub's second attempt starts "Take 2: ...": it cannot continue the first.
     faults = FaultSettings(break_after=4, calls=1)
+    cut_short = counted("voicepipe_turns_total", outcome="cut_short")
     async with stages(llm_temperature=0.7, llm_faults=faults) as stack, conversation(stack) as talk:
         talk.runner.submit(typed("what is 12 times 12"))
         ending = await talk.ended("1")
@@ -229,16 +228,22 @@ async def test_a_sampled_regeneration_that_differs_ends_the_reply_at_what_was_de
     assert heard(talk.audio("1")) == delivered.strip()
     assert talk.history()[:2] == [(USER, "what is 12 times 12"), (ASSISTANT, delivered)]
     assert after.HasField("turn_completed")  # the conversation goes on
+    assert counted("voicepipe_turns_total", outcome="cut_short") == cut_short + 1
+    # The regeneration was the same request; the next turn's holds exactly the delivered text.
+    first, regenerated, second = (call.messages for call in stack.llm.calls)
+    assert regenerated == first
+    assert second == [("user", "what is 12 times 12"), ("assistant", delivered), ("user", "hello")]
 
 
 async def test_a_refused_generate_is_not_tried_again() -> None:
     async with stages() as stack, conversation(stack) as talk:
-        before = handled("INVALID_ARGUMENT")
+        before = counted("grpc_server_handled_total", grpc_method="Generate", grpc_code="INVALID_ARGUMENT")
         talk.runner.submit(typed("x" * 16_385))  # over the contract's limit for one message
         ending = await talk.ended("1")
     assert (ending.error.stage, ending.error.code) == (pb.STAGE_LLM, "INVALID_ARGUMENT")
     assert "16384" in ending.error.message
-    assert handled("INVALID_ARGUMENT") == before + 1
+    after = counted("grpc_server_handled_total", grpc_method="Generate", grpc_code="INVALID_ARGUMENT")
+    assert after == before + 1
     assert talk.history() == [(USER, "x" * 16_385)]  # no reply was heard
 
 
