@@ -30,6 +30,7 @@ from stubs import audio_code, replies
 from tests.helpers import (
     SERVING,
     assert_drains_on_sigterm,
+    assert_garbage_amid_writes_rejected,
     assert_malformed_request_rejected,
     assert_returns_to_idle,
     call_raw,
@@ -520,6 +521,15 @@ async def test_malformed_bytes_are_invalid_argument(
 ) -> None:
     first = stage.valid[0].SerializeToString() if mid_stream else None
     await assert_malformed_request_rejected(servers.of(stage), stage.contract.path, first)
+
+
+@each_stage([s for s in STAGES if s.contract.request_streaming])
+async def test_malformed_bytes_then_more_writes_still_read_invalid_argument(
+    stage: StageServer, servers: Servers
+) -> None:
+    """The client keeps writing the stream's own messages after its garbage."""
+    first, more = stage.valid[0].SerializeToString(), stage.valid[-1].SerializeToString()
+    await assert_garbage_amid_writes_rejected(servers.of(stage), stage.contract.path, first, more)
 
 
 # --- correlation ----------------------------------------------------------------------------------
