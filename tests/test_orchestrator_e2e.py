@@ -285,29 +285,6 @@ async def test_metrics_describe_the_turns(stack: LocalStack) -> None:
 # --- barge-in and disconnects -------------------------------------------------------------------
 
 
-async def test_speech_resumed_before_any_reply_audio_joins_one_turn() -> None:
-    """A pause long enough to end an utterance, then more words before the agent has said
-    anything: the first turn is withdrawn and the words are answered together, once."""
-    # The LLM's first token takes 2 s, so no reply audio leaves before the user goes on.
-    async with instant_stack(stage_flags={"llm": ["--first-token-ms", "2000"]}) as stack:
-        assert stack.orchestrator is not None
-        async with open_channel(stack.orchestrator.target) as channel:
-            caller = await Caller(channel, session_id="e2e-resumed").open()
-            async with caller:
-                await caller.speak("My name is")
-                await caller.speak("Ada.")
-                withdrawn = await caller.turn_ended("1")
-                joined = await caller.turn_ended("2", timeout_s=15)
-                await caller.end_input()
-                assert await caller.ended(timeout_s=15) == (OK, "")
-    assert withdrawn.user_text == "My name is"
-    assert withdrawn.interrupted is not None and withdrawn.interrupted.heard_text == ""
-    assert not withdrawn.audio
-    assert joined.user_text == "My name is Ada."
-    assert joined.completed is not None and joined.agent_text == "Nice to meet you, Ada."
-    assert [e.correlation.turn_id for e in caller.events if e.HasField("turn_started")] == ["1", "2"]
-
-
 async def test_barge_in_stops_the_reply_and_keeps_only_what_was_heard(paced: PacedStack) -> None:
     requests_before = len(paced.llm_proxy.requests)
     async with open_channel(paced.orchestrator.target) as channel:
@@ -381,57 +358,6 @@ async def test_barge_in_stops_the_reply_and_keeps_only_what_was_heard(paced: Pac
             and e.get("turn_id") == "2"
         ),
     )
-
-
-async def test_a_sampled_reply_whose_regeneration_differs_ends_with_what_was_delivered() -> None:
-    """A sampling LLM's stream breaks after three deltas, already shown to the user and sent to
-    TTS; its regeneration starts differently. The reply ends where the delivered text ends: the
-    user hears all of it (the unfinished sentence too), is told the reply was cut short once its
-    audio has been sent, and the conversation goes on with that text in its history."""
-    phrase, delivered = "what is 123 plus 456", "123 plus 456 "  # of "123 plus 456 is 579."
-    sampled_llm = ("--temperature", "0.7", "--fault-break-after", "3", "--fault-calls", "1")
-    async with processes() as group:
-        stt, tts = await group.start("stt_stub"), await group.start("tts_stub")
-        llm = await serving(await group.start("llm_stub", *sampled_llm))
-        async with RecordingLlmProxy(llm.target) as llm_proxy:
-            orchestrator = await serving(
-                await group.start_orchestrator(stt.target, llm_proxy.target, tts.target)
-            )
-            async with open_channel(orchestrator.target) as channel:
-                caller = await Caller(channel, session_id="e2e-cut-short").open()
-                async with caller:
-                    await caller.type(phrase)
-                    cut = await caller.turn_ended("1")
-                    await caller.type("what is 2 plus 3")
-                    after = await caller.turn_ended("2")
-                    await caller.end_input()
-                    assert await caller.ended() == (OK, "")
-            cut_turns = await read_metric(
-                orchestrator.metrics_port, "voicepipe_turns_total", outcome="cut_short"
-            )
-
-    assert cut.agent_text == delivered
-    assert heard(cut.audio, PCM_16K) == [normalize_text(delivered)]
-    assert cut.completed is None
-    [notice] = cut.errors
-    assert (notice.stage, notice.code) == (pb.STAGE_LLM, "DATA_LOSS")
-    assert notice.message.startswith(f"reply cut short after {len(delivered)} characters"), notice.message
-    events_of_turn_1 = [e.WhichOneof("event") for e in caller.events if e.correlation.turn_id == "1"]
-    assert events_of_turn_1[-1] == "error" and events_of_turn_1.count("error") == 1, events_of_turn_1
-    assert "reply_audio" in events_of_turn_1
-    assert cut_turns == 1
-
-    assert after.completed is not None and after.agent_text == "2 plus 3 is 5."
-    assert heard(after.audio, PCM_16K) == ["2 plus 3 is 5."]
-    # Turn 1 was asked twice (the regeneration is the same request); turn 2's history holds
-    # exactly the delivered text as the assistant's reply.
-    first, regenerated, second = llm_proxy.requests
-    assert regenerated == first
-    assert [(m.role, m.content) for m in second.messages] == [
-        (USER, phrase),
-        (ASSISTANT, delivered),
-        (USER, "what is 2 plus 3"),
-    ]
 
 
 async def test_a_client_that_hangs_up_mid_reply_leaves_nothing_running(paced: PacedStack) -> None:

@@ -1,13 +1,12 @@
 """The STT stub as its clients see it: transcripts and speech events for audio spoken in the stub
-audio code, rejection of bad config and audio, correlation ids, finalization time. What every stage
-server does (health, cancellation, fault knobs, the stream protocol) is in test_stage_runtime."""
+audio code, endpointing, finalization time. What every stage server does (bad input, correlation
+ids, the session limit, health, cancellation, fault knobs) is in test_stage_runtime."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
 
-import grpc
 import pytest
 from google.protobuf import duration_pb2
 
@@ -24,7 +23,6 @@ from tests.helpers import (
     silence,
     split,
     spoken,
-    wait_for_log,
 )
 from voice.v1 import common_pb2, speech_to_text_pb2, speech_to_text_pb2_grpc
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
@@ -206,80 +204,3 @@ async def test_processing_delay_holds_back_finals_but_keeps_order(start_service:
     ]
     for result in finals(outcome.responses):
         assert seconds(result.finalization_time) >= 0.06
-
-
-# --- bad input -----------------------------------------------------------------------------------------
-
-# Each case ends with the request that breaks the contract, and the client does not half-close
-# (see helpers.exchange), except when the missing request is the problem.
-
-SPEECH = spoken("hi", PCM16)
-
-BAD_INPUT: dict[str, tuple[list[pb.TranscribeRequest], tuple[str, ...]]] = {
-    "unset encoding": (
-        [config(audio_format=common_pb2.AudioFormat(sample_rate_hertz=16_000))],
-        ("config.audio_format.encoding", "AUDIO_ENCODING_UNSPECIFIED"),
-    ),
-    "unknown encoding": (
-        [config(audio_format=common_pb2.AudioFormat(encoding=common_pb2.AudioEncoding.ValueType(7)))],
-        ("config.audio_format.encoding", "7"),
-    ),
-    "sample rate too low": (
-        [config(audio_format=common_pb2.AudioFormat(encoding=LINEAR16, sample_rate_hertz=4_000))],
-        ("config.audio_format.sample_rate_hertz", "4000"),
-    ),
-    "sample rate too high": (
-        [config(audio_format=common_pb2.AudioFormat(encoding=MULAW, sample_rate_hertz=96_000))],
-        ("config.audio_format.sample_rate_hertz", "96000"),
-    ),
-    "stereo": (
-        [config(audio_format=common_pb2.AudioFormat(encoding=LINEAR16, channel_count=2))],
-        ("config.audio_format.channel_count", "mono"),
-    ),
-    "end-of-utterance silence too short": (
-        [config(end_of_utterance_silence_ms=79)],
-        ("config.endpointing.end_of_utterance_silence_ms", "79", "80 to 5000"),
-    ),
-    "end-of-utterance silence too long": (
-        [config(end_of_utterance_silence_ms=5001)],
-        ("config.endpointing.end_of_utterance_silence_ms", "5001"),
-    ),
-    "speech start too short": (
-        [config(speech_start_ms=4)],
-        ("config.endpointing.speech_start_ms", "4", "5 to 1000"),
-    ),
-    "speech start too long": ([config(speech_start_ms=1001)], ("config.endpointing.speech_start_ms", "1001")),
-    "odd byte count": (
-        [config(), *audio(SPEECH), pb.TranscribeRequest(audio=b"\x00\x01\x02")],
-        ("odd byte count",),
-    ),
-    "empty audio": ([config(), pb.TranscribeRequest(audio=b"")], ("audio message is empty",)),
-    "oversized audio": (
-        [config(), pb.TranscribeRequest(audio=bytes(PCM16.max_message_bytes + 2))],
-        ("exceeds the limit", str(PCM16.max_message_bytes)),
-    ),
-}
-
-
-@pytest.mark.parametrize("case", BAD_INPUT)
-async def test_rejects_bad_input_with_invalid_argument(stt: ServiceProcess, case: str) -> None:
-    requests, keywords = BAD_INPUT[case]
-    outcome = await transcribe(stt, requests, half_close=not requests)
-    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
-    for keyword in keywords:
-        assert keyword in outcome.details
-
-
-# --- correlation --------------------------------------------------------------------------------------------
-
-
-async def test_correlation_ids_come_back_in_responses_and_logs(stt: ServiceProcess) -> None:
-    ids = common_pb2.Correlation(session_id="stt-session-7", turn_id="3")
-    outcome = await transcribe(stt, [config(correlation=ids), *audio(spoken("who am I", PCM16))])
-    responses = outcome.assert_ok()
-    assert responses
-    assert all(r.correlation == ids for r in responses)
-    line = await wait_for_log(
-        stt, lambda e: e.get("event") == "transcription ended" and e.get("session_id") == "stt-session-7"
-    )
-    assert line["turn_id"] == "3"

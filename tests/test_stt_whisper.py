@@ -16,7 +16,7 @@ from bench import recordings
 from bench.recordings import Recording, normalise, padded
 from orchestrator.stack import STUBS, start_stack
 from stt_whisper import turn_model
-from tests.helpers import CallOutcome, collect, exchange, open_channel, running
+from tests.helpers import CallOutcome, collect, open_channel, running
 from tests.noise import room_noises
 from tests.stack_fixtures import Caller
 from tts_espeak.speaker import EspeakSpeaker
@@ -36,7 +36,6 @@ RATE = 16_000
 PCM16 = PcmFormat(LINEAR16, RATE)
 SPEECH_STARTED = pb.SPEECH_EVENT_TYPE_SPEECH_STARTED
 END_OF_UTTERANCE = pb.SPEECH_EVENT_TYPE_END_OF_UTTERANCE
-MAX_SESSIONS = 3
 CALL_TIMEOUT_S = 60
 
 
@@ -44,8 +43,6 @@ CALL_TIMEOUT_S = 60
 def stt() -> Iterator[ServiceProcess]:
     with running(
         "stt_whisper",
-        "--max-sessions",
-        str(MAX_SESSIONS),
         "--interim-interval-ms",
         "400",
         f"--turn-model={turn_model.DEFAULT_PATH}",
@@ -363,23 +360,6 @@ async def test_unsupported_language_is_refused_naming_the_models_languages(stt: 
     assert "'fr-FR'" in outcome.details and "recognises: en" in outcome.details
     ok = await transcribe(stt, config(language="en-GB"), audio_requests(bytes(6400), every(640)))
     assert ok.assert_ok() == []
-
-
-async def test_calls_beyond_the_session_limit_are_refused(stt: ServiceProcess) -> None:
-    async with open_channel(stt.target) as channel:
-        stub = speech_to_text_pb2_grpc.SpeechToTextServiceStub(channel)
-        held = [stub.Transcribe(timeout=30) for _ in range(MAX_SESSIONS)]
-        try:
-            for call in held:
-                await call.write(config())
-                await call.initial_metadata()  # the stage accepts a call by sending its headers
-            refused = await exchange(stub.Transcribe, [config()])
-            assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        finally:
-            for call in held:
-                await call.done_writing()
-        for call in held:
-            assert (await collect(call)).assert_ok() == []
 
 
 def test_a_model_that_would_need_a_download_fails_clearly() -> None:

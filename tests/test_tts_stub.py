@@ -1,7 +1,7 @@
 """The TTS stub as its clients see it: audio in the stub code, chunked and tagged with the text it
-has spoken, flush and half-close semantics, pacing, rejection of bad config and text, correlation
-ids. What every stage server does (health, cancellation, fault knobs, the stream protocol) is in
-test_stage_runtime."""
+has spoken, flush and half-close semantics, pacing, the longest segment, ListVoices. What every
+stage server does (bad input, correlation ids, the session limit, health, cancellation, fault
+knobs) is in test_stage_runtime."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from tests.helpers import (
     open_channel,
     read_message,
     running,
-    wait_for_log,
 )
 from voice.v1 import common_pb2, text_to_speech_pb2, text_to_speech_pb2_grpc
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
@@ -228,50 +227,6 @@ async def test_requests_are_read_while_audio_streams(start_service: StartService
     assert output.complete is None
 
 
-# --- bad input -------------------------------------------------------------------------------------------
-
-# Each case ends with the request that breaks the contract, and the client does not half-close
-# (see helpers.exchange), except when the missing request is the problem.
-BAD_INPUT: dict[str, tuple[list[pb.SynthesizeRequest], tuple[str, ...]]] = {
-    "unset encoding": (
-        [config(audio_format=common_pb2.AudioFormat(sample_rate_hertz=16_000))],
-        ("config.audio_format.encoding", "AUDIO_ENCODING_UNSPECIFIED"),
-    ),
-    "sample rate too low": (
-        [config(audio_format=common_pb2.AudioFormat(encoding=MULAW, sample_rate_hertz=7_999))],
-        ("config.audio_format.sample_rate_hertz", "7999"),
-    ),
-    "stereo": (
-        [config(audio_format=common_pb2.AudioFormat(encoding=LINEAR16, channel_count=2))],
-        ("config.audio_format.channel_count",),
-    ),
-    "chunk too short": ([config(chunk_duration_ms=9)], ("config.chunk_duration_ms", "9", "10 to 1000")),
-    "chunk too long": ([config(chunk_duration_ms=1001)], ("config.chunk_duration_ms", "1001")),
-    "empty text": ([config(), segment(1, "")], ("segment.text", "empty")),
-    "text too long": (
-        [config(), segment(1, "a" * 4097)],
-        ("segment.text", "4097 characters", "4096"),
-    ),
-    "repeated segment id": (
-        [config(), segment(4, "one"), segment(4, "two")],
-        ("segment.segment_id 4", "increasing"),
-    ),
-    "decreasing segment id": (
-        [config(), segment(4, "one", flush=True), segment(2, "two")],
-        ("segment.segment_id 2", "previous segment was 4"),
-    ),
-}
-
-
-@pytest.mark.parametrize("case", BAD_INPUT)
-async def test_rejects_bad_input_with_invalid_argument(tts: ServiceProcess, case: str) -> None:
-    requests, keywords = BAD_INPUT[case]
-    outcome = await synthesize(tts, requests, half_close=not requests)
-    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
-    for keyword in keywords:
-        assert keyword in outcome.details
-
-
 async def test_accepts_the_longest_segment(tts: ServiceProcess) -> None:
     outcome = await synthesize(tts, [config(chunk_duration_ms=1000), segment(0, "ab " * 1365 + "a")])
     [output] = by_segment(outcome.assert_ok())
@@ -284,18 +239,3 @@ async def test_list_voices_says_any_name_is_accepted(tts: ServiceProcess) -> Non
         voices = await stub.ListVoices(pb.ListVoicesRequest(), timeout=CALL_TIMEOUT_S)
     assert voices.accepts_any_name
     assert [voice.name for voice in voices.voices] == ["default"]
-
-
-# --- correlation --------------------------------------------------------------------------------------------
-
-
-async def test_correlation_ids_come_back_in_responses_and_logs(tts: ServiceProcess) -> None:
-    ids = common_pb2.Correlation(session_id="tts-session-9", turn_id="12")
-    outcome = await synthesize(tts, [config(correlation=ids), segment(1, "Who am I?", flush=True)])
-    responses = outcome.assert_ok()
-    assert responses
-    assert all(r.correlation == ids for r in responses)
-    line = await wait_for_log(
-        tts, lambda e: e.get("event") == "synthesis ended" and e.get("session_id") == "tts-session-9"
-    )
-    assert line["turn_id"] == "12"

@@ -481,20 +481,3 @@ async def test_generate_failing_before_its_first_response_is_retried_by_the_chan
             stack.stages["llm"].metrics_port, "voicepipe_server_retried_calls_total", grpc_method="Generate"
         )
     assert retried == 2
-
-
-async def test_generate_broken_after_text_reached_the_user_is_regenerated_and_spliced() -> None:
-    """Generate breaks after three deltas (already sent to the caller and to TTS): the
-    orchestrator regenerates and continues from where the caller is, so the reply is whole and
-    exact, each word spoken once."""
-    phrase = "what is 123 plus 456"  # five deltas: "123 ", "plus ", "456 ", "is ", "579."
-    async with (
-        chaos_stack({"llm": ["--fault-break-after", "3", "--fault-calls", "1"]}) as stack,
-        conversation(stack.target, realtime=False) as client,
-    ):
-        turn = await typed(client, phrase)
-        resumed = await read_metric(
-            orchestrator_metric_port(stack), "voicepipe_stage_resumptions_total", stage="llm"
-        )
-    assert_exact_turn(turn, phrase)
-    assert resumed == 1
