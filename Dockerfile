@@ -114,7 +114,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     VOICEPIPE_ORCHESTRATOR_HOST=0.0.0.0 \
     VOICEPIPE_STT_HOST=0.0.0.0 \
     VOICEPIPE_LLM_HOST=0.0.0.0 \
-    VOICEPIPE_TTS_HOST=0.0.0.0
+    VOICEPIPE_TTS_HOST=0.0.0.0 \
+    VOICEPIPE_GATEWAY_HOST=0.0.0.0
 RUN useradd --system --user-group --uid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin voicepipe
 WORKDIR /app
@@ -135,8 +136,9 @@ USER 10001:10001
 RUN python -c "import orchestrator.__main__, gateway.__main__, voicepipe.healthcheck, voicepipe_client.cli" \
     && python -m voicepipe.engines check real
 
-# gRPC: orchestrator, STT, LLM, TTS; their Prometheus /metrics endpoints; the LLM backend (HTTP).
-EXPOSE 50051 50052 50053 50054 9601 9602 9603 9604 8080
+# gRPC: orchestrator, STT, LLM, TTS; the gateway (HTTP, WebSocket); their Prometheus /metrics
+# endpoints; the LLM backend (HTTP).
+EXPOSE 50051 50052 50053 50054 8000 9601 9602 9603 9604 9605 8080
 CMD ["python", "-c", "raise SystemExit('give a command: python -m orchestrator | gateway | <role>_<engine> (any engine of voicepipe/engines.py)')"]
 
 # --- runtime (last: the default target): the orchestrator, the gateway and the stubs ----------
@@ -148,7 +150,7 @@ USER 10001:10001
 RUN python -c "import orchestrator.__main__, gateway.__main__, voicepipe.healthcheck, voicepipe_client.cli" \
     && python -m voicepipe.engines check runtime
 
-# gRPC: orchestrator, STT, LLM, TTS; then their Prometheus /metrics endpoints.
-EXPOSE 50051 50052 50053 50054 9601 9602 9603 9604
+# gRPC: orchestrator, STT, LLM, TTS; the gateway (HTTP, WebSocket); their Prometheus /metrics endpoints.
+EXPOSE 50051 50052 50053 50054 8000 9601 9602 9603 9604 9605
 # No service by default: which one runs is always explicit in the command.
 CMD ["python", "-c", "raise SystemExit('give a command: python -m orchestrator | gateway | <role>_stub (stt, llm or tts)')"]

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from llm_openai import backend
+from orchestrator.demo import REAL as DEMO
 from tests.conftest import StartService
 from tests.docker_engine import compose_environment, run
 from voicepipe import config
@@ -41,6 +42,9 @@ COMPOSE_TIMEOUT_S = 60
 HEALTHCHECK_TIMEOUT_S = 30
 STAGES = ("stt", "llm", "tts")
 BACKEND = "llm-backend"
+GATEWAY = "gateway"
+# The services the host reaches: the orchestrator (gRPC) and the gateway (the page, the WebSocket).
+PUBLISHED = ("orchestrator", GATEWAY)
 
 ParseFlags = Callable[[list[str] | None], argparse.Namespace]
 
@@ -58,12 +62,12 @@ def read_conventions() -> tuple[dict[str, str], dict[str, Ports], str]:
     (`| STT stub | `python -m stt_stub` | 50052 | 9602 |` -> "stt": "stt_stub"), every service's
     ports (a stage's belong to its role, whichever engine serves it), and the URL at which the
     LLM stage reaches the local LLM backend."""
-    row = re.compile(r"^\|[^|]+\|\s*`python -m (\w+)`\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*$")
+    row = re.compile(r"^\|[^|]+\|\s*`python -m (\w+)`\s*\|[^|\d]*(\d+)\s*\|\s*(\d+)\s*\|\s*$")
     text = SHARED_README.read_text()
     rows = [match for line in text.splitlines() if (match := row.match(line))]
     modules = {m[1].removesuffix("_stub"): m[1] for m in rows}
     ports = {m[1].removesuffix("_stub"): Ports(int(m[2]), int(m[3])) for m in rows}
-    assert set(modules) == {"orchestrator", *STAGES}, f"{SHARED_README} lists {sorted(modules)}"
+    assert set(modules) == {"orchestrator", GATEWAY, *STAGES}, f"{SHARED_README} lists {sorted(modules)}"
     url = re.search(r"the LLM stage reaches it as `(http://[^`]+)`", " ".join(text.split()))
     assert url, f"{SHARED_README} does not say where the LLM backend listens"
     backend_port = urlsplit(url[1]).port
@@ -93,7 +97,7 @@ STUBS = Stack(
     ("docker-compose.yml",),
     STUB_MODULES,
     target="runtime",
-    depends_on={"orchestrator": frozenset(STAGES)},
+    depends_on={"orchestrator": frozenset(STAGES), GATEWAY: frozenset({"orchestrator"})},
     loading_start_period_s=5,
 )
 REAL = Stack(
@@ -101,15 +105,17 @@ REAL = Stack(
     ("docker-compose.yml", "docker-compose.real.yml"),
     {
         "orchestrator": "orchestrator",
-        # The engines of `make up STT=whisper LLM=openai TTS=espeak`.
-        **{
-            role: registry.engine(role, name).module
-            for role, name in (("stt", "whisper"), ("llm", "openai"), ("tts", "espeak"))
-        },
+        GATEWAY: GATEWAY,
+        # The engines of `make demo`.
+        **{role: registry.engine(role, name).module for role, name in DEMO.items()},
         BACKEND: backend.__name__,
     },
     target="real",
-    depends_on={"orchestrator": frozenset(STAGES), "llm": frozenset({BACKEND})},
+    depends_on={
+        "orchestrator": frozenset(STAGES),
+        GATEWAY: frozenset({"orchestrator"}),
+        "llm": frozenset({BACKEND}),
+    },
     loading_start_period_s=60,
 )
 STACKS = (STUBS, REAL)
@@ -368,9 +374,10 @@ def test_service_listens_on_all_interfaces_on_the_conventional_ports(
         convention.metrics_port,
     )
     published = sorted(published_ports(entry) for entry in service(compose, name).get("ports", []))
-    # Only the orchestrator publishes, on loopback; a stage publishes nothing, so it can scale.
+    # Only the orchestrator and the gateway publish, on loopback; a stage publishes nothing, so it
+    # can scale.
     ports = [port for port in (convention.port, convention.metrics_port) if port is not None]
-    expected = sorted(("127.0.0.1", port, port) for port in ports) if name == "orchestrator" else []
+    expected = sorted(("127.0.0.1", port, port) for port in ports) if name in PUBLISHED else []
     assert published == expected
 
 
@@ -415,10 +422,10 @@ def test_service_starts_once_the_services_it_needs_are_healthy(
     assert conditions == dict.fromkeys(stack.depends_on.get(name, ()), "service_healthy")
 
 
-def backend_models_url(code: str) -> str:
-    """The URL the backend's health check (a Python one-liner) asks."""
+def health_url(code: str) -> str:
+    """The URL an HTTP service's health check (a Python one-liner) asks."""
     urls = re.findall(r"urlopen\(\s*'([^']+)'", code)
-    assert len(urls) == 1, f"the backend's health check should open one URL: {code}"
+    assert len(urls) == 1, f"the health check should open one URL: {code}"
     return str(urls[0])
 
 
@@ -431,16 +438,17 @@ def test_health_check_asks_the_service_itself(
     assert not healthcheck.get("disable", False)
     port = settings_in_container(stack, compose, name, monkeypatch).port
     test = command(healthcheck["test"])
-    if name == BACKEND:
+    if name in (BACKEND, GATEWAY):
         assert test[:3] == ["CMD", "python", "-c"] and len(test) == 4
-        assert backend_models_url(test[3]) == f"http://127.0.0.1:{port}{urlsplit(BACKEND_URL).path}/models"
+        path = f"{urlsplit(BACKEND_URL).path}/models" if name == BACKEND else "/healthz"
+        assert health_url(test[3]) == f"http://127.0.0.1:{port}{path}"
     else:
         assert test == ["CMD", "python", "-m", "voicepipe.healthcheck", f"127.0.0.1:{port}"]
     # The checks' own deadline is 2 s; compose must let them finish, and must not give up on a
     # service still starting (a model still loading).
     assert 2 < seconds(healthcheck["timeout"]) < seconds(healthcheck["interval"]) <= 60
     assert 1 <= int(healthcheck["retries"]) <= 10
-    loads = name != "orchestrator"  # which starts once every stage is healthy
+    loads = name not in PUBLISHED  # which start once the services behind them are healthy
     assert seconds(healthcheck["start_period"]) >= (stack.loading_start_period_s if loads else 5)
 
 
@@ -643,10 +651,10 @@ async def test_orchestrator_is_unhealthy_without_its_stages(
     assert await healthcheck_exit_code(agent.target) == 1
 
 
-def backend_healthcheck_exit_code(address: str) -> int:
-    """The real stack's health check of the LLM backend, run here against `address`."""
-    test = command(service(compose_config(REAL.files), BACKEND)["healthcheck"]["test"])
-    in_container = urlsplit(backend_models_url(test[3])).netloc
+def http_healthcheck_exit_code(name: str, address: str) -> int:
+    """The real stack's health check of HTTP service `name`, run here against `address`."""
+    test = command(service(compose_config(REAL.files), name)["healthcheck"]["test"])
+    in_container = urlsplit(health_url(test[3])).netloc
     code = test[3].replace(in_container, address)
     return subprocess.run([sys.executable, "-c", code], timeout=HEALTHCHECK_TIMEOUT_S, check=False).returncode
 
@@ -656,10 +664,18 @@ def test_backend_healthcheck_passes_for_a_serving_backend_and_fails_when_nothing
 ) -> None:
     llama: ServiceProcess = backend.start(0)
     try:
-        assert backend_healthcheck_exit_code(llama.target) == 0
+        assert http_healthcheck_exit_code(BACKEND, llama.target) == 0
     finally:
         llama.stop()
-    assert backend_healthcheck_exit_code(f"127.0.0.1:{closed_port}") == 1
+    assert http_healthcheck_exit_code(BACKEND, f"127.0.0.1:{closed_port}") == 1
+
+
+def test_gateway_healthcheck_passes_for_a_serving_gateway_and_fails_when_nothing_listens(
+    start_service: StartService, closed_port: int
+) -> None:
+    gateway = start_service(GATEWAY, "--orchestrator", f"127.0.0.1:{closed_port}")
+    assert http_healthcheck_exit_code(GATEWAY, gateway.target) == 0
+    assert http_healthcheck_exit_code(GATEWAY, f"127.0.0.1:{closed_port}") == 1
 
 
 async def test_the_stub_compose_configuration_comes_up_healthy(
