@@ -133,7 +133,7 @@ COPY --from=build-real /opt/venv /opt/venv
 # Numeric, so that a runtime enforcing non-root users can verify it without /etc/passwd.
 USER 10001:10001
 # Fails the build if a service or an engine cannot load its libraries or generated code.
-RUN python -c "import orchestrator.__main__, gateway.__main__, voicepipe.healthcheck, voicepipe_client.cli" \
+RUN python -c "import orchestrator.__main__, gateway.__main__, voicepipe.healthcheck, voicepipe_client" \
     && python -m voicepipe.engines check real
 
 # gRPC: orchestrator, STT, LLM, TTS; the gateway (HTTP, WebSocket); their Prometheus /metrics
@@ -147,7 +147,7 @@ COPY --from=build /opt/venv /opt/venv
 # Numeric, so that a runtime enforcing non-root users can verify it without /etc/passwd.
 USER 10001:10001
 # Fails the build if the installed packages cannot load their generated code.
-RUN python -c "import orchestrator.__main__, gateway.__main__, voicepipe.healthcheck, voicepipe_client.cli" \
+RUN python -c "import orchestrator.__main__, gateway.__main__, voicepipe.healthcheck, voicepipe_client" \
     && python -m voicepipe.engines check runtime
 
 # gRPC: orchestrator, STT, LLM, TTS; the gateway (HTTP, WebSocket); their Prometheus /metrics endpoints.

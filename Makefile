@@ -61,18 +61,18 @@ LLM ?= stub
 TTS ?= stub
 CERTS ?=
 up: install
-	$(PY) -m orchestrator.stack --stt $(STT) --llm $(LLM) --tts $(TTS) $(if $(CERTS),--certs $(CERTS))
+	$(PY) -m voicepipe_tools.stack --stt $(STT) --llm $(LLM) --tts $(TTS) $(if $(CERTS),--certs $(CERTS))
 
 # A local CA and one certificate per service (and one for clients) in out/certs.
 certs: install
-	$(PY) -m voicepipe.certs out/certs
+	$(PY) -m voicepipe_tools.certs out/certs
 
 # A real spoken conversation (Whisper, the local LLM, the Piper voice); demo-stubs: the stub stack.
 demo: install
-	$(PY) -m orchestrator.demo
+	$(PY) -m voicepipe_tools.demo
 
 demo-stubs: install
-	$(PY) -m orchestrator.demo --stubs
+	$(PY) -m voicepipe_tools.demo --stubs
 
 # The Dockerfile's base image, built offline from Debian packages with the host's extra CA
 # certificates (for machines that cannot pull python:3.11-slim; see docker/base-image.sh).

@@ -12,9 +12,10 @@ from orchestrator.session import SessionLimits
 from orchestrator.tickets import Tickets, load_keys
 from orchestrator.upstreams import LB_POLICIES, Upstreams
 from voice.v1 import voice_agent_pb2, voice_agent_pb2_grpc
-from voicepipe.config import FlagParser, ServerSettings, parse_bool
+from voicepipe.config import FlagParser, parse_bool
 from voicepipe.engines import PORTS, ROLES
 from voicepipe.server import GrpcService, Registration, run, wait_for_shutdown_signal
+from voicepipe.settings import ServerSettings
 from voicepipe.tls import ChannelTls
 
 log = logging.getLogger("orchestrator")

@@ -29,13 +29,13 @@ import pytest
 import yaml
 
 from llm_openai import backend
-from orchestrator.demo import REAL as DEMO
 from tests.conftest import StartService
 from tests.docker_engine import compose_environment, run
 from voicepipe import config
 from voicepipe import engines as registry
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import PROJECT_ROOT, ServiceProcess
+from voicepipe_tools.demo import REAL as DEMO
 
 SHARED_README = PROJECT_ROOT.parent / "shared" / "README.md"
 COMPOSE_TIMEOUT_S = 60

@@ -29,11 +29,11 @@ from tests.test_compose import (
     target_host_port,
     variables_read,
 )
-from voicepipe.certs import write_local_pki
-from voicepipe.config import ServerSettings
 from voicepipe.healthcheck import parse_args as healthcheck_args
 from voicepipe.processes import PROJECT_ROOT, ServiceProcess, stage_args
+from voicepipe.settings import ServerSettings
 from voicepipe.tls import ChannelTls
+from voicepipe_tools.certs import write_local_pki
 
 # The stub stack's services and the flag parser of each (the override applies to either stack).
 PARSERS = {name: parser(module) for name, module in STUBS.modules.items()}
@@ -86,7 +86,7 @@ def set_environment(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) 
 
 def test_the_certificates_are_mounted_from_where_make_certs_writes_them(compose: dict[str, Any]) -> None:
     makefile = (PROJECT_ROOT / "Makefile").read_text()
-    assert "-m voicepipe.certs out/certs" in makefile
+    assert "-m voicepipe_tools.certs out/certs" in makefile
     for name in PARSERS:
         source, _ = mount(compose, name)
         assert source.resolve() == (PROJECT_ROOT / "out" / "certs").resolve()

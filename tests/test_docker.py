@@ -40,11 +40,11 @@ from tests.helpers import open_channel
 from tests.stack_fixtures import Caller, heard
 from tests.test_real_stack import whisper_words, words
 from tests.test_tls import assert_refused
-from voicepipe.certs import write_local_pki
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.tls import ChannelTls
 from voicepipe.tls import open_channel as open_tls_channel
 from voicepipe_client import PCM_16K, Turn, Utterance
+from voicepipe_tools.certs import write_local_pki
 
 pytestmark = pytest.mark.timeout(600)
 

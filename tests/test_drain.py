@@ -36,9 +36,9 @@ from tests.stack_fixtures import processes, serving
 from voice.v1 import language_model_pb2 as pb
 from voice.v1 import language_model_pb2_grpc
 from voicepipe import keepalive
-from voicepipe.config import ServerSettings
 from voicepipe.processes import ServiceProcess, free_port
 from voicepipe.server import LIVENESS
+from voicepipe.settings import ServerSettings
 from voicepipe_client import PCM_16K, Conversation, Microphone, SessionSettings, Utterance
 
 if TYPE_CHECKING:

@@ -14,7 +14,6 @@ import pytest
 
 from bench import recordings
 from bench.recordings import Recording, normalise, padded
-from orchestrator.stack import start_stack
 from stt_whisper import turn_model
 from tests.helpers import CallOutcome, collect, exchange, open_channel, running
 from tests.noise import room_noises
@@ -27,6 +26,7 @@ from voicepipe.engines import STUBS
 from voicepipe.pcm import Resampler, Samples
 from voicepipe.processes import ServiceProcess
 from voicepipe_client import Utterance
+from voicepipe_tools.stack import start_stack
 
 pb = speech_to_text_pb2
 pytestmark = pytest.mark.skipif(

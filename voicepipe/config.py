@@ -9,10 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-
-from voicepipe.tls import ServerTls
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -61,88 +58,3 @@ class FlagParser:
 
     def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
         return self.parser.parse_args(argv)
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """What every server takes: where to listen, logging, connection management, shutdown."""
-
-    host: str
-    port: int
-    metrics_port: int
-    log_level: str
-    shutdown_grace_s: float
-    drain_delay_s: float
-    max_connection_age_s: float
-    max_connection_age_grace_s: float
-    event_loop: str
-    tls: ServerTls | None = None
-    reflection: bool = True
-
-    @staticmethod
-    def add_flags(flags: FlagParser, *, port: int, metrics_port: int) -> None:
-        flags.add("--host", type=str, default="127.0.0.1", help="address to listen on")
-        flags.add("--port", type=int, default=port, help="gRPC port (0: the OS chooses)")
-        flags.add(
-            "--metrics-port",
-            type=int,
-            default=metrics_port,
-            help="Prometheus /metrics port (0: the OS chooses; -1: no endpoint)",
-        )
-        flags.add("--log-level", type=str, default="info", choices=LOG_LEVELS, help="log level")
-        flags.add(
-            "--drain-delay",
-            type=float,
-            default=0.0,
-            help="seconds after SIGTERM during which health is NOT_SERVING but new calls are still"
-            " accepted, so that load balancers and endpoints stop sending them (then the grace begins)",
-        )
-        flags.add(
-            "--shutdown-grace",
-            type=float,
-            default=10.0,
-            help="seconds in-flight calls may run after SIGTERM before they are cancelled",
-        )
-        flags.add(
-            "--max-connection-age",
-            type=float,
-            default=300.0,
-            help="seconds after which a client connection is sent GOAWAY so clients rebalance (0: never)",
-        )
-        flags.add(
-            "--max-connection-age-grace",
-            type=float,
-            default=30.0,
-            help="seconds calls may continue on a connection after its GOAWAY",
-        )
-
-        flags.add(
-            "--event-loop",
-            type=str,
-            default="uvloop",
-            choices=("uvloop", "asyncio"),
-            help="event loop implementation (uvloop measured ~10 %% less CPU; see BENCHMARKS.md)",
-        )
-        ServerTls.add_flags(flags)
-        flags.add(
-            "--reflection",
-            type=parse_bool,
-            default=True,
-            help="serve gRPC reflection (false in production: clients then need the protos)",
-        )
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ServerSettings:
-        return cls(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            log_level=args.log_level,
-            shutdown_grace_s=args.shutdown_grace,
-            drain_delay_s=args.drain_delay,
-            max_connection_age_s=args.max_connection_age,
-            max_connection_age_grace_s=args.max_connection_age_grace,
-            event_loop=args.event_loop,
-            tls=ServerTls.from_args(args),
-            reflection=args.reflection,
-        )

@@ -90,7 +90,7 @@ ENGINES: tuple[Engine, ...] = (
     Engine("stt", "whisper", ("stt-whisper",)),
     Engine("llm", "openai", ("llm-openai",), services=("llm_openai.backend",), lazy_imports=("xllamacpp",)),
     Engine("tts", "espeak", ("tts-espeak",)),
-    Engine("tts", "piper", ("tts-piper",), needs=("tts_espeak",)),
+    Engine("tts", "piper", ("tts-piper",)),
 )
 # The stub of every role: what the stack runs unless told otherwise.
 STUBS: dict[str, str] = dict.fromkeys(ROLES, STUB)

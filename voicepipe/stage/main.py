@@ -19,10 +19,11 @@ import grpc
 
 from voice.v1 import language_model_pb2_grpc, speech_to_text_pb2_grpc, text_to_speech_pb2_grpc
 from voicepipe.aio import cancel_and_wait
-from voicepipe.config import FlagParser, ServerSettings
+from voicepipe.config import FlagParser
 from voicepipe.engines import PORTS
 from voicepipe.server import GrpcService, Registration, wait_for_shutdown_signal
 from voicepipe.server import run as run_process
+from voicepipe.settings import ServerSettings
 from voicepipe.stage import Engine, llm, stt, tts
 from voicepipe.stage.protocol import SessionLimit
 

@@ -2,7 +2,7 @@
 once they report SERVING and is itself waited on until SERVING; then the gateway (the web page),
 whose URL is printed. Ctrl-C stops them all. Each role runs the stub or a real engine:
 
-    python -m orchestrator.stack [--stt NAME] [--llm NAME] [--tts NAME]
+    python -m voicepipe_tools.stack [--stt NAME] [--llm NAME] [--tts NAME]
                                  [--latency-profile realistic] [--ephemeral-ports]
                                  [--certs out/certs]
 
@@ -38,7 +38,8 @@ READY_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True)
 class StackCertificates:
-    """A directory in the layout of `python -m voicepipe.certs`: `ca.pem`, `<name>.pem`, `<name>-key.pem`."""
+    """A directory in the layout of `python -m voicepipe_tools.certs`: `ca.pem`, `<name>.pem` and
+    `<name>-key.pem`."""
 
     directory: Path
 
@@ -191,7 +192,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.stack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m voicepipe_tools.stack", description=__doc__)
     parser.add_argument("--latency-profile", default="realistic", choices=("instant", "realistic"))
     parser.add_argument("--ephemeral-ports", action="store_true", help="let the OS choose every port")
     parser.add_argument(
