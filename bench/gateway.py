@@ -36,7 +36,6 @@ import numpy as np
 
 from bench import procstat
 from bench.workload import percentile
-from orchestrator.stack import LocalStack, start_gateway, start_stack
 from stubs import audio_code
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.aio import cancel_and_wait
@@ -49,6 +48,7 @@ from voicepipe_client import (
     Utterance,
     connect,
 )
+from voicepipe_tools.stack import LocalStack, start_gateway, start_stack
 
 QUESTION = "What is 2 plus 3?"
 EVENT_TIMEOUT_S = 10.0

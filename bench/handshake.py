@@ -23,10 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import procstat
 from bench.variants import local_certificates
-from orchestrator.stack import StackCertificates
 from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe.tls import ChannelTls, open_channel
 from voicepipe_client import channel_options
+from voicepipe_tools.stack import StackCertificates
 
 CONNECTIONS = 300
 CHECK_TIMEOUT_S = 10.0

@@ -29,8 +29,8 @@ from bench.__main__ import ORCHESTRATOR_FLAGS
 from bench.runner import Design, measure
 from bench.summary import StepResult
 from bench.workload import ADDED_PARTS
-from orchestrator.stack import StackCertificates, start_stack
-from voicepipe.certs import write_local_pki
+from voicepipe_tools.certs import write_local_pki
+from voicepipe_tools.stack import StackCertificates, start_stack
 
 ROUNDS = 4
 SINGLE_WINDOW_S = 16.0

@@ -51,7 +51,6 @@ from bench import procstat
 from bench.recordings import normalise
 from bench.runner import read_metrics
 from orchestrator.sentences import SentenceChunker
-from orchestrator.stack import READY_TIMEOUT_S, LocalStack, start_stack
 from stt_whisper import turn_model
 from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import common_pb2
@@ -62,6 +61,7 @@ from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe_client import FRAME_MS, Conversation, Microphone, SessionSettings, Utterance, connect
 from voicepipe_client.turns import Turn, TurnAssembler
+from voicepipe_tools.stack import READY_TIMEOUT_S, LocalStack, start_stack
 
 REAL = {"stt": "whisper", "llm": "openai", "tts": "espeak"}
 FMT = PcmFormat(common_pb2.AUDIO_ENCODING_LINEAR16, 16_000)

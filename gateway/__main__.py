@@ -11,6 +11,7 @@ import uvloop
 from gateway.app import Admission, Gateway
 from gateway.session import SessionLimits
 from voicepipe.config import FlagParser, add_service_flags
+from voicepipe.engines import PORTS
 from voicepipe.logs import configure_logging
 from voicepipe.metrics import start_metrics_endpoint, watch_event_loop
 from voicepipe.server import wait_for_shutdown_signal
@@ -25,9 +26,15 @@ MAX_PENDING_EVENTS = 2000
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags = FlagParser("gateway", "Serves the voice page and bridges each WebSocket to one conversation.")
-    add_service_flags(flags, port=8000, metrics_port=9605, listener="HTTP/WebSocket")
+    gateway = PORTS["gateway"]
+    add_service_flags(flags, port=gateway.port, metrics_port=gateway.metrics_port, listener="HTTP/WebSocket")
     ServerTls.add_flags(flags)
-    flags.add("--orchestrator", type=str, default="127.0.0.1:50051", help="gRPC target of the orchestrator")
+    flags.add(
+        "--orchestrator",
+        type=str,
+        default=f"127.0.0.1:{PORTS['orchestrator'].port}",
+        help="gRPC target of the orchestrator",
+    )
     ChannelTls.add_flags(flags, "--orchestrator-tls", peer="the orchestrator")
     flags.add(
         "--orchestrator-token",

@@ -13,8 +13,10 @@ from orchestrator.tickets import Tickets, load_keys
 from orchestrator.turn import REPLY_MAX_TOKENS
 from orchestrator.upstreams import LB_POLICIES, Upstreams
 from voice.v1 import voice_agent_pb2, voice_agent_pb2_grpc
-from voicepipe.config import FlagParser, ServerSettings, parse_bool
+from voicepipe.config import FlagParser, parse_bool
+from voicepipe.engines import PORTS, ROLES
 from voicepipe.server import GrpcService, Registration, run, wait_for_shutdown_signal
+from voicepipe.settings import ServerSettings
 from voicepipe.tls import ChannelTls
 
 log = logging.getLogger("orchestrator")
@@ -22,10 +24,11 @@ log = logging.getLogger("orchestrator")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags = FlagParser("orchestrator", "Chains STT, LLM and TTS into streaming voice conversations.")
-    ServerSettings.add_flags(flags, port=50051, metrics_port=9601)
-    flags.add("--stt", type=str, default="127.0.0.1:50052", help="gRPC target of the STT stage")
-    flags.add("--llm", type=str, default="127.0.0.1:50053", help="gRPC target of the LLM stage")
-    flags.add("--tts", type=str, default="127.0.0.1:50054", help="gRPC target of the TTS stage")
+    ports = PORTS["orchestrator"]
+    ServerSettings.add_flags(flags, port=ports.port, metrics_port=ports.metrics_port)
+    for role in ROLES:
+        default = f"127.0.0.1:{PORTS[role].port}"
+        flags.add(f"--{role}", type=str, default=default, help=f"gRPC target of the {role.upper()} stage")
     flags.add(
         "--lb-policy",
         type=str,

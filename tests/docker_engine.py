@@ -27,8 +27,17 @@ ENGINE_START_TIMEOUT_S = 60.0
 BUILD_TIMEOUT_S = 1800.0
 UP_TIMEOUT_S = 300.0
 POLL_INTERVAL_S = 0.1
-# The orchestrator's ports on the host: ephemeral (the compose files default to the conventions').
-PUBLISH_EPHEMERAL = {"VOICEPIPE_PUBLISH_PORT": "0", "VOICEPIPE_PUBLISH_METRICS_PORT": "0"}
+# The orchestrator's and the gateway's ports on the host: ephemeral (the compose files default to
+# the conventions').
+PUBLISH_EPHEMERAL = dict.fromkeys(
+    (
+        "VOICEPIPE_PUBLISH_PORT",
+        "VOICEPIPE_PUBLISH_METRICS_PORT",
+        "VOICEPIPE_PUBLISH_GATEWAY_PORT",
+        "VOICEPIPE_PUBLISH_GATEWAY_METRICS_PORT",
+    ),
+    "0",
+)
 
 
 def run(command: Sequence[str], timeout_s: float, env: dict[str, str] | None = None) -> str:

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 import grpc
 
-from orchestrator.stack import LocalStack, StackCertificates, start_stack
 from stubs import audio_code
 from voice.v1 import language_model_pb2
 from voice.v1 import voice_agent_pb2 as pb
@@ -28,6 +27,7 @@ from voicepipe_client import (
     TurnAssembler,
     Utterance,
 )
+from voicepipe_tools.stack import LocalStack, StackCertificates, start_stack
 
 T = TypeVar("T")
 

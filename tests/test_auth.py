@@ -14,7 +14,6 @@ import grpc
 import pytest
 
 from orchestrator import auth
-from orchestrator.stack import LocalStack
 from tests.helpers import CALL_TIMEOUT_S, exchange, read_metric, scrape, wait_for_metric
 from tests.stack_fixtures import Caller, instant_stack
 from voice.v1 import voice_agent_pb2 as pb
@@ -22,6 +21,7 @@ from voice.v1 import voice_agent_pb2_grpc
 from voicepipe.healthcheck import check
 from voicepipe.processes import ServiceProcess
 from voicepipe_client import SessionSettings, connect
+from voicepipe_tools.stack import LocalStack
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 OK = grpc.StatusCode.OK

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.stack import LocalStack
 from stubs import audio_code
 from stubs.audio_code import normalize_text
 from stubs.replies import STORY
 from tests.stack_fixtures import instant_stack
 from voicepipe import pcm
 from voicepipe.processes import PROJECT_ROOT
+from voicepipe_tools.stack import LocalStack
 
-CLI = "voicepipe_client"
+CLI = "voicepipe_tools.client"
 # The conversation's own deadline: well under the 20 s the story takes to play out.
 CONVERSATION_TIMEOUT_S = 15
 

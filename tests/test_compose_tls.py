@@ -15,6 +15,7 @@ import pytest
 from cryptography import x509
 
 from tests.test_compose import (
+    GATEWAY,
     HEALTHCHECK_TIMEOUT_S,
     STAGES,
     STUBS,
@@ -28,14 +29,16 @@ from tests.test_compose import (
     target_host_port,
     variables_read,
 )
-from voicepipe.certs import write_local_pki
-from voicepipe.config import ServerSettings
 from voicepipe.healthcheck import parse_args as healthcheck_args
 from voicepipe.processes import PROJECT_ROOT, ServiceProcess, stage_args
+from voicepipe.settings import ServerSettings
 from voicepipe.tls import ChannelTls
+from voicepipe_tools.certs import write_local_pki
 
 # The stub stack's services and the flag parser of each (the override applies to either stack).
 PARSERS = {name: parser(module) for name, module in STUBS.modules.items()}
+# Those that serve gRPC, with mutual TLS (the gateway's page stays plain HTTP on loopback).
+GRPC_SERVICES = sorted(name for name in PARSERS if name != GATEWAY)
 
 OVERRIDE = "docker-compose.tls.yml"
 
@@ -83,13 +86,13 @@ def set_environment(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) 
 
 def test_the_certificates_are_mounted_from_where_make_certs_writes_them(compose: dict[str, Any]) -> None:
     makefile = (PROJECT_ROOT / "Makefile").read_text()
-    assert "-m voicepipe.certs out/certs" in makefile
+    assert "-m voicepipe_tools.certs out/certs" in makefile
     for name in PARSERS:
         source, _ = mount(compose, name)
         assert source.resolve() == (PROJECT_ROOT / "out" / "certs").resolve()
 
 
-@pytest.mark.parametrize("name", sorted(PARSERS))
+@pytest.mark.parametrize("name", GRPC_SERVICES)
 def test_every_service_serves_mutual_tls_with_its_own_certificate(
     compose: dict[str, Any], name: str, pki: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -119,6 +122,19 @@ def test_the_orchestrator_verifies_each_stage_by_its_compose_name(
         certificate = x509.load_pem_x509_certificate((pki / f"{stage}.pem").read_bytes())
         names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert host in names.get_values_for_type(x509.DNSName)
+
+
+def test_the_gateway_presents_the_client_certificate_and_verifies_the_orchestrator_by_its_name(
+    compose: dict[str, Any], pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_environment(monkeypatch, environment_with(compose, GATEWAY, pki))
+    args = PARSERS[GATEWAY]([])
+    upstream = ChannelTls.from_args(args, "orchestrator_tls")
+    assert upstream == ChannelTls(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
+    host, _ = target_host_port(args.orchestrator)
+    certificate = x509.load_pem_x509_certificate((pki / f"{host}.pem").read_bytes())
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert host in names.get_values_for_type(x509.DNSName)
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))

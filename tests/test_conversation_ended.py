@@ -12,7 +12,6 @@ import grpc
 import numpy as np
 import pytest
 
-from orchestrator.stack import LocalStack
 from tests.helpers import open_channel
 from tests.stack_fixtures import instant_stack, own_orchestrator, processes
 from voicepipe_client import (
@@ -23,6 +22,7 @@ from voicepipe_client import (
     SessionSettings,
     Utterance,
 )
+from voicepipe_tools.stack import LocalStack
 
 # Answered at once: this bounds a wait that would otherwise be forever.
 PROMPTLY_S = 2.0

@@ -3,8 +3,9 @@ runs): `make images` once, then the stub stack with its stages as replicas
 (`--scale stt=3 --scale llm=2 --scale tts=2`), spoken to through the orchestrator's published
 loopback port: a health-gated start, exact conversations, calls spread over the replicas, a
 `docker-compose restart stt` and replicas killed mid-utterance, mid-reply and before the first
-token, and a `down` that leaves nothing behind; then the real stack answering a recording and
-the TLS stack refusing a client without a certificate."""
+token, the gateway's page and a typed turn through its WebSocket, and a `down` that leaves
+nothing behind; then the real stack answering a recording and the TLS stack refusing a client
+without a certificate (and the gateway reaching the orchestrator over mutual TLS)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import jiwer
 import numpy as np
@@ -23,6 +25,7 @@ import yaml
 from stubs import audio_code
 from stubs.replies import STORY
 from tests.docker_engine import (
+    POLL_INTERVAL_S,
     ComposeStack,
     build_images,
     docker_engine,
@@ -32,19 +35,21 @@ from tests.docker_engine import (
     log_events,
     require,
 )
+from tests.gateway_fixtures import socket_caller
 from tests.helpers import open_channel
 from tests.stack_fixtures import Caller, heard
 from tests.test_real_stack import whisper_words, words
 from tests.test_tls import assert_refused
-from voicepipe.certs import write_local_pki
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.tls import ChannelTls
 from voicepipe.tls import open_channel as open_tls_channel
 from voicepipe_client import PCM_16K, Turn, Utterance
+from voicepipe_tools.certs import write_local_pki
 
 pytestmark = pytest.mark.timeout(600)
 
 STAGES = ("stt", "llm", "tts")
+GATEWAY_PORT = 8000  # in its container
 REPLICAS = {"stt": 3, "llm": 2, "tts": 2}
 SCALE = [f"{stage}={count}" for stage, count in REPLICAS.items()]
 # Which log line tells that a replica took a session's call.
@@ -119,10 +124,15 @@ def test_orchestrator_starts_once_every_stage_replica_is_healthy(stub_stack: Com
             checks = inspect(replica)["State"]["Health"]["Log"]
             passed = [docker_time(check["End"]) for check in checks if check["ExitCode"] == 0]
             assert passed and min(passed) <= started, f"{stage} {replica[:12]} was not healthy first"
+    # The gateway, once the orchestrator is.
+    checks = orchestrator["State"]["Health"]["Log"]
+    gateway = inspect(stub_stack.containers("gateway")[0])
+    passed = [docker_time(check["End"]) for check in checks if check["ExitCode"] == 0]
+    assert passed and min(passed) <= docker_time(gateway["State"]["StartedAt"])
 
 
 def test_services_run_with_a_read_only_root_and_no_capabilities(stub_stack: ComposeStack) -> None:
-    for service in ("orchestrator", *STAGES):
+    for service in ("orchestrator", "gateway", *STAGES):
         host_config = inspect(stub_stack.containers(service)[0])["HostConfig"]
         assert host_config["ReadonlyRootfs"] is True, service
         assert host_config["CapDrop"] == ["ALL"], service
@@ -141,6 +151,41 @@ async def test_conversation_is_exact_through_the_containers(orchestrator_channel
     assert heard(second.audio, PCM_16K) == ["7 divided by 2 is 3.5."]
     # The figure the failovers below are compared with (BENCHMARKS.md).
     print(f"no failover: voice to voice {ttfa_ms(first):.0f} and {ttfa_ms(second):.0f} ms")
+
+
+async def wait_until_gateway_serves(address: str) -> None:
+    """Until the gateway's /healthz answers 200 (its container starts once the orchestrator is
+    healthy, and listens a moment later)."""
+    async with asyncio.timeout(SERVING_TIMEOUT_S), aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"http://{address}/healthz") as health:
+                    if health.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+
+async def typed_turn_through_the_gateway(address: str) -> dict[str, object]:
+    """ "What is 2 plus 3?" typed into a WebSocket of the gateway at `address`: its TurnCompleted
+    event, after the reply audio has been checked."""
+    async with socket_caller(f"ws://{address}/ws") as talk:
+        await talk.configure(output_sample_rate=PCM_16K.sample_rate)
+        await talk.send({"type": "text", "text": "What is 2 plus 3?"})
+        completed = await talk.until("turn_completed", timeout_s=TURN_TIMEOUT_S)
+    assert heard(talk.audio, PCM_16K) == ["2 plus 3 is 5."]
+    return completed
+
+
+async def test_gateway_serves_the_page_and_a_typed_turn_through_the_containers(
+    stub_stack: ComposeStack, orchestrator_channel: grpc.aio.Channel
+) -> None:
+    address = stub_stack.published("gateway", GATEWAY_PORT)
+    await wait_until_gateway_serves(address)
+    async with aiohttp.ClientSession() as session, session.get(f"http://{address}/") as page:
+        assert page.status == 200 and "<html" in (await page.text()).lower()
+    assert (await typed_turn_through_the_gateway(address))["agent_text"] == "2 plus 3 is 5."
 
 
 async def test_calls_spread_over_every_replica(
@@ -289,6 +334,10 @@ async def test_tls_stack_talks_mutual_tls_and_refuses_a_client_without_a_certifi
             await channel.close()
         assert turn.agent_text == "2 plus 3 is 5."
         await assert_refused(target, ChannelTls(ca=certs / "ca.pem"))
+        # The gateway presents the client certificate to the orchestrator.
+        gateway = stack.published("gateway", GATEWAY_PORT)
+        await wait_until_gateway_serves(gateway)
+        assert (await typed_turn_through_the_gateway(gateway))["agent_text"] == "2 plus 3 is 5."
     finally:
         await asyncio.to_thread(stack.down)
 
@@ -322,7 +371,7 @@ def is_go_forward(transcript: str) -> bool:
 async def test_real_stack_answers_a_recording_with_speech_that_says_the_reply(
     real_stack: ComposeStack,
 ) -> None:
-    """A recording through the Whisper, LLM backend and espeak-ng containers; the reply audio,
+    """A recording through the Whisper, LLM backend and Piper containers; the reply audio,
     heard by Whisper here, says the reply text."""
     target = real_stack.published("orchestrator", 50051)
     async with open_channel(target) as channel, await caller(channel).open() as talk:

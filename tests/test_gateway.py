@@ -16,16 +16,16 @@ import aiohttp
 import pytest
 
 from orchestrator.auth import issue
-from orchestrator.stack import LocalStack, StackCertificates
 from stubs import audio_code
 from stubs.audio_code import normalize_text
 from stubs.replies import STORY
 from tests.gateway_fixtures import SocketCaller, gateway, socket_caller, ws_url
 from tests.stack_fixtures import heard, instant_stack, own_orchestrator, processes
 from voicepipe.audio_format import LINEAR16, PcmFormat
-from voicepipe.certs import write_local_pki
 from voicepipe.processes import ServiceProcess, free_port
 from voicepipe_client import PCM_16K, Utterance
+from voicepipe_tools.certs import write_local_pki
+from voicepipe_tools.stack import LocalStack, StackCertificates
 
 MAX_FRAME_BYTES = 4096
 MAX_MESSAGES_PER_SECOND = 300

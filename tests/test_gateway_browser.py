@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from playwright.async_api import Browser, Page
 
-from orchestrator.stack import LocalStack
 from stubs import audio_code
 from stubs.replies import STORY
 from tests.gateway_fixtures import chromium, gateway, page_url, write_wav
 from tests.stack_fixtures import instant_stack, own_orchestrator, processes
 from voicepipe.processes import ServiceProcess
+from voicepipe_tools.stack import LocalStack
 
 RATE = 16_000
 PHRASE = audio_code.render("What is 2 plus 3?", RATE).samples

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from playwright.async_api import Browser
 
-from orchestrator.stack import LocalStack, start_stack
 from tests.gateway_fixtures import chromium, gateway, page_url, write_wav
+from voicepipe_tools.stack import LocalStack, start_stack
 
 RECORDING = Path("/usr/share/pocketsphinx/test/data/goforward.raw")  # 16 kHz mono PCM16
 RATE = 16_000

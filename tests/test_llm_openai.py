@@ -24,7 +24,6 @@ from grpc_health.v1 import health_pb2
 from llm_openai import backend
 from llm_openai.engine import SPEECH_SYSTEM_PROMPT, Endpoint, OpenAIEngine, ReplySettings
 from llm_openai.errors import backend_error
-from orchestrator.stack import start_stack
 from tests.helpers import NOT_SERVING, SERVING, open_channel, running, wait_for_log, watch_health
 from tests.stack_fixtures import Caller
 from voice.v1 import common_pb2, language_model_pb2, language_model_pb2_grpc, voice_agent_pb2
@@ -32,6 +31,7 @@ from voicepipe.aio import cancel_and_wait
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe.stage.llm import SERVICE_NAME, Generation, Message
+from voicepipe_tools.stack import start_stack
 
 if TYPE_CHECKING:
     from voice.v1.language_model_pb2_grpc import LanguageModelServiceAsyncStub as Stub

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
-from orchestrator.stack import LocalStack
 from tests.helpers import assert_garbage_amid_writes_rejected, assert_malformed_request_rejected
 from tests.stack_fixtures import instant_stack
 from voice.v1 import (  # each module registers its contract's descriptors
@@ -21,6 +20,7 @@ from voice.v1 import (  # each module registers its contract's descriptors
     voice_agent_pb2,
 )
 from voicepipe.processes import ServiceProcess
+from voicepipe_tools.stack import LocalStack
 
 PCM16 = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=16_000)
 

@@ -15,7 +15,6 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2
 
-from orchestrator.stack import LocalStack
 from orchestrator.turn import TTS_DEADLINE_GRACE_S
 from stubs.audio_code import normalize_text
 from stubs.replies import STORY, tokenize
@@ -43,6 +42,7 @@ from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.audio_format import PcmFormat
 from voicepipe.processes import ServiceProcess, free_port
 from voicepipe_client import PCM_16K, Conversation, Microphone, SessionSettings
+from voicepipe_tools.stack import LocalStack
 
 if TYPE_CHECKING:
     from voice.v1.voice_agent_pb2_grpc import VoiceAgentServiceAsyncStub

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from faster_whisper import WhisperModel
 
-from orchestrator.demo import REAL
-from orchestrator.stack import LocalStack, start_stack
 from stubs.replies import STORY
 from tests.helpers import open_channel
 from tests.stack_fixtures import Caller
 from tts_espeak.speaker import EspeakSpeaker
 from voicepipe_client import PCM_16K, Utterance
+from voicepipe_tools.demo import REAL
+from voicepipe_tools.stack import LocalStack, start_stack
 
 TURN_TIMEOUT_S = 60.0
 

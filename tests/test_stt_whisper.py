@@ -14,7 +14,6 @@ import pytest
 
 from bench import recordings
 from bench.recordings import Recording, normalise, padded
-from orchestrator.stack import STUBS, start_stack
 from stt_whisper import turn_model
 from tests.helpers import CallOutcome, collect, open_channel, running
 from tests.noise import room_noises
@@ -23,9 +22,11 @@ from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import speech_to_text_pb2, speech_to_text_pb2_grpc
 from voicepipe import durations
 from voicepipe.audio_format import LINEAR16, MULAW, PcmFormat
+from voicepipe.engines import STUBS
 from voicepipe.pcm import Resampler, Samples
 from voicepipe.processes import ServiceProcess
 from voicepipe_client import Utterance
+from voicepipe_tools.stack import start_stack
 
 pb = speech_to_text_pb2
 pytestmark = pytest.mark.skipif(

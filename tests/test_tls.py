@@ -24,15 +24,15 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator import auth
-from orchestrator.stack import LocalStack, StackCertificates
 from stubs.audio_code import normalize_text
 from tests.conftest import StartService
 from tests.stack_fixtures import Caller, heard, instant_stack
 from tests.test_grpcurl import GRPCURL, GRPCURL_TIMEOUT_S, json_stream, requests
-from voicepipe.certs import Authority, Issued, serial_number, write_local_pki
 from voicepipe.processes import PROJECT_ROOT, ServiceProcess
 from voicepipe.tls import ChannelTls, open_channel
 from voicepipe_client import PCM_16K, connect
+from voicepipe_tools.certs import Authority, Issued, serial_number, write_local_pki
+from voicepipe_tools.stack import LocalStack, StackCertificates
 
 HEALTH_TIMEOUT_S = 10.0
 
@@ -373,7 +373,7 @@ async def test_the_cli_converses_over_mutual_tls_with_its_token(secure: SecureSt
     args = ["--target", secure.orchestrator.target, *secure.client_flags(), "--out-dir", str(tmp_path)]
     done = await asyncio.to_thread(
         run_module,
-        "voicepipe_client",
+        "voicepipe_tools.client",
         *args,
         "--type",
         "my name is Ada",
@@ -381,7 +381,7 @@ async def test_the_cli_converses_over_mutual_tls_with_its_token(secure: SecureSt
     )
     assert done.returncode == 0, done.stderr
     assert "agent: Nice to meet you, Ada." in done.stdout
-    refused = await asyncio.to_thread(run_module, "voicepipe_client", *args, "--type", "hello")
+    refused = await asyncio.to_thread(run_module, "voicepipe_tools.client", *args, "--type", "hello")
     assert refused.returncode == 1
     assert "conversation ended with UNAUTHENTICATED" in refused.stderr
 

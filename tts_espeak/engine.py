@@ -8,12 +8,12 @@ import argparse
 from collections.abc import AsyncGenerator
 from typing import Self
 
-from tts_espeak.libespeak import Espeak, Parameter
-from tts_espeak.voices import VoiceCatalogue
 from voicepipe.config import FlagParser
 from voicepipe.pcm import Samples
 from voicepipe.stage.alignment import Mark, WordAligner
 from voicepipe.stage.blocking import BlockingWorker, Emitter
+from voicepipe.stage.espeak_voices import VoiceCatalogue
+from voicepipe.stage.libespeak import Espeak, Parameter
 from voicepipe.stage.normalize import NormalizedText, normalize
 from voicepipe.stage.tts import Segment, SpeechAudio, SynthesisSettings, VoiceEngine, VoiceList
 

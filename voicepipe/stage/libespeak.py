@@ -1,6 +1,7 @@
 """A ctypes binding of the part of libespeak-ng (1.52, as the espeakng-loader wheel ships it with
-its voice data) that the stage uses: synchronous synthesis into a callback that receives the audio
-as it is produced together with word and clause events.
+its voice data) that voice engines use (tts_espeak speaks with it, tts_piper takes its phonemes;
+an engine that imports it needs espeakng-loader in its extra): synchronous synthesis into a
+callback that receives the audio as it is produced together with word and clause events.
 
 The library keeps global state and is not thread-safe: one `Espeak` per process, and every method
 called from the same thread."""

@@ -2,9 +2,11 @@
 once they report SERVING and is itself waited on until SERVING; then the gateway (the web page),
 whose URL is printed. Ctrl-C stops them all. Each role runs the stub or a real engine:
 
-    python -m orchestrator.stack [--stt stub|whisper] [--llm stub|openai] [--tts stub|espeak|piper]
+    python -m voicepipe_tools.stack [--stt NAME] [--llm NAME] [--tts NAME]
                                  [--latency-profile realistic] [--ephemeral-ports]
                                  [--certs out/certs]
+
+(NAME: an engine of the role in voicepipe.engines; `stub` by default.)
 
 With `--certs` (a directory written by `make certs`), every link is mutual TLS: each service
 serves its own certificate and requires one from the same CA; the orchestrator presents its
@@ -23,28 +25,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from voicepipe import engines as registry
+from voicepipe.engines import PORTS, STUBS
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import ServiceProcess, stage_args
 from voicepipe.server import wait_for_shutdown_signal
 from voicepipe.tls import ChannelTls
 
-# role -> (gRPC port, metrics port), and each role's engines by name -> the module that serves it.
-PORTS = {"stt": (50052, 9602), "llm": (50053, 9603), "tts": (50054, 9604)}
-ENGINES = {
-    "stt": {"stub": "stt_stub", "whisper": "stt_whisper"},
-    "llm": {"stub": "llm_stub", "openai": "llm_openai"},
-    "tts": {"stub": "tts_stub", "espeak": "tts_espeak", "piper": "tts_piper"},
-}
-STUBS = {role: "stub" for role in ENGINES}
-# The gateway's HTTP/WebSocket and metrics ports.
-GATEWAY_PORTS = (8000, 9605)
 # Loading a model (Whisper, espeak's voices) takes longer than a stub's start.
 READY_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
 class StackCertificates:
-    """A directory in the layout of `python -m voicepipe.certs`: `ca.pem`, `<name>.pem`, `<name>-key.pem`."""
+    """A directory in the layout of `python -m voicepipe_tools.certs`: `ca.pem`, `<name>.pem` and
+    `<name>-key.pem`."""
 
     directory: Path
 
@@ -117,19 +112,19 @@ async def start_stack(
     stack = LocalStack()
     health_tls = certificates.channel("orchestrator") if certificates else None
     try:
-        for role, (port, metrics) in PORTS.items():
-            module = ENGINES[role][engines[role]]
+        for role in registry.ROLES:
+            engine = registry.engine(role, engines[role])
             extra = [
-                *(["--latency-profile", latency_profile] if module.endswith("_stub") else []),
+                *(["--latency-profile", latency_profile] if engine.is_stub else []),
                 *(certificates.server_flags(role) if certificates else []),
                 *(stage_flags or {}).get(role, []),
             ]
-            if module == "llm_openai" and "--base-url" not in extra:
+            if "llm_openai.backend" in engine.services and "--base-url" not in extra:
                 extra += ["--base-url", await start_llm_backend(stack, ephemeral)]
             stack.stages[role] = await asyncio.to_thread(
                 ServiceProcess,
-                module,
-                stage_args(0 if ephemeral else port, 0 if ephemeral else metrics, *extra),
+                engine.module,
+                listen_args(role, ephemeral, *extra),
                 ready_timeout_s=READY_TIMEOUT_S,
             )
         await asyncio.gather(
@@ -144,19 +139,19 @@ async def start_stack(
         stack.orchestrator = await asyncio.to_thread(
             ServiceProcess,
             "orchestrator",
-            stage_args(
-                0 if ephemeral else 50051,
-                0 if ephemeral else 9601,
-                *targets,
-                *tls_flags,
-                *(orchestrator_flags or []),
-            ),
+            listen_args("orchestrator", ephemeral, *targets, *tls_flags, *(orchestrator_flags or [])),
         )
         await wait_until_serving(stack.orchestrator.target, 30, tls=health_tls)
     except BaseException:
         stack.stop()
         raise
     return stack
+
+
+def listen_args(service: str, ephemeral: bool, *extra: str) -> list[str]:
+    """A service's flags: on loopback, on its default ports or on ports the OS chooses."""
+    ports = PORTS[service]
+    return stage_args(0 if ephemeral else ports.port, 0 if ephemeral else ports.metrics_port, *extra)
 
 
 async def start_llm_backend(stack: LocalStack, ephemeral: bool) -> str:
@@ -171,18 +166,17 @@ async def start_llm_backend(stack: LocalStack, ephemeral: bool) -> str:
 async def start_gateway(stack: LocalStack, *, ephemeral: bool, certificates: StackCertificates | None) -> str:
     """The web page and its WebSocket endpoint in front of the stack's orchestrator; its URL."""
     assert stack.orchestrator is not None
-    port, metrics = (0, 0) if ephemeral else GATEWAY_PORTS
     tls = certificates.client_flags("--orchestrator-tls") if certificates else []
     stack.gateway = await asyncio.to_thread(
         ServiceProcess,
         "gateway",
-        stage_args(port, metrics, "--orchestrator", stack.orchestrator.target, *tls),
+        listen_args("gateway", ephemeral, "--orchestrator", stack.orchestrator.target, *tls),
     )
     return f"http://127.0.0.1:{stack.gateway.port}/"
 
 
 async def run(args: argparse.Namespace) -> None:
-    engines = {role: getattr(args, role) for role in ENGINES}
+    engines = {role: getattr(args, role) for role in registry.ROLES}
     certificates = StackCertificates(args.certs) if args.certs else None
     stack = await start_stack(
         args.latency_profile, ephemeral=args.ephemeral_ports, engines=engines, certificates=certificates
@@ -198,7 +192,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.stack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m voicepipe_tools.stack", description=__doc__)
     parser.add_argument("--latency-profile", default="realistic", choices=("instant", "realistic"))
     parser.add_argument("--ephemeral-ports", action="store_true", help="let the OS choose every port")
     parser.add_argument(
@@ -207,8 +201,9 @@ def main() -> None:
         default=None,
         help="mutual TLS on every link with the certificates of `make certs`",
     )
-    for role, choices in ENGINES.items():
-        parser.add_argument(f"--{role}", default="stub", choices=tuple(choices), help=f"the {role} engine")
+    for role in registry.ROLES:
+        choices = tuple(registry.by_role(role))
+        parser.add_argument(f"--{role}", default=registry.STUB, choices=choices, help=f"the {role} engine")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(parser.parse_args()))
 

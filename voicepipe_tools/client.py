@@ -1,7 +1,7 @@
 """The command-line client: speaks phrases in the stub audio code (or streams a WAV file, or types
 text), prints transcripts, agent text and a latency table per turn, and writes reply audio.
 
-    python -m voicepipe_client --say "Hello there" --say "What is 2 plus 3?" --out-dir out
+    python -m voicepipe_tools.client --say "Hello there" --say "What is 2 plus 3?" --out-dir out
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class _Step(argparse.Action):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    flags = FlagParser("client", __doc__.split("\n\n")[0], module="voicepipe_client")
+    flags = FlagParser("client", __doc__.split("\n\n")[0], module="voicepipe_tools.client")
     parser = flags.parser
     parser.add_argument("--target", default="127.0.0.1:50051", help="orchestrator gRPC target")
     ChannelTls.add_flags(flags, peer="the orchestrator")

@@ -2,12 +2,12 @@
 
 espeak-ng's own lookup by name matches file names only ("en-gb" is the file "gmw/en") and ignores
 an unknown "+variant" silently, so the stage resolves names itself, against the voices the data
-directory holds, and rejects what it cannot find."""
+directory holds, and rejects what it cannot find (espeakng-loader, as for voicepipe.stage.libespeak)."""
 
 from __future__ import annotations
 
-from tts_espeak.libespeak import VoiceFile
 from voicepipe.audio_format import InvalidInput
+from voicepipe.stage.libespeak import VoiceFile
 from voicepipe.stage.tts import VoiceInfo, VoiceList
 
 LIST_VOICES_HINT = (

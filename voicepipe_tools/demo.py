@@ -13,8 +13,9 @@ import argparse
 import asyncio
 import sys
 
-from orchestrator.stack import STUBS, start_stack
-from voicepipe_client.cli import converse, parse_args
+from voicepipe.engines import STUBS
+from voicepipe_tools.client import converse, parse_args
+from voicepipe_tools.stack import start_stack
 
 REAL = {"stt": "whisper", "llm": "openai", "tts": "piper"}
 # The caller speaks with a British voice (received pronunciation, which tiny.en hears best of
@@ -47,7 +48,7 @@ async def demo(stubs: bool) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m voicepipe_tools.demo", description=__doc__)
     parser.add_argument("--stubs", action="store_true", help="the stub stack instead of the real engines")
     raise SystemExit(asyncio.run(demo(parser.parse_args().stubs)))
 

@@ -1,7 +1,7 @@
 """A local certificate authority for development, tests and compose: one CA and one certificate
 per service, valid for localhost, 127.0.0.1 and the compose service names.
 
-    python -m voicepipe.certs out/certs        (what `make certs` runs)
+    python -m voicepipe_tools.certs out/certs        (what `make certs` runs)
 
 writes `ca.pem` (the CA certificate every side trusts), `ca-key.pem`, and `<name>.pem` /
 `<name>-key.pem` for each of stt, llm, tts, orchestrator and client. Service certificates may
@@ -173,7 +173,9 @@ def write_local_pki(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m voicepipe.certs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m voicepipe_tools.certs", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("directory", type=Path, help="where the PEM files are written")
     parser.add_argument(
         "--name",

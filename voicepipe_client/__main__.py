@@ -1,4 +1,0 @@
-from voicepipe_client.cli import main
-
-if __name__ == "__main__":
-    main()
