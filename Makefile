@@ -18,7 +18,9 @@ EXTRA_PINS = $(PY) -c 'import sys, tomllib; \
 	print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))'
 # Every engine's extra, as the engine registry (voicepipe/engines.py) names them.
 EXTRAS = dev,certs,gateway,$$($(PY) -m voicepipe.engines extras)
+# Debian packages the engines need beyond their wheels (apt, when missing): see the script.
 $(INSTALLED): pyproject.toml voicepipe/engines.py
+	bash voicepipe_tools/system-packages.sh runtime
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
@@ -37,13 +39,13 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 		$(PROTOS)
 	touch voice/__init__.py voice/v1/__init__.py voice/py.typed $@
 
-# The tests also need Debian packages: tests/system-packages.sh installs those missing (apt).
+# The tests also need Debian packages: voicepipe_tools/system-packages.sh installs those missing (apt).
 test: install
-	bash tests/system-packages.sh
+	bash voicepipe_tools/system-packages.sh tests
 	$(PY) -m pytest -q
 
 chaos: install
-	bash tests/system-packages.sh
+	bash voicepipe_tools/system-packages.sh tests
 	$(PY) -m pytest -q -s -m chaos  # -s: the scenarios print their figures
 
 lint: install

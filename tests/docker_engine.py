@@ -78,7 +78,7 @@ def docker_engine() -> Iterator[None]:
         yield
         return
     dockerd = shutil.which("dockerd")
-    assert dockerd, "dockerd is not installed (tests/system-packages.sh installs docker.io)"
+    assert dockerd, "dockerd is not installed (voicepipe_tools/system-packages.sh installs docker.io)"
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen([dockerd], stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -118,7 +118,7 @@ class ComposeStack:
 
     def compose(self, *args: str, timeout_s: float = UP_TIMEOUT_S) -> str:
         executable = shutil.which("docker-compose")
-        assert executable, "docker-compose is not installed (tests/system-packages.sh installs it)"
+        assert executable, "docker-compose is not installed (voicepipe_tools/system-packages.sh installs it)"
         env = {**compose_environment(), **PUBLISH_EPHEMERAL, **self.environment}
         files = (arg for file in self.files for arg in ("--file", file))
         return run([executable, "--project-name", self.project, *files, *args], timeout_s, env)
@@ -189,7 +189,7 @@ def wait_for_session(containers: Sequence[str], event: str, session_id: str, tim
 
 
 def require(path: Path) -> Path:
-    assert path.exists(), f"{path} is missing (tests/system-packages.sh installs it)"
+    assert path.exists(), f"{path} is missing (voicepipe_tools/system-packages.sh installs it)"
     return path
 
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The Debian packages the tests need, installed with apt when missing (as root, or through sudo):
-# - pocketsphinx-testdata: real human recordings with reference transcripts (the Whisper tests,
-#   the real stack's tests and the speech benchmarks hear them);
+# The Debian packages voicepipe needs beyond its wheels, installed with apt when missing (as root,
+# or through sudo): `system-packages.sh runtime` for the engines (`make install`), `system-packages.sh
+# tests` for those and the tests' (`make test`, `make chaos`).
+# - runtime: libgomp1, the OpenMP runtime llama.cpp's server (xllamacpp) links against (a minimal
+#   Debian lacks it; every other engine's wheel carries its libraries);
+# - tests: pocketsphinx-testdata: real human recordings with reference transcripts (the Whisper
+#   tests, the real stack's tests and the speech benchmarks hear them);
 # - docker-compose: the compose tests validate the files with `docker-compose config`, and the
 #   Docker tests (tests/test_docker.py) run the stacks with it;
 # - docker.io: the Docker engine those tests run the images on (they start dockerd when none runs);
@@ -9,14 +13,21 @@
 #   cannot be pulled (docker/base-image.sh);
 # - chromium: the gateway's browser tests drive it through playwright (no browser download).
 set -euo pipefail
+case "${1:-}" in
+runtime | tests) ;;
+*) echo "usage: $0 runtime|tests" >&2; exit 2 ;;
+esac
 packages=()
+PATH=$PATH:/sbin:/usr/sbin ldconfig -p | grep -q 'libgomp\.so\.1' || packages+=(libgomp1)
+if [ "$1" = tests ]; then
 command -v docker-compose >/dev/null || packages+=(docker-compose)
 command -v dockerd >/dev/null || packages+=(docker.io)
 command -v debootstrap >/dev/null || packages+=(debootstrap)
 [ -f /usr/share/pocketsphinx/test/data/goforward.raw ] || packages+=(pocketsphinx-testdata)
 [ -x /usr/bin/chromium ] || packages+=(chromium)
+fi
 [ ${#packages[@]} -eq 0 ] && exit 0
-echo "installing Debian packages the tests need: ${packages[*]}"
+echo "installing Debian packages voicepipe needs ($1): ${packages[*]}"
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
 "${sudo[@]}" apt-get update -qq
