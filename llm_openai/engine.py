@@ -230,13 +230,13 @@ class OpenAIEngine(LanguageEngine):
         warm = Generation((Message("user", "Hello"),), 1, 0.0, common_pb2.Correlation())
         started = time.monotonic()
         try:
-            messages = await self.messages(warm, 1)
-        except InvalidInput as error:
+            messages = await self.messages(warm, 1)  # counts tokens: the key is used already
+        except (StageError, InvalidInput) as error:
             return str(error)
         async with asyncio.TaskGroup() as group:
             requests = [
                 group.create_task(self._warm_one(messages, warm), name=f"warm-up-slot-{slot}")
-                for slot in range(self.capacity.slots)
+                for slot in range(max(self.capacity.slots, 1))  # 0: a backend that does not say
             ]
         if failed := next((reason for task in requests if (reason := task.result())), None):
             return failed
