@@ -28,7 +28,7 @@ from voicepipe.config import FlagParser
 from voicepipe.tls import ChannelTls
 from voicepipe_client.audio import Speaker, Utterance
 from voicepipe_client.channel import connect
-from voicepipe_client.conversation import Conversation, SessionSettings
+from voicepipe_client.conversation import Conversation, ConversationEnded, SessionSettings
 from voicepipe_client.microphone import Microphone
 from voicepipe_client.turns import Turn
 
@@ -171,23 +171,25 @@ async def converse(args: argparse.Namespace) -> int:
             # a write crossing the refusal would hide its status, grpc/grpc#36066).
             await conversation.assembler.session_started.wait()
             previous: Turn | None = None
-            for (kind, value), phrase in zip(args.steps, audio, strict=True):
-                if previous is not None and kind != "barge_in":
-                    await previous.done.wait()
-                if kind == "say":
-                    assert phrase is not None
-                    previous = conversation.say(phrase)
-                elif kind == "barge_in":
-                    assert phrase is not None
-                    if previous is None:
+            # A server that ended the call stops the steps; its status is reported below.
+            with contextlib.suppress(ConversationEnded):
+                for (kind, value), phrase in zip(args.steps, audio, strict=True):
+                    if previous is not None and kind != "barge_in":
+                        await previous.done.wait()
+                    if kind == "say":
+                        assert phrase is not None
                         previous = conversation.say(phrase)
-                    else:
-                        previous = await conversation.barge_in(previous, phrase, after_s=BARGE_IN_AFTER_S)
-                elif kind == "type":
-                    previous = await conversation.type(value)
-                elif kind == "wav":
-                    assert phrase is not None
-                    await conversation.play(phrase).sent.wait()
+                    elif kind == "barge_in":
+                        assert phrase is not None
+                        if previous is None:
+                            previous = conversation.say(phrase)
+                        else:
+                            previous = await conversation.barge_in(previous, phrase, after_s=BARGE_IN_AFTER_S)
+                    elif kind == "type":
+                        previous = await conversation.type(value)
+                    elif kind == "wav":
+                        assert phrase is not None
+                        await conversation.play(phrase).sent.wait()
             code = await conversation.finish()
         args.out_dir.mkdir(parents=True, exist_ok=True)
         for turn in conversation.turns:
