@@ -13,10 +13,12 @@ The test set:
 
 Verdicts: every phrase goes through the Whisper stage's own voice activity, endpointing and turn
 model (stt_whisper's Silero, Endpointer and TurnModel, as a call runs them), which gives each pause
-its length and the turn model's score at its check. The table then applies each setting's rule
-(stt_whisper.turn_model.TurnEnd) to those pauses: a phrase is heard whole when no pause inside it
-lasts the silence its score chose; a finished sentence's endpoint waits the silence chosen at its
-last pause (never less than the check's own 200 ms, plus the check's run time)."""
+its length and the turn model's score at its check, and its words: Whisper's decode of the
+utterance up to the pause's first silent window, as the stage decodes it (stt_whisper.call). The
+table then applies each setting's rule (stt_whisper.turn_model.TurnEnd) to those pauses: a phrase
+is heard whole when no pause inside it lasts the silence its score (and, with "words", its words)
+chose; a finished sentence's endpoint waits the silence chosen at its last pause (never less than
+the check's own 200 ms, plus the check's run time)."""
 
 from __future__ import annotations
 
@@ -31,11 +33,14 @@ import numpy as np
 
 from bench.recordings import all_recordings, cards, librivox
 from stt_whisper.call import PRE_ROLL
+from stt_whisper.decoder import ModelSettings, WhisperDecoder
 from stt_whisper.endpoint import Ended, Endpointer, Held, Paused, Resumed, Started
 from stt_whisper.engine import FIXED_SILENCE_MS, SPEECH_START_MS
 from stt_whisper.turn_model import DEFAULT_PATH, SILENCE_BEFORE_CHECK_MS, TurnEnd, TurnModel
+from stt_whisper.unfinished_words import reads_unfinished
 from stt_whisper.vad import WINDOW, SileroModel, VoiceActivity
 from tts_espeak.speaker import EspeakSpeaker
+from voicepipe.config import FlagParser
 from voicepipe.pcm import Samples
 
 RATE = 16_000
@@ -80,12 +85,15 @@ MARGIN = RATE // 20  # kept around it (soft onsets and endings)
 THRESHOLDS = (0.5, 0.7, 0.9)
 COMPLETE_MS = (200, 300, 400)
 INCOMPLETE_MS = (800, 1200)
+# The fixed silence alone, and with the words' long silence.
+FIXED_VARIANTS = ((False, 1200), (True, 800), (True, 1200))
 
 
 @dataclass(frozen=True)
 class Pause:
     ms: float  # its silence, from the end of the voiced audio to speech resuming (inf: the end)
     complete: float | None  # the turn model's score, if the pause lasted until its check
+    words: str  # what Whisper heard up to the pause
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,9 @@ class Judge:
         self._check_after_ms = check_after_ms
         self._silero = SileroModel()
         self._model = TurnModel(DEFAULT_PATH)
+        flags = FlagParser("stt", "the stage's Whisper model")
+        ModelSettings.add_flags(flags)
+        self._whisper = WhisperDecoder(ModelSettings.from_args(flags.parse([])))
         self.check_s: list[float] = []
 
     def __call__(self, phrase: Phrase) -> Heard:
@@ -120,6 +131,7 @@ class Judge:
         pauses: list[Pause] = []
         start = pause_end = 0
         score: float | None = None
+        words = ""
         mid = None
         for probability in vad.feed(audio):
             boundary = endpointer.step(probability)
@@ -127,6 +139,8 @@ class Judge:
                 start = boundary.offset
             elif isinstance(boundary, Paused):
                 pause_end, score = boundary.end, None
+                heard = audio[max(0, start - PRE_ROLL) : endpointer.position]
+                words = self._whisper.decode(heard, "en").text
                 if mid is None and phrase.pause_at is not None and boundary.end >= phrase.pause_at - WINDOW:
                     mid = len(pauses)
             if isinstance(boundary, Held) or (isinstance(boundary, Paused) and not self._check_after_ms):
@@ -135,9 +149,9 @@ class Judge:
                 self.check_s.append(time.perf_counter() - began)
             if isinstance(boundary, Resumed):
                 resumed = endpointer.position - WINDOW
-                pauses.append(Pause((resumed - pause_end) * 1000 / RATE, score))
+                pauses.append(Pause((resumed - pause_end) * 1000 / RATE, score, words))
             assert not isinstance(boundary, Ended)
-        pauses.append(Pause(float("inf"), score))
+        pauses.append(Pause(float("inf"), score, words))
         return Heard(phrase, pauses, mid)
 
 
@@ -189,30 +203,30 @@ def with_pause(heard: Heard, pause_ms: int, longest_ms: int) -> Heard:
     return dataclasses.replace(heard, pauses=pauses)
 
 
-def ends_after(pause: Pause, turn_end: TurnEnd | None) -> float:
-    """The silence that ends an utterance at this pause: the fixed one, or the turn model's choice
-    (its long silence for a pause too short to be checked)."""
-    if turn_end is None:
+def ends_after(pause: Pause, turn_end: TurnEnd) -> float:
+    """The silence that ends an utterance at this pause: the long one when its words read
+    unfinished (with `words`), else the fixed one (no model) or the turn model's choice (its long
+    silence for a pause too short to be checked)."""
+    if turn_end.words and reads_unfinished(pause.words):
+        return turn_end.incomplete_ms
+    if turn_end.model_path is None:
         return FIXED_SILENCE_MS
     if pause.complete is None:
         return turn_end.incomplete_ms
     return max(turn_end.silence_ms(pause.complete), SILENCE_BEFORE_CHECK_MS)
 
 
-def whole(heard: Heard, turn_end: TurnEnd | None) -> bool:
+def whole(heard: Heard, turn_end: TurnEnd) -> bool:
     return all(p.ms < ends_after(p, turn_end) for p in heard.pauses[:-1])
 
 
-def finished(turn_end: TurnEnd | None, heard: list[Heard], check_ms: float) -> str:
-    """The finished sentences' columns: heard whole, when their endpoint came, how many the turn
-    model judged unfinished."""
+def finished(turn_end: TurnEnd, heard: list[Heard], check_ms: float) -> str:
+    """The finished sentences' columns: heard whole, when their endpoint came, how many were
+    judged unfinished (by the turn model or their words)."""
     kept = sum(whole(h, turn_end) for h in heard)
-    waits = [ends_after(h.pauses[-1], turn_end) + (check_ms if turn_end is not None else 0) for h in heard]
-    late = (
-        0
-        if turn_end is None
-        else sum(ends_after(h.pauses[-1], turn_end) >= turn_end.incomplete_ms for h in heard)
-    )
+    check = check_ms if turn_end.model_path is not None else 0
+    waits = [ends_after(h.pauses[-1], turn_end) + check for h in heard]
+    late = sum(ends_after(h.pauses[-1], turn_end) >= turn_end.incomplete_ms for h in heard)
     median, longest = statistics.median(waits), max(waits)
     return f"{kept} of {len(heard)} | {median:.0f} / {longest:.0f} | {late} of {len(heard)} |"
 
@@ -241,11 +255,21 @@ def table(pauses_ms: list[int], voices: list[str], check_after_ms: int) -> None:
     )
     print("|---" * (len(heard_split) + 4) + "|")
     turn_ends = [
-        TurnEnd(DEFAULT_PATH, complete_ms, incomplete_ms, threshold)
-        for threshold, complete_ms, incomplete_ms in itertools.product(THRESHOLDS, COMPLETE_MS, INCOMPLETE_MS)
+        TurnEnd(DEFAULT_PATH, complete_ms, incomplete_ms, threshold, words)
+        for words, threshold, complete_ms, incomplete_ms in itertools.product(
+            (False, True), THRESHOLDS, COMPLETE_MS, INCOMPLETE_MS
+        )
     ]
+    fixed = [TurnEnd(None, FIXED_SILENCE_MS, incomplete, 0.5, words) for words, incomplete in FIXED_VARIANTS]
     variants = [
-        (f"fixed {FIXED_SILENCE_MS} ms", None),
+        *(
+            (
+                f"fixed {FIXED_SILENCE_MS} ms"
+                + (f", unfinished words {t.incomplete_ms} ms" if t.words else ""),
+                t,
+            )
+            for t in fixed
+        ),
         *((f"turn model {t.describe()}", t) for t in turn_ends),
     ]
     for label, turn_end in variants:
@@ -260,8 +284,13 @@ def table(pauses_ms: list[int], voices: list[str], check_after_ms: int) -> None:
     for heard in heard_all:
         order = [heard.mid] if heard.mid is not None else []
         order += [i for i in range(len(heard.pauses)) if i != heard.mid]
-        scores = ["-" if (s := heard.pauses[i].complete) is None else f"{s:.2f}" for i in order]
-        print(f"  {heard.phrase.name}: {' '.join(scores)}")
+        scores = [
+            ("-" if (s := heard.pauses[i].complete) is None else f"{s:.2f}")
+            + (" (unfinished words)" if reads_unfinished(heard.pauses[i].words) else "")
+            for i in order
+        ]
+        words = [heard.pauses[i].words for i in order]
+        print(f"  {heard.phrase.name}: {', '.join(scores)}; heard at the pauses: {words}")
 
 
 def _names(text: str) -> list[str]:

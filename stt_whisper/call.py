@@ -3,7 +3,11 @@ final starts as soon as the speech pauses (so it runs during the endpointing sil
 discarded if speech resumes; interims re-decode the growing utterance when the decoder is idle.
 
 With speculative results, that decode's text goes out as soon as it is ready, still in the pause:
-the final confirms it (the same decode, not another) or a withdrawal follows when speech resumes."""
+the final confirms it (the same decode, not another) or a withdrawal follows when speech resumes.
+
+When the client leaves the silence to the stage, each pause is judged: by its words (English: the
+pause's decode stopping on a word no sentence ends on keeps the utterance open for the unfinished
+silence, and nothing speculative goes out) and by the turn model, when there is one."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from stt_whisper.decoder import SAMPLE_RATE, WINDOW_S, Hypothesis
 from stt_whisper.endpoint import Ended, Endpointer, Held, Paused, Resumed, Started
 from stt_whisper.scheduler import DecodeQueue, Urgency
 from stt_whisper.turn_model import SILENCE_BEFORE_CHECK_MS, TurnEnd, TurnModel
+from stt_whisper.unfinished_words import reads_unfinished
 from stt_whisper.vad import WINDOW, SileroModel, VoiceActivity
 from voicepipe.aio import cancel_and_wait
 from voicepipe.pcm import Samples
@@ -109,6 +114,9 @@ class CallTranscriber:
         self._vad = VoiceActivity(shared.vad)
         # The turn model judges each pause when the client left the silence to the stage.
         self._turn_model = shared.turn_model if settings.engine_silence else None
+        # So do the words of each pause, in English.
+        self._judge_words = settings.engine_silence and shared.turn_end.words and self._language == "en"
+        self._words_unfinished: bool | None = None  # the current pause's words; None: not judged yet
         self._endpointer = Endpointer(
             settings.speech_start_ms,
             settings.end_of_utterance_silence_ms,
@@ -126,6 +134,7 @@ class CallTranscriber:
             async for samples in audio:
                 self._audio.append(samples)
                 probabilities = await self._shared.vad_runs.run(self._vad.feed, samples)
+                self._judge_pause()  # a verdict that came while the audio was on its way
                 for probability in probabilities:
                     for event in await self._step(probability):
                         yield event
@@ -158,10 +167,17 @@ class CallTranscriber:
             self._cancel(self._interim)
             self._interim = None
             self._candidate = self._start(utterance, position, Urgency.FINAL)
+            if self._judge_words:
+                # Until its words are known: the decode that gives them is the final's, so the
+                # wait costs the final nothing.
+                self._words_unfinished = None
+                self._endpointer.end_pause_after(self._shared.turn_end.incomplete_ms)
         elif isinstance(boundary, Held):
-            self._check_turn(utterance, position)
+            if not self._words_unfinished:
+                self._check_turn(utterance, position)
         elif isinstance(boundary, Resumed):
             utterance.paused = False
+            self._words_unfinished = None
             self._cancel(self._candidate)
             self._candidate = None
             self._drop_turn_check()
@@ -190,6 +206,7 @@ class CallTranscriber:
         candidate, self._candidate = self._candidate, None
         self._speculated = None  # the final confirms it (the same decode, when it is the same audio)
         self._drop_turn_check()  # its verdict is not for the next utterance's pauses
+        self._words_unfinished = None
         self._cancel(self._interim)
         self._interim = None
         if candidate is not None and (candidate.start, candidate.end) == (utterance.audio_from, audio_end):
@@ -255,7 +272,23 @@ class CallTranscriber:
             self._turn_check = None
 
     def _judge_pause(self) -> None:
-        """The turn model's verdict on the current pause sets the silence that ends it."""
+        """Sets the silence that ends the current pause once what judges it is known: its words
+        (unfinished ones keep the unfinished silence, whatever the turn model says), then the turn
+        model's verdict (or, without a turn model, the fixed silence)."""
+        if self._judge_words and self._words_unfinished is None:
+            words = self._pause_words()
+            if words is None:
+                return
+            self._words_unfinished = reads_unfinished(words)
+            if self._words_unfinished:
+                log.debug("pause judged by its words", extra={"unfinished": words[-40:]})
+                self._drop_turn_check()
+                self._endpointer.end_pause_after(self._shared.turn_end.incomplete_ms)
+                return
+            if self._turn_model is None:
+                self._endpointer.end_pause_after(self._settings.end_of_utterance_silence_ms)
+        if self._words_unfinished:
+            return
         check = self._turn_check
         if check is None or not check.done():
             return
@@ -265,11 +298,23 @@ class CallTranscriber:
             log.debug("pause judged", extra={"complete": round(check.result(), 3), "silence_ms": silence_ms})
             self._endpointer.end_pause_after(silence_ms)
 
+    def _pause_words(self) -> str | None:
+        """The words of the current pause's decode: None while it runs (or out of a pause); empty
+        when it failed (the final decodes again, and the pause is not held for it)."""
+        candidate, utterance = self._candidate, self._utterance
+        if candidate is None or utterance is None or not utterance.paused or not candidate.task.done():
+            return None
+        if candidate.task.cancelled() or candidate.task.exception() is not None:
+            return ""
+        return candidate.task.result().text
+
     def _speculative_result(self) -> Transcript | None:
-        """The pause's decode, once ready, while the utterance is still paused."""
+        """The pause's decode, once ready, while the utterance is still paused (and, where words
+        are judged, once they read finished)."""
         candidate, utterance = self._candidate, self._utterance
         if (
             not self._settings.speculative_results
+            or (self._judge_words and self._words_unfinished is not False)
             or self._speculated is not None
             or candidate is None
             or utterance is None

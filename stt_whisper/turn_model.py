@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime
 from faster_whisper.feature_extractor import FeatureExtractor
 
-from voicepipe.config import FlagParser
+from voicepipe.config import FlagParser, parse_bool
 from voicepipe.pcm import Samples
 
 MODEL_IN_WHEEL = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
@@ -51,6 +51,7 @@ class TurnEnd:
     complete_ms: int  # after speech the model judges a finished turn
     incomplete_ms: int  # after speech it judges unfinished (and until it has judged)
     threshold: float  # a score above it judges the turn finished
+    words: bool  # a pause's words judge it too (stt_whisper.unfinished_words)
 
     @staticmethod
     def add_flags(flags: FlagParser) -> None:
@@ -85,17 +86,33 @@ class TurnEnd:
             " more mid-sentence pauses inside the utterance and makes more finished sentences wait the"
             " unfinished silence (BENCHMARKS.md)",
         )
+        flags.add(
+            "--turn-words",
+            type=parse_bool,
+            default=True,
+            help="English only: an utterance whose words, decoded in the pause, stop where no sentence"
+            ' ends ("my account number is", "can you tell me about the") waits the unfinished silence'
+            " (--turn-incomplete-silence-ms), with or without the turn model; every pause waits for"
+            " its decode, which the final needs anyway",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TurnEnd:
         path = Path(args.turn_model) if args.turn_model else None
-        return cls(path, args.turn_complete_silence_ms, args.turn_incomplete_silence_ms, args.turn_threshold)
+        return cls(
+            path,
+            args.turn_complete_silence_ms,
+            args.turn_incomplete_silence_ms,
+            args.turn_threshold,
+            args.turn_words,
+        )
 
     def silence_ms(self, complete_probability: float) -> int:
         return self.complete_ms if complete_probability > self.threshold else self.incomplete_ms
 
     def describe(self) -> str:
-        return f"> {self.threshold}: {self.complete_ms} / {self.incomplete_ms} ms"
+        words = ", unfinished words" if self.words else ""
+        return f"> {self.threshold}: {self.complete_ms} / {self.incomplete_ms} ms{words}"
 
 
 class TurnModel:
