@@ -5,11 +5,13 @@ segment, TTS first audio and the orchestrator's part, with the stack's CPU per s
 
     python -m bench.voice_to_voice [--turns 20] [--turns-per-conversation 5]
         [--silence-ms 0,400] [--first-segment clause,sentence] [--speculative off,on]
+        [--turn-model on|off]
     python -m bench.voice_to_voice --sessions 1,2,3,4 [--turns 20]
     python -m bench.voice_to_voice --versus-backend http://127.0.0.1:8081/v1 [--turns 20]
 
 A variant is one endpointing silence (the orchestrator's --end-of-utterance-silence-ms; 0 leaves
-it to the Whisper stage, whose turn model chooses it at each pause), one first-segment policy
+it to the Whisper stage, which judges each pause by its words and, with --turn-model on, by its
+turn model: see stt_whisper.call), one first-segment policy
 (its --first-segment) and speculative generation off or on (its --speculative-generation); every
 combination given is measured side by side:
 one orchestrator per variant, all on the same three stages. The phrases are spoken in rounds of
@@ -84,12 +86,15 @@ TURN_TIMEOUT_S = 60.0
 # (the orchestrator's) or make the STT link resume mid-run (the stages'): turned off here.
 NO_CONNECTION_AGE = ["--max-connection-age", "0"]
 SESSION_TIMEOUT_S = 600.0
-# Whisper with its turn model: a variant with silence 0 leaves the silence to it, one with a
-# silence set does not use it.
-STAGE_FLAGS = {
-    role: [*NO_CONNECTION_AGE, *([f"--turn-model={turn_model.DEFAULT_PATH}"] if role == "stt" else [])]
-    for role in REAL
-}
+
+
+def stage_flags(with_turn_model: bool) -> dict[str, list[str]]:
+    """The stages' flags: Whisper with its turn model or without (a variant with silence 0 leaves
+    the silence to the stage; one with a silence set uses neither the turn model nor the words)."""
+    turn = [f"--turn-model={turn_model.DEFAULT_PATH}" if with_turn_model else "--turn-model="]
+    return {role: [*NO_CONNECTION_AGE, *(turn if role == "stt" else [])] for role in REAL}
+
+
 # The stack's first turn, not measured: the first decode and generation of a fresh stack pay for
 # loading caches.
 WARM_UP = "Good morning."
@@ -157,6 +162,7 @@ class Variant:
     first_segment: str
     speculative: bool = False
     backend: str = LOCAL  # the stack's own LLM backend, or another's API root (--versus-backend)
+    stage_endpointing: str = "turn model"  # what silence 0 leaves to the stage
     speculation: dict[str, float] = field(default_factory=dict)  # speculative turns by outcome
     v2v: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
@@ -166,7 +172,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        silence = f"{self.silence_ms} ms" if self.silence_ms else "turn model"
+        silence = f"{self.silence_ms} ms" if self.silence_ms else self.stage_endpointing
         where = "" if self.backend == LOCAL else f" ({self.backend})"
         return f"{silence} | {self.first_segment} | {'speculative' if self.speculative else '-'}{where}"
 
@@ -260,7 +266,11 @@ async def converse(target: str, variant: Variant, phrases: list[Utterance]) -> N
 
 
 async def run(
-    variants: list[Variant], rounds: list[list[Utterance]], warm_up: Utterance, versus: str
+    variants: list[Variant],
+    rounds: list[list[Utterance]],
+    warm_up: Utterance,
+    versus: str,
+    stages: dict[str, list[str]],
 ) -> tuple[dict[str, float], float]:
     """Every round's phrases as one conversation with each variant in turn; returns each
     process's CPU seconds and the wall seconds of the measured conversations."""
@@ -268,7 +278,7 @@ async def run(
         "realistic",
         ephemeral=True,
         engines=REAL,
-        stage_flags=STAGE_FLAGS,
+        stage_flags=stages,
         orchestrator_flags=variants[0].flags,
     )
     orchestrators: list[ServiceProcess] = []
@@ -312,14 +322,18 @@ CAPACITY_P95_S = 1.5
 
 
 async def run_concurrent(
-    variant: Variant, sessions: list[int], phrases: list[Utterance], warm_up: Utterance
+    variant: Variant,
+    sessions: list[int],
+    phrases: list[Utterance],
+    warm_up: Utterance,
+    stages: dict[str, list[str]],
 ) -> list[tuple[int, Variant, float]]:
     """For each N, N conversations at once on one stack; (N, its turns, stack cores) each."""
     stack = await start_stack(
         "realistic",
         ephemeral=True,
         engines=REAL,
-        stage_flags=STAGE_FLAGS,
+        stage_flags=stages,
         orchestrator_flags=variant.flags,
     )
     results = []
@@ -449,8 +463,12 @@ async def main(args: argparse.Namespace) -> None:
     warm_up = Utterance.spoken(speaker, WARM_UP, FMT)
     speaker.close()
     backends = [LOCAL, args.versus_backend] if args.versus_backend else [LOCAL]
+    with_turn_model = args.turn_model == "on"
+    stages = stage_flags(with_turn_model)
+    # Silence 0: the stage judges each pause by its words, and by its turn model when it has one.
+    stage = "turn model + words" if with_turn_model else "400 ms + words"
     variants = [
-        Variant(int(silence), first, speculative == "on", backend)
+        Variant(int(silence), first, speculative == "on", backend, stage)
         for silence in args.silence_ms.split(",")
         for first in args.first_segment.split(",")
         for speculative in args.speculative.split(",")
@@ -459,10 +477,10 @@ async def main(args: argparse.Namespace) -> None:
     if args.sessions:
         sessions = [int(n) for n in args.sessions.split(",")]
         print(f"capacity of {variants[0].label.replace(' | ', ' ')}: {sessions} sessions", flush=True)
-        print(capacity_report(await run_concurrent(variants[0], sessions, phrases, warm_up)))
+        print(capacity_report(await run_concurrent(variants[0], sessions, phrases, warm_up, stages)))
         return
     print("variants: " + "; ".join(v.name for v in variants), flush=True)
-    cpu, wall = await run(variants, rounds, warm_up, args.versus_backend)
+    cpu, wall = await run(variants, rounds, warm_up, args.versus_backend, stages)
     print(report(variants, cpu, wall))
 
 
@@ -492,6 +510,13 @@ if __name__ == "__main__":
         "--speculative",
         default="off",
         help="speculative generation off, on, or both (off,on) to compare",
+    )
+    parser.add_argument(
+        "--turn-model",
+        default="on",
+        choices=("on", "off"),
+        help="the Whisper stage's turn model (a variant with silence 0 leaves the silence to the"
+        " stage, which also judges each pause by its words)",
     )
     parser.add_argument(
         "--sessions",

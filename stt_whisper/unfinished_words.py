@@ -4,7 +4,8 @@ unfinished, however its voice falls. The pause's decode gives those words while 
 (stt_whisper.call), before the endpointing silence has held.
 
 The words are closed-class ones: articles and possessive determiners, conjunctions, the infinitive
-"to", "of", the forms of "to be", and "that" after one. A question may end on some of them ("Do
+"to", "of", "that" after a form of "to be", and such a form itself unless Whisper ended the
+sentence there with a full stop. A question may end on some of them ("Do
 you know where it is?"); Whisper writes its question mark, and a question is never judged
 unfinished here. A finished statement that does end on one ("That's what it is.") waits the
 unfinished silence: a later answer, not a caller cut off. Whisper's own ellipsis at the end, its
@@ -23,10 +24,11 @@ _NEVER_LAST = frozenset(
         *("and", "or", "but", "nor", "because", "if", "whether", "although", "than"),
         # the infinitive's "to" and "of"
         *("to", "of"),
-        # "to be"
-        *("is", "are", "was", "were", "am"),
     }
 )
+# "to be" ends a sentence now and then ("than he was."): unfinished only where Whisper wrote no
+# full stop after it ("My account number is").
+_BE = frozenset({"is", "are", "was", "were", "am"})
 # The last two words of an utterance that leave it unfinished ("that" alone ends "I like that").
 _NEVER_LAST_PAIRS = frozenset({("is", "that"), ("was", "that"), ("are", "that")})
 _WORD = re.compile(r"[a-z0-9']+")
@@ -43,4 +45,9 @@ def reads_unfinished(text: str) -> bool:
     words = _WORD.findall(text.lower())
     if not words:
         return False
-    return words[-1] in _NEVER_LAST or tuple(words[-2:]) in _NEVER_LAST_PAIRS
+    last = words[-1]
+    return (
+        last in _NEVER_LAST
+        or tuple(words[-2:]) in _NEVER_LAST_PAIRS
+        or (last in _BE and not text.endswith((".", "!")))
+    )
