@@ -28,6 +28,7 @@ from stt_whisper.unfinished_words import reads_unfinished
 from stt_whisper.vad import WINDOW, SileroModel, VoiceActivity
 from voicepipe.aio import cancel_and_wait
 from voicepipe.pcm import Samples
+from voicepipe.stage import StageError
 from voicepipe.stage.blocking import BlockingWorker
 from voicepipe.stage.stt import (
     SpeculationWithdrawn,
@@ -115,18 +116,26 @@ class CallTranscriber:
         # The turn model judges each pause when the client left the silence to the stage.
         self._turn_model = shared.turn_model if settings.engine_silence else None
         # So do the words of each pause, in English.
-        self._judge_words = settings.engine_silence and shared.turn_end.words and self._language == "en"
-        self._words_unfinished: bool | None = None  # the current pause's words; None: not judged yet
+        self._reads_words = settings.engine_silence and shared.turn_end.words and self._language == "en"
+        self._words_unfinished: bool | None = None  # the current pause's words; None: not read yet
+        # A pause that is judged lasts the unfinished silence unless judged finished: by its words
+        # as soon as its decode is ready, and at the latest once it has lasted the hold, where
+        # the verdict is awaited (the turn model's check runs there).
+        self._finished_silence_ms = settings.end_of_utterance_silence_ms  # without a turn model
+        hold_ms: int | None = None
+        if self._turn_model is not None:
+            hold_ms = SILENCE_BEFORE_CHECK_MS
+        elif self._reads_words:
+            hold_ms = self._finished_silence_ms
         self._endpointer = Endpointer(
             settings.speech_start_ms,
-            settings.end_of_utterance_silence_ms,
-            hold_ms=None if self._turn_model is None else SILENCE_BEFORE_CHECK_MS,
+            settings.end_of_utterance_silence_ms if hold_ms is None else shared.turn_end.incomplete_ms,
+            hold_ms=hold_ms,
         )
         self._utterance: Utterance | None = None
         self._candidate: Decode | None = None  # a final's decode, started when speech paused
         self._interim: Decode | None = None
         self._speculated: Transcript | None = None  # sent, not yet confirmed or withdrawn
-        self._turn_check: asyncio.Task[float] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def events(self, audio: AsyncIterator[Samples]) -> AsyncGenerator[SpeechEvent, None]:
@@ -134,11 +143,11 @@ class CallTranscriber:
             async for samples in audio:
                 self._audio.append(samples)
                 probabilities = await self._shared.vad_runs.run(self._vad.feed, samples)
-                self._judge_pause()  # a verdict that came while the audio was on its way
+                self._read_words()  # a decode that ended while the audio was on its way
                 for probability in probabilities:
                     for event in await self._step(probability):
                         yield event
-                self._judge_pause()
+                self._read_words()
                 for result in (self._interim_result(), self._speculative_result()):
                     if result is not None:
                         yield result
@@ -167,20 +176,13 @@ class CallTranscriber:
             self._cancel(self._interim)
             self._interim = None
             self._candidate = self._start(utterance, position, Urgency.FINAL)
-            if self._judge_words:
-                # Until its words are known: the decode that gives them is the final's, so the
-                # wait costs the final nothing.
-                self._words_unfinished = None
-                self._endpointer.end_pause_after(self._shared.turn_end.incomplete_ms)
         elif isinstance(boundary, Held):
-            if not self._words_unfinished:
-                self._check_turn(utterance, position)
+            await self._judge_held_pause(utterance, position)
         elif isinstance(boundary, Resumed):
             utterance.paused = False
             self._words_unfinished = None
             self._cancel(self._candidate)
             self._candidate = None
-            self._drop_turn_check()
             if self._speculated is not None:
                 events.append(SpeculationWithdrawn(self._speculated.end))
                 self._speculated = None
@@ -205,7 +207,6 @@ class CallTranscriber:
         assert utterance is not None
         candidate, self._candidate = self._candidate, None
         self._speculated = None  # the final confirms it (the same decode, when it is the same audio)
-        self._drop_turn_check()  # its verdict is not for the next utterance's pauses
         self._words_unfinished = None
         self._cancel(self._interim)
         self._interim = None
@@ -253,50 +254,39 @@ class CallTranscriber:
             text, is_final=False, start=utterance.speech_start, end=interim.end, stability=stable / len(text)
         )
 
-    def _check_turn(self, utterance: Utterance, position: int) -> None:
-        """The whole utterance so far, up to `position` in the pause: Smart Turn's input is the
-        turn with the silence it was trained to end on (see turn_model)."""
-        if self._turn_model is None:
+    async def _judge_held_pause(self, utterance: Utterance, position: int) -> None:
+        """The pause has lasted the hold: its verdict is awaited here, so that it holds whether or
+        not more audio follows (the decode is the final's own: the final waited for it anyway).
+        Then the turn model hears the whole utterance so far, up to `position` in the pause:
+        Smart Turn's input is the turn with the silence it was trained to end on (see turn_model)."""
+        if self._reads_words and self._words_unfinished is None and self._candidate is not None:
+            await asyncio.wait([self._candidate.task])
+            self._read_words()
+        if self._turn_model is None or self._words_unfinished:
             return
         audio = self._audio.span(utterance.audio_from, position)
-        task = asyncio.create_task(
-            self._shared.vad_runs.run(self._turn_model.complete, audio), name="smart-turn"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        self._turn_check = task
+        try:
+            score = await self._shared.vad_runs.run(self._turn_model.complete, audio)
+        except StageError:
+            return  # refused under load: the unfinished silence
+        silence_ms = self._shared.turn_end.silence_ms(score)
+        log.debug("pause judged", extra={"complete": round(score, 3), "silence_ms": silence_ms})
+        self._endpointer.end_pause_after(silence_ms)
 
-    def _drop_turn_check(self) -> None:
-        if self._turn_check is not None:
-            self._turn_check.cancel()
-            self._turn_check = None
-
-    def _judge_pause(self) -> None:
-        """Sets the silence that ends the current pause once what judges it is known: its words
-        (unfinished ones keep the unfinished silence, whatever the turn model says), then the turn
-        model's verdict (or, without a turn model, the fixed silence)."""
-        if self._judge_words and self._words_unfinished is None:
-            words = self._pause_words()
-            if words is None:
-                return
-            self._words_unfinished = reads_unfinished(words)
-            if self._words_unfinished:
-                log.debug("pause judged by its words", extra={"unfinished": words[-40:]})
-                self._drop_turn_check()
-                self._endpointer.end_pause_after(self._shared.turn_end.incomplete_ms)
-                return
-            if self._turn_model is None:
-                self._endpointer.end_pause_after(self._settings.end_of_utterance_silence_ms)
+    def _read_words(self) -> None:
+        """Once the pause's decode is ready, its words judge it: words that leave the sentence
+        open keep the unfinished silence (whatever the turn model would say); finished ones end
+        the pause after the fixed silence, or leave it to the turn model."""
+        if not self._reads_words or self._words_unfinished is not None:
+            return
+        words = self._pause_words()
+        if words is None:
+            return
+        self._words_unfinished = reads_unfinished(words)
         if self._words_unfinished:
-            return
-        check = self._turn_check
-        if check is None or not check.done():
-            return
-        self._turn_check = None
-        if not check.cancelled() and check.exception() is None:  # refused under load: the long one
-            silence_ms = self._shared.turn_end.silence_ms(check.result())
-            log.debug("pause judged", extra={"complete": round(check.result(), 3), "silence_ms": silence_ms})
-            self._endpointer.end_pause_after(silence_ms)
+            log.debug("pause judged by its words", extra={"unfinished": words[-40:]})
+        elif self._turn_model is None:
+            self._endpointer.end_pause_after(self._finished_silence_ms)
 
     def _pause_words(self) -> str | None:
         """The words of the current pause's decode: None while it runs (or out of a pause); empty
@@ -314,7 +304,7 @@ class CallTranscriber:
         candidate, utterance = self._candidate, self._utterance
         if (
             not self._settings.speculative_results
-            or (self._judge_words and self._words_unfinished is not False)
+            or (self._reads_words and self._words_unfinished is not False)
             or self._speculated is not None
             or candidate is None
             or utterance is None
