@@ -10,6 +10,7 @@ without a certificate (and the gateway reaching the orchestrator over mutual TLS
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -34,12 +35,14 @@ from tests.docker_engine import (
     kill_replica_serving,
     log_events,
     require,
+    serving_session,
 )
 from tests.gateway_fixtures import socket_caller
 from tests.helpers import open_channel
 from tests.stack_fixtures import Caller, heard
 from tests.test_real_stack import whisper_words, words
 from tests.test_tls import assert_refused
+from voicepipe.config import env_var_name
 from voicepipe.healthcheck import wait_until_serving
 from voicepipe.tls import ChannelTls
 from voicepipe.tls import open_channel as open_tls_channel
@@ -301,6 +304,81 @@ def test_down_leaves_no_container_network_or_volume(stub_stack: ComposeStack) ->
     assert stub_stack.left_behind()
     stub_stack.down()
     assert stub_stack.left_behind() == []
+
+
+# --- a replica added later ------------------------------------------------------------------------
+
+# The stages' --max-connection-age here (default 300 s): how soon the orchestrator's connections
+# are sent GOAWAY, after which its channel resolves the stage's name again.
+SHORT_CONNECTION_AGE_S = 5
+PICKUP_TIMEOUT_S = 120.0
+MAX_PICKUP_SESSIONS = 100
+
+
+async def test_a_replica_added_later_gets_calls_once_the_name_is_resolved_again(
+    images: None, tmp_path: Path
+) -> None:
+    """One STT replica, a conversation held open, then `up --scale stt=2 --no-recreate`: new
+    sessions reach the new replica once the first one's connection has aged out (GOAWAY, then
+    DNS again), and the held conversation's transcripts stay exact throughout."""
+    short_age = tmp_path / "short-connection-age.yml"
+    short_age.write_text(
+        yaml.safe_dump(
+            {
+                "services": {
+                    stage: {
+                        "environment": {
+                            env_var_name(stage, "--max-connection-age"): str(SHORT_CONNECTION_AGE_S)
+                        }
+                    }
+                    for stage in STAGES
+                }
+            }
+        )
+    )
+    stack = ComposeStack(["docker-compose.yml", str(short_age)])
+    try:
+        await asyncio.to_thread(stack.up)
+        target = stack.published("orchestrator", 50051)
+        await wait_until_serving(target, SERVING_TIMEOUT_S)
+        async with open_channel(target) as channel, await caller(channel).open() as held:
+            await held.speak("What is 2 plus 3?")
+            assert (await held.turn_ended("1", timeout_s=TURN_TIMEOUT_S)).agent_text == "2 plus 3 is 5."
+            [first] = stack.containers("stt")
+            scaling_at = time.monotonic()
+            await asyncio.to_thread(
+                stack.compose, "up", "--detach", "--no-build", "--no-recreate", "--scale", "stt=2"
+            )
+            scaled_at = time.monotonic()
+            [added] = [replica for replica in stack.containers("stt") if replica != first]
+            # New conversations of one turn each, one after another, until one is heard by the
+            # added replica (bounded in count and time).
+            for sessions in range(1, MAX_PICKUP_SESSIONS + 1):
+                assert time.monotonic() - scaled_at < PICKUP_TIMEOUT_S, (
+                    f"{sessions} sessions, none on {added[:12]}"
+                )
+                async with await caller(channel).open() as talk:
+                    session = talk.conversation.settings.session_id
+                    await talk.speak("What is 2 plus 3?")
+                    assert (
+                        await talk.turn_ended("1", timeout_s=TURN_TIMEOUT_S)
+                    ).agent_text == "2 plus 3 is 5."
+                if await asyncio.to_thread(serving_session, [added], CALL_STARTED["stt"], session):
+                    break
+            picked_up_s = time.monotonic() - scaled_at
+            await held.speak("What is 7 divided by 2?")
+            second = await held.turn_ended("2", timeout_s=TURN_TIMEOUT_S)
+        assert held.final_transcripts() == ["What is 2 plus 3?", "What is 7 divided by 2?"]
+        assert second.agent_text == "7 divided by 2 is 3.5."
+        assert heard(second.audio, PCM_16K) == ["7 divided by 2 is 3.5."]
+        # The figure BENCHMARKS.md records.
+        print(
+            f"added STT replica: its first call {picked_up_s:.1f} s after `up --scale` returned"
+            f" ({picked_up_s + scaled_at - scaling_at:.1f} s after it began), the new session {sessions}"
+            f" since; --max-connection-age {SHORT_CONNECTION_AGE_S} s"
+        )
+    finally:
+        await asyncio.to_thread(stack.down)
 
 
 # --- the TLS stack --------------------------------------------------------------------------------
