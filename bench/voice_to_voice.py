@@ -53,6 +53,7 @@ from bench import procstat
 from bench.recordings import normalise
 from bench.runner import read_metrics
 from orchestrator.sentences import SentenceChunker
+from orchestrator.turn import REPLY_MAX_TOKENS
 from stt_whisper import turn_model
 from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import common_pb2
@@ -163,6 +164,7 @@ class Variant:
     speculative: bool = False
     backend: str = LOCAL  # the stack's own LLM backend, or another's API root (--versus-backend)
     stage_endpointing: str = "turn model"  # what silence 0 leaves to the stage
+    reply_max_tokens: int = REPLY_MAX_TOKENS
     speculation: dict[str, float] = field(default_factory=dict)  # speculative turns by outcome
     v2v: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
@@ -188,6 +190,7 @@ class Variant:
             "--first-segment",
             self.first_segment,
             f"--speculative-generation={str(self.speculative).lower()}",
+            f"--reply-max-tokens={self.reply_max_tokens}",
             *NO_CONNECTION_AGE,
         ]
 
@@ -468,7 +471,7 @@ async def main(args: argparse.Namespace) -> None:
     # Silence 0: the stage judges each pause by its words, and by its turn model when it has one.
     stage = "turn model + words" if with_turn_model else "400 ms + words"
     variants = [
-        Variant(int(silence), first, speculative == "on", backend, stage)
+        Variant(int(silence), first, speculative == "on", backend, stage, args.reply_max_tokens)
         for silence in args.silence_ms.split(",")
         for first in args.first_segment.split(",")
         for speculative in args.speculative.split(",")
@@ -476,7 +479,8 @@ async def main(args: argparse.Namespace) -> None:
     ]
     if args.sessions:
         sessions = [int(n) for n in args.sessions.split(",")]
-        print(f"capacity of {variants[0].label.replace(' | ', ' ')}: {sessions} sessions", flush=True)
+        what = f"{variants[0].label.replace(' | ', ' ')}, reply cap {args.reply_max_tokens} tokens"
+        print(f"capacity of {what}: {sessions} sessions", flush=True)
         print(capacity_report(await run_concurrent(variants[0], sessions, phrases, warm_up, stages)))
         return
     print("variants: " + "; ".join(v.name for v in variants), flush=True)
@@ -510,6 +514,12 @@ if __name__ == "__main__":
         "--speculative",
         default="off",
         help="speculative generation off, on, or both (off,on) to compare",
+    )
+    parser.add_argument(
+        "--reply-max-tokens",
+        type=int,
+        default=REPLY_MAX_TOKENS,
+        help="the orchestrators' --reply-max-tokens (a spoken reply's token cap)",
     )
     parser.add_argument(
         "--turn-model",
