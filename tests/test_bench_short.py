@@ -3,7 +3,10 @@ memory check each produce a row, and no caller saw an error."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ import pytest
 from voicepipe.processes import PROJECT_ROOT
 
 BENCH_TIMEOUT_S = 85
+STOP_TIMEOUT_S = 10
 
 
 def _rows(report: str, heading: str) -> list[list[str]]:
@@ -31,18 +35,34 @@ def _column(rows: list[list[str]], header: list[str], name: str) -> list[str]:
     return [row[header.index(name)] for row in rows]
 
 
-@pytest.mark.timeout(BENCH_TIMEOUT_S + 10)
+def stop_group(bench: subprocess.Popen[str]) -> None:
+    """Ctrl-C to the bench's process group (the bench stops its stack), then SIGKILL to what is left."""
+    if bench.poll() is None:
+        os.killpg(bench.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            bench.communicate(timeout=STOP_TIMEOUT_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(bench.pid, signal.SIGKILL)
+    bench.wait()
+
+
+@pytest.mark.timeout(BENCH_TIMEOUT_S + STOP_TIMEOUT_S + 10)
 def test_short_benchmark_measures_every_mode_without_errors(tmp_path: Path) -> None:
     output = tmp_path / "bench.md"
-    completed = subprocess.run(
+    # A session of its own, so that a bench that overruns is stopped with every service it started.
+    bench = subprocess.Popen(
         [sys.executable, "-m", "bench", "--short", "--output", str(output)],
         cwd=PROJECT_ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=BENCH_TIMEOUT_S,
-        check=False,
+        start_new_session=True,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    try:
+        _, stderr = bench.communicate(timeout=BENCH_TIMEOUT_S)
+    finally:
+        stop_group(bench)
+    assert bench.returncode == 0, stderr[-3000:]
     report = output.read_text()
 
     sweep = _rows(report, "### Sweep")
