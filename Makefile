@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/voice/v1/*.proto)
 GENERATED := voice/v1/.generated
-BUF := npx --yes @bufbuild/buf@1.75.0
+BUF := $(VENV)/bin/buf
 
 .PHONY: install protos test chaos lint demo demo-stubs up certs base-image images bench bench-short clean
 
