@@ -86,7 +86,7 @@ TURN_TIMEOUT_S = 60.0
 # The conversations outlive the servers' default connection age (300 s), which would end them
 # (the orchestrator's) or make the STT link resume mid-run (the stages'): turned off here.
 NO_CONNECTION_AGE = ["--max-connection-age", "0"]
-SESSION_TIMEOUT_S = 600.0
+SESSION_TIMEOUT_S = 1800.0  # 20 turns of long replies, played at speaking pace
 
 
 def stage_flags(with_turn_model: bool) -> dict[str, list[str]]:
