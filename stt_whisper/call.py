@@ -259,9 +259,10 @@ class CallTranscriber:
         not more audio follows (the decode is the final's own: the final waited for it anyway).
         Then the turn model hears the whole utterance so far, up to `position` in the pause:
         Smart Turn's input is the turn with the silence it was trained to end on (see turn_model)."""
-        if self._reads_words and self._words_unfinished is None and self._candidate is not None:
-            await asyncio.wait([self._candidate.task])
-            self._read_words()
+        if self._reads_words and self._words_unfinished is None:
+            if self._candidate is not None:
+                await asyncio.wait([self._candidate.task])
+            self._read_words(held=True)
         if self._turn_model is None or self._words_unfinished:
             return
         audio = self._audio.span(utterance.audio_from, position)
@@ -273,15 +274,19 @@ class CallTranscriber:
         log.debug("pause judged", extra={"complete": round(score, 3), "silence_ms": silence_ms})
         self._endpointer.end_pause_after(silence_ms)
 
-    def _read_words(self) -> None:
+    def _read_words(self, *, held: bool = False) -> None:
         """Once the pause's decode is ready, its words judge it: words that leave the sentence
         open keep the unfinished silence (whatever the turn model would say); finished ones end
-        the pause after the fixed silence, or leave it to the turn model."""
+        the pause after the fixed silence, or leave it to the turn model. `held`: the pause has
+        lasted its hold, and a pause without a decode of its own (one an overlong utterance was
+        cut in) has no words to keep it open."""
         if not self._reads_words or self._words_unfinished is not None:
             return
         words = self._pause_words()
         if words is None:
-            return
+            if not held:
+                return
+            words = ""
         self._words_unfinished = reads_unfinished(words)
         if self._words_unfinished:
             log.debug("pause judged by its words", extra={"unfinished": words[-40:]})

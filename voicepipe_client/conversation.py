@@ -204,7 +204,9 @@ class Conversation:
         """Sends the config and starts the microphone and (if `read`) the reader."""
         await self.call.write(self.settings.config())
         self._sender = asyncio.create_task(
-            self.microphone.run(self.settings.input_format, self._write, self.assembler.expect),
+            self.microphone.run(
+                self.settings.input_format, self._write, self.assembler.expect, self.assembler.session_started
+            ),
             name="client-microphone",
         )
         if read:

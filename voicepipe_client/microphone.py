@@ -109,8 +109,12 @@ class Microphone:
         self._cue: Cue = cue or self.queue
         self._lag = lag
 
-    async def run(self, fmt: PcmFormat, write: Write, expect: Expect) -> None:
+    async def run(self, fmt: PcmFormat, write: Write, expect: Expect, opened: asyncio.Event) -> None:
+        """Sends, once `opened` is set: the server has opened the session (or the call is over).
+        Until then nothing would hear the audio, and a frame written across a refusal can hide
+        the refusal's status from the caller (grpc/grpc#36066)."""
         try:
+            await opened.wait()
             if self.realtime:
                 await self._real_time(silent_frame(fmt), write, expect)
             else:
