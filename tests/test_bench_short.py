@@ -66,16 +66,17 @@ def test_short_benchmark_measures_every_mode_without_errors(tmp_path: Path) -> N
     report = output.read_text()
 
     sweep = _rows(report, "### Sweep")
-    assert [row[0] for row in sweep] == ["10"], sweep
+    # On a noisy machine the bench runs a step again ("10 (repeat)"): every row is N=10.
+    assert sweep and all(row[0] in ("10", "10 (repeat)") for row in sweep), sweep
     header = ["N", "turns", "errors"]
     assert all(int(turns) > 0 for turns in _column(sweep, header, "turns")), sweep
-    assert _column(sweep, header, "errors") == ["0"], sweep
+    assert all(errors == "0" for errors in _column(sweep, header, "errors")), sweep
 
     single = _rows(report, "### One session")
-    assert len(single) == 1 and single[0][1] != "0" and single[0][2] == "0", single
+    assert single and all(row[1] != "0" and row[2] == "0" for row in single), single
 
     baseline = _rows(report, "Request/response runs, one session:")
-    assert len(baseline) == 1 and baseline[0][1] != "0" and baseline[0][2] == "0", baseline
+    assert baseline and all(row[1] != "0" and row[2] == "0" for row in baseline), baseline
     ratios = dict((row[0], row[3]) for row in _rows(report, "### TTFA"))
     assert re.fullmatch(r"\d+\.\d\dx", ratios["all turns"]), ratios
 
