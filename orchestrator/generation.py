@@ -20,7 +20,7 @@ from typing import Any
 from orchestrator.breaker import BreakerOpen
 from orchestrator.calls import DeadlinePassed, StageCall, call_metadata
 from orchestrator.reply import Reply
-from orchestrator.retry import StageFailed, resume_turn_stream
+from orchestrator.retry import TURN_CALLS_WAIT_FOR_READY, StageFailed, resume_turn_stream
 from orchestrator.timings import TurnTimings
 from orchestrator.upstreams import Upstream
 from voice.v1 import common_pb2, language_model_pb2, language_model_pb2_grpc
@@ -82,8 +82,9 @@ class Generation:
 
     def _start(self, timeout: float) -> Any:
         self._timings.llm_call_started_at = time.monotonic()
+        # Not wait-for-ready (see TURN_CALLS_WAIT_FOR_READY).
         return self._stub.Generate(
-            self._request, timeout=timeout, metadata=self._metadata, wait_for_ready=True
+            self._request, timeout=timeout, metadata=self._metadata, wait_for_ready=TURN_CALLS_WAIT_FOR_READY
         )
 
     async def _attempt(self, reply: Reply) -> None:

@@ -31,6 +31,13 @@ T = TypeVar("T")
 
 # Calls one of a turn's streams may take before the turn fails.
 TURN_STREAM_ATTEMPTS = 5
+# A turn's calls fail fast: while the channel cannot connect (TRANSIENT_FAILURE: the stage was
+# killed, refuses, is unreachable) an attempt fails at once with UNAVAILABLE, and the resumption
+# below retries it until the health Watch opens the breaker, which ends the turn with UNAVAILABLE
+# within milliseconds. A wait-for-ready call would instead sit out the turn's whole deadline and
+# end DEADLINE_EXCEEDED. An idle or connecting channel (after a reset or a GOAWAY) still holds a
+# fail-fast call until its connection attempt ends, so a resumed stream reconnects as before.
+TURN_CALLS_WAIT_FOR_READY = False
 
 
 def is_transient(error: BaseException) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 from orchestrator.calls import StageCall, call_metadata
 from orchestrator.playout import Playout
 from orchestrator.reply import Reply, Segment
-from orchestrator.retry import StageFailed, resume_turn_stream
+from orchestrator.retry import TURN_CALLS_WAIT_FOR_READY, StageFailed, resume_turn_stream
 from orchestrator.timings import TurnTimings
 from orchestrator.upstreams import Upstream
 from voice.v1 import common_pb2, text_to_speech_pb2, text_to_speech_pb2_grpc
@@ -70,7 +70,10 @@ class Synthesis:
             ) from None
 
     def _start(self, timeout: float) -> Any:
-        return self._stub.Synthesize(timeout=timeout, metadata=self._metadata, wait_for_ready=True)
+        # Not wait-for-ready (see TURN_CALLS_WAIT_FOR_READY).
+        return self._stub.Synthesize(
+            timeout=timeout, metadata=self._metadata, wait_for_ready=TURN_CALLS_WAIT_FOR_READY
+        )
 
     async def _attempt(self, reply: Reply, playout: Playout) -> None:
         async with StageCall.open(self._upstream, self._call_deadline, self._start) as call:

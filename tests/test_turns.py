@@ -8,6 +8,8 @@ scenarios."""
 
 from __future__ import annotations
 
+import time
+
 from google.protobuf.duration_pb2 import Duration
 from prometheus_client import generate_latest
 
@@ -18,6 +20,7 @@ from stubs.faults import FaultSettings
 from tests.helpers import metric_value
 from tests.turn_harness import (
     ASSISTANT,
+    EVENT_TIMEOUT_S,
     USER,
     Conversation,
     conversation,
@@ -72,13 +75,14 @@ async def test_a_spoken_turn_talked_over_before_its_audio_is_withdrawn_and_opens
         await stack.llm.wait_for(lambda: len(stack.llm.calls) == 1)
         talk.runner.interrupt()
         withdrawn = await talk.ended("1")
+        # The withdrawn turn's Generate is cancelled at the stage, before it produced anything.
+        await stack.llm.wait_for(lambda: stack.llm.calls[0].cancelled, "the first call cancelled")
         stack.llm_gate.open()
         assert talk.history() == []  # forgotten at once: the next turn's request does not hold it
         await talk.runner.submit_speech("Ada.", timings(), Duration(seconds=2))
         answer = await talk.ended("2")
 
     assert withdrawn.turn_interrupted.heard_text == "" and talk.audio("1") == b""
-    assert stack.llm.calls[0].cancelled
     assert started_texts(talk) == [("1", "My name is"), ("2", "My name is Ada.")]
     assert answer.HasField("turn_completed") and answer.turn_completed.agent_text == "Nice to meet you, Ada."
     assert stack.llm.calls[1].messages == [("user", "My name is Ada.")]
@@ -245,6 +249,23 @@ async def test_a_refused_generate_is_not_tried_again() -> None:
     after = counted("grpc_server_handled_total", grpc_method="Generate", grpc_code="INVALID_ARGUMENT")
     assert after == before + 1
     assert talk.history() == [(USER, "x" * 16_385)]  # no reply was heard
+
+
+async def test_an_llm_gone_mid_turn_fails_it_unavailable_at_once_not_at_its_deadline() -> None:
+    # No health Watch runs here (see stages()): the breaker never opens, so what ends the turn is
+    # its calls meeting a stage that refuses connections.
+    async with stages() as stack, conversation(stack) as talk:
+        stack.llm_gate.close()
+        talk.runner.submit(typed("tell me a story"))
+        await stack.llm.wait_for(lambda: len(stack.llm.calls) == 1, "the Generate call")
+        started = time.monotonic()
+        await stack.llm_server.stop(None)  # the stage is gone: its port refuses connections
+        ending = await talk.ended("1")
+        failed_after_s = time.monotonic() - started
+    assert (ending.error.stage, ending.error.code) == (pb.STAGE_LLM, "UNAVAILABLE"), ending
+    # A call that waited for the stage to come back would have ended at the turn's deadline.
+    assert failed_after_s < EVENT_TIMEOUT_S / 2, failed_after_s
+    assert talk.history() == [(USER, "tell me a story")]
 
 
 async def test_a_synthesis_broken_mid_reply_is_resumed_with_nothing_heard_twice() -> None:

@@ -47,10 +47,16 @@ EVENT_TIMEOUT_S = 10.0
 NO_PACING_S = 600.0
 
 
+@dataclass
+class Served:
+    target: str
+    server: grpc.aio.Server
+
+
 @asynccontextmanager
-async def served(engine: Engine, faults: FaultSettings | None = None) -> AsyncIterator[str]:
+async def served(engine: Engine, faults: FaultSettings | None = None) -> AsyncIterator[Served]:
     """`engine` behind its contract on 127.0.0.1:<ephemeral>, with the runtime's interceptors and
-    the fault knobs; yields the target."""
+    the fault knobs."""
     knobs = faults.interceptors() if faults is not None else []
     server = grpc.aio.server(interceptors=[*runtime_interceptors(), *knobs])
     stage = registration(engine, SessionLimit(0))
@@ -62,7 +68,7 @@ async def served(engine: Engine, faults: FaultSettings | None = None) -> AsyncIt
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield Served(f"127.0.0.1:{port}", server)
     finally:
         await server.stop(None)
 
@@ -151,6 +157,7 @@ class Stages:
     upstreams: Upstreams
     llm: RecordedLanguageEngine
     llm_gate: Gate
+    llm_server: grpc.aio.Server
 
 
 @asynccontextmanager
@@ -165,17 +172,17 @@ async def stages(
     gate = Gate()
     llm = RecordedLanguageEngine(StubLanguageEngine(INSTANT, llm_temperature), gate)
     async with AsyncExitStack() as stack:
-        stt_target = await stack.enter_async_context(served(StubSpeechEngine(INSTANT)))
-        llm_target = await stack.enter_async_context(served(llm, llm_faults))
-        tts_target = await stack.enter_async_context(served(StubVoiceEngine(INSTANT), tts_faults))
+        stt = await stack.enter_async_context(served(StubSpeechEngine(INSTANT)))
+        llm_stage = await stack.enter_async_context(served(llm, llm_faults))
+        tts = await stack.enter_async_context(served(StubVoiceEngine(INSTANT), tts_faults))
 
         async def health_changed(serving: bool) -> None:
             return None
 
         # No health Watch (start() is not called): the breakers stay closed, as for healthy stages.
-        upstreams = Upstreams(stt_target, llm_target, tts_target, health_changed)
+        upstreams = Upstreams(stt.target, llm_stage.target, tts.target, health_changed)
         stack.push_async_callback(upstreams.close)
-        yield Stages(upstreams, llm, gate)
+        yield Stages(upstreams, llm, gate, llm_stage.server)
 
 
 def timings() -> TurnTimings:
