@@ -204,16 +204,10 @@ def with_pause(heard: Heard, pause_ms: int, longest_ms: int) -> Heard:
 
 
 def ends_after(pause: Pause, turn_end: TurnEnd) -> float:
-    """The silence that ends an utterance at this pause: the long one when its words read
-    unfinished (with `words`), else the fixed one (no model) or the turn model's choice (its long
-    silence for a pause too short to be checked)."""
-    if turn_end.words and reads_unfinished(pause.words):
-        return turn_end.incomplete_ms
-    if turn_end.model_path is None:
-        return FIXED_SILENCE_MS
-    if pause.complete is None:
-        return turn_end.incomplete_ms
-    return max(turn_end.silence_ms(pause.complete), SILENCE_BEFORE_CHECK_MS)
+    """The silence that ends an utterance at this pause, by the stage's rule (TurnEnd); with a
+    turn model, never before its check."""
+    silence = turn_end.pause_silence_ms(reads_unfinished(pause.words), pause.complete, FIXED_SILENCE_MS)
+    return silence if turn_end.model_path is None else max(silence, SILENCE_BEFORE_CHECK_MS)
 
 
 def whole(heard: Heard, turn_end: TurnEnd) -> bool:

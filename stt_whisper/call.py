@@ -121,12 +121,11 @@ class CallTranscriber:
         # A pause that is judged lasts the unfinished silence unless judged finished: by its words
         # as soon as its decode is ready, and at the latest once it has lasted the hold, where
         # the verdict is awaited (the turn model's check runs there).
-        self._finished_silence_ms = settings.end_of_utterance_silence_ms  # without a turn model
         hold_ms: int | None = None
         if self._turn_model is not None:
             hold_ms = SILENCE_BEFORE_CHECK_MS
         elif self._reads_words:
-            hold_ms = self._finished_silence_ms
+            hold_ms = settings.end_of_utterance_silence_ms
         self._endpointer = Endpointer(
             settings.speech_start_ms,
             settings.end_of_utterance_silence_ms if hold_ms is None else shared.turn_end.incomplete_ms,
@@ -270,7 +269,7 @@ class CallTranscriber:
             score = await self._shared.vad_runs.run(self._turn_model.complete, audio)
         except StageError:
             return  # refused under load: the unfinished silence
-        silence_ms = self._shared.turn_end.silence_ms(score)
+        silence_ms = self._pause_silence_ms(score)
         log.debug("pause judged", extra={"complete": round(score, 3), "silence_ms": silence_ms})
         self._endpointer.end_pause_after(silence_ms)
 
@@ -290,8 +289,13 @@ class CallTranscriber:
         self._words_unfinished = reads_unfinished(words)
         if self._words_unfinished:
             log.debug("pause judged by its words", extra={"unfinished": words[-40:]})
-        elif self._turn_model is None:
-            self._endpointer.end_pause_after(self._finished_silence_ms)
+        if self._words_unfinished or self._turn_model is None:  # else the turn model decides
+            self._endpointer.end_pause_after(self._pause_silence_ms(None))
+
+    def _pause_silence_ms(self, complete: float | None) -> int:
+        """The current pause's silence, by TurnEnd's rule (the bench applies the same)."""
+        fixed_ms = self._settings.end_of_utterance_silence_ms
+        return self._shared.turn_end.pause_silence_ms(bool(self._words_unfinished), complete, fixed_ms)
 
     def _pause_words(self) -> str | None:
         """The words of the current pause's decode: None while it runs (or out of a pause); empty

@@ -112,6 +112,19 @@ class TurnEnd:
     def silence_ms(self, complete_probability: float) -> int:
         return self.complete_ms if complete_probability > self.threshold else self.incomplete_ms
 
+    def pause_silence_ms(self, words_unfinished: bool, complete: float | None, fixed_ms: int) -> int:
+        """The silence that ends an utterance at a pause: the unfinished one when the pause's
+        words leave the sentence open (with `words`); else, without a turn model, the fixed
+        `fixed_ms`; with one, the silence its score `complete` chooses (the unfinished one until
+        it has judged)."""
+        if self.words and words_unfinished:
+            return self.incomplete_ms
+        if self.model_path is None:
+            return fixed_ms
+        if complete is None:
+            return self.incomplete_ms
+        return self.silence_ms(complete)
+
     def describe(self) -> str:
         words = ", unfinished words" if self.words else ""
         return f"> {self.threshold}: {self.complete_ms} / {self.incomplete_ms} ms{words}"
