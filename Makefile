@@ -40,9 +40,12 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 	touch voice/__init__.py voice/v1/__init__.py voice/py.typed $@
 
 # The tests also need Debian packages: voicepipe_tools/system-packages.sh installs those missing (apt).
+# Test files run in parallel, one file per worker at a time (its module fixtures start once):
+# many tests wait on real time (audio at speaking pace, containers, timeouts), not on a core.
+TEST_WORKERS ?= 2
 test: install
 	$(SYSTEM_PACKAGES) tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 chaos: install
 	$(SYSTEM_PACKAGES) tests
