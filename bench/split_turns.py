@@ -25,11 +25,16 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from bench.turn_pauses import ENDINGS, LEAD, RATE, SPLIT
-from bench.voice_to_voice import FMT, REAL, SESSION_TIMEOUT_S, TURN_TIMEOUT_S, Variant, stage_flags
-from bench.voice_to_voice import start_orchestrators as start_variant_orchestrators
+from bench.turn_pauses import ENDINGS, SPLIT, split_audio
+from bench.voice_to_voice import (
+    FMT,
+    REAL,
+    SESSION_TIMEOUT_S,
+    TURN_TIMEOUT_S,
+    Variant,
+    stage_flags,
+    start_orchestrators,
+)
 from tts_espeak.speaker import EspeakSpeaker
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe_client import Conversation, Microphone, SessionSettings, Utterance, connect
@@ -68,15 +73,11 @@ def phrases(voices: list[str], pauses_ms: list[int], ending: str) -> list[Phrase
         speaker = EspeakSpeaker(voice)
         try:
             for first, second in SPLIT:
-                a, b = speaker(first + ENDINGS[ending], RATE), speaker(second, RATE)
                 for pause_ms in pauses_ms:
-                    gap = np.zeros(RATE * pause_ms // 1000, np.int16)
                     # The audio ends where the speech does: the microphone sends silence after it.
-                    audio = np.concatenate(
-                        [LEAD, a.samples[: a.speech_end_samples], gap, b.samples[: b.speech_end_samples]]
-                    )
-                    name = f"{voice}: {first} … {second}"
-                    made.append(Phrase(name, pause_ms, Utterance.from_samples(audio, FMT)))
+                    spoken = split_audio(speaker, first, second, ending, pause_ms)
+                    utterance = Utterance.from_samples(spoken.audio[: spoken.speech_end], FMT)
+                    made.append(Phrase(f"{voice}: {first} … {second}", pause_ms, utterance))
         finally:
             speaker.close()
     return made
@@ -140,7 +141,7 @@ async def run(variants: list[Variant], spoken: list[Phrase]) -> list[Tally]:
     tallies = [Tally(v) for v in variants]
     orchestrators = []
     try:
-        orchestrators = await start_variant_orchestrators(
+        orchestrators = await start_orchestrators(
             stack, variants, {v.backend: stack.stages["llm"].target for v in variants}
         )
         for index, phrase in enumerate(spoken):

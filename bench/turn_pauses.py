@@ -155,6 +155,26 @@ class Judge:
         return Heard(phrase, pauses, mid)
 
 
+@dataclass(frozen=True)
+class SplitAudio:
+    """A SPLIT phrase spoken with its pause: the pause starts at `pause_at`, speech ends at
+    `speech_end` (espeak's trailing silence follows)."""
+
+    audio: Samples
+    pause_at: int
+    speech_end: int
+
+
+def split_audio(speaker: EspeakSpeaker, first: str, second: str, ending: str, pause_ms: int) -> SplitAudio:
+    """LEAD, the first part (ending as ENDINGS[ending]) up to its speech end, `pause_ms` of
+    silence, the second part."""
+    a, b = speaker(first + ENDINGS[ending], RATE), speaker(second, RATE)
+    gap = np.zeros(RATE * pause_ms // 1000, np.int16)
+    audio = np.concatenate([LEAD, a.samples[: a.speech_end_samples], gap, b.samples])
+    pause_at = len(LEAD) + a.speech_end_samples
+    return SplitAudio(audio, pause_at, pause_at + len(gap) + b.speech_end_samples)
+
+
 def spoken(voices: list[str], pause_ms: int, ending: str) -> tuple[list[Phrase], list[Phrase]]:
     """SPLIT with its pause (its first part ending as ENDINGS[ending]), and WHOLE, in each voice;
     then the human recordings."""
@@ -163,11 +183,9 @@ def spoken(voices: list[str], pause_ms: int, ending: str) -> tuple[list[Phrase],
         speaker = EspeakSpeaker(voice)
         try:
             for first, second in SPLIT:
-                a, b = speaker(first + ENDINGS[ending], RATE), speaker(second, RATE)
-                gap = np.zeros(RATE * pause_ms // 1000, np.int16)
-                audio = np.concatenate([LEAD, a.samples[: a.speech_end_samples], gap, b.samples])
+                spoken_split = split_audio(speaker, first, second, ending, pause_ms)
                 name = f"{voice} ({ending}): {first} … {second}"
-                split.append(Phrase(name, audio, len(LEAD) + a.speech_end_samples))
+                split.append(Phrase(name, spoken_split.audio, spoken_split.pause_at))
             for text in WHOLE:
                 c = speaker(text, RATE)
                 whole.append(
