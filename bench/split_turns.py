@@ -6,11 +6,13 @@ bundled SmolLM2, espeak-ng; the same stages as bench.voice_to_voice), and what t
                                 [--silence-ms 0,400]
 
 bench.turn_pauses measures the Whisper stage alone: whether a pause ends the utterance. The caller
-hears the pipeline, where a split may still heal: a spoken turn that the user talks over before
-any of its reply audio has left is withdrawn, and its words open the next turn
-(orchestrator.turns). A phrase is answered as one turn when reply audio reached the caller for
-one turn only (the last, which holds both parts); it is split when a reply to the first part was
-heard too (the second part then barges in on it, or follows it).
+hears the pipeline, where a split may still heal: a spoken turn whose user goes on speaking before
+they could have heard its reply (before its first audio left, or less than a reaction time after)
+is withdrawn, and its words open the next turn (orchestrator.turns). A phrase is answered as one
+turn when one turn only answered it with reply audio (the last, which holds both parts; a
+withdrawn turn does not count, though the caller may have heard the first few hundred
+milliseconds of its reply: counted apart); it is split when a reply to the first part was
+answered too (the second part then barges in on it, or follows it).
 
 A variant is the orchestrator's --end-of-utterance-silence-ms: 0 leaves the silence to the stage
 (the fixed 400 ms, longer where the pause's words leave the sentence open: the stack's default),
@@ -53,8 +55,9 @@ class Phrase:
 class Outcome:
     """What the caller got for one phrase."""
 
-    answered: int  # turns whose reply audio reached the caller
-    withdrawn: int  # turns withdrawn before any of their audio left
+    answered: int  # turns not withdrawn whose reply audio reached the caller
+    withdrawn: int  # turns withdrawn: their words opened the next turn
+    clipped: int  # withdrawn turns of which the caller heard the start of the reply
     texts: list[str]  # the words of every turn, in order
 
 
@@ -124,8 +127,9 @@ async def speak(target: str, phrase: Phrase) -> Outcome:
                 await last.first_audio.wait()
             turns = list(conversation.turns)
     return Outcome(
-        answered=sum(t.audio_bytes > 0 for t in turns),
-        withdrawn=sum(t.interrupted is not None and t.audio_bytes == 0 for t in turns),
+        answered=sum(t.audio_bytes > 0 and not t.withdrawn for t in turns),
+        withdrawn=sum(t.withdrawn for t in turns),
+        clipped=sum(t.withdrawn and t.audio_bytes > 0 for t in turns),
         texts=[t.user_text for t in turns],
     )
 
@@ -159,18 +163,20 @@ async def run(variants: list[Variant], spoken: list[Phrase]) -> list[Tally]:
 
 def report(tallies: list[Tally]) -> str:
     lines = [
-        "| endpointing | pause | one answer | of which healed by a withdrawn turn | split |",
-        "|---|---|---|---|---|",
+        "| endpointing | pause | one answer | of which healed by a withdrawn turn"
+        " | of which the start of the withdrawn reply was heard | split |",
+        "|---|---|---|---|---|---|",
     ]
     splits = []
     for tally in tallies:
         for pause_ms, results in sorted(tally.by_pause.items()):
             one = [o for _, o in results if o.answered == 1]
             healed = sum(o.withdrawn > 0 for o in one)
+            clipped = sum(o.clipped > 0 for o in one)
             variant = tally.variant
             label = f"{variant.silence_ms} ms" if variant.silence_ms else variant.stage_endpointing
             lines.append(
-                f"| {label} | {pause_ms} ms | {len(one)} of {len(results)} | {healed}"
+                f"| {label} | {pause_ms} ms | {len(one)} of {len(results)} | {healed} | {clipped}"
                 f" | {len(results) - len(one)} |"
             )
             splits += [

@@ -141,7 +141,13 @@ def event_json(response: pb.ConverseResponse) -> dict[str, Any] | None:
             "latency": latency,
         }
     if kind == "turn_interrupted":
-        return {"type": "interrupted", "turn_id": turn_id, "heard_text": response.turn_interrupted.heard_text}
+        interrupted = response.turn_interrupted
+        return {
+            "type": "interrupted",
+            "turn_id": turn_id,
+            "heard_text": interrupted.heard_text,
+            "withdrawn": interrupted.withdrawn,
+        }
     if kind == "error":
         error = response.error
         stage = pb.Stage.Name(error.stage).removeprefix("STAGE_").lower()

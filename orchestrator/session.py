@@ -220,7 +220,7 @@ class Conversation:
             async for event in events:
                 match event:
                     case SpeechStarted():
-                        self._turns.interrupt()
+                        self._turns.interrupt(event.started_at)
                     case InterimTranscript():
                         await self._transcript(event.text, event.start, event.end, is_final=False)
                     case SpeculativeTranscript():

@@ -40,7 +40,7 @@ SPECULATION_WITHDRAWN = speech_to_text_pb2.SPEECH_EVENT_TYPE_SPECULATION_WITHDRA
 
 @dataclass(frozen=True, slots=True)
 class SpeechStarted:
-    pass
+    started_at: float  # monotonic arrival time of the audio in which speech began
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +225,8 @@ class SpeechRecognitionLink:
             if response.speech_event.type != SPEECH_STARTED:
                 return None
             self._utterance_open = True
-            return SpeechStarted()
+            start_sample = base_sample + _samples(response.speech_event.audio_offset, rate)
+            return SpeechStarted(self.buffer.arrival_of(start_sample))
         result = response.result
         received_at = time.monotonic()
         end_sample = base_sample + _samples(result.audio_end_offset, rate)

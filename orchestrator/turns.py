@@ -5,10 +5,11 @@ arrives while nothing is playing or waiting starts at once: its Generate request
 the caller queues anything else for the client (Early Generate; the runner is its only owner,
 and closes every turn it started).
 
-A spoken turn that the user talks over before any of its reply audio has left was answering a
-pause, not the end of what the user meant to say: it is withdrawn (the client sees it
-interrupted with nothing heard, the history forgets it) and its words open the user's next
-spoken turn, so one utterance with a pause in it gets one answer, not two.
+A spoken turn whose user goes on speaking before they could have heard its reply (their speech
+began before its first audio left, or less than REACTION_S after) was answering a pause, not
+the end of what the user meant to say: it is withdrawn (the client sees it interrupted and
+`withdrawn`, the history forgets it) and its words open the user's next spoken turn, so one
+utterance with a pause in it gets one answer, not two.
 
 A speculative transcript starts its turn at once while the conversation is idle (its events held,
 see speculation.py); the final transcript of the same words makes it the conversation's turn,
@@ -40,6 +41,12 @@ from voicepipe.aio import cancel_and_wait
 from voicepipe.logs import turn_id_var
 
 log = logging.getLogger(__name__)
+
+# A listener needs at least this long to hear the start of a reply and begin speaking over it:
+# speech that began sooner after the reply's first audio left was not a reaction to it, but the
+# user going on with what they were saying. (Both times are the orchestrator's: the client's
+# round trip only lengthens the gap it measures, so a real barge-in is never taken for a pause.)
+REACTION_S = 0.3
 
 # Turns waiting while the agent answers an earlier one (typed turns queue; speech interrupts).
 MAX_QUEUED_TURNS = 16
@@ -181,15 +188,20 @@ class TurnRunner:
             with contextlib.suppress(asyncio.QueueFull):
                 self._requests.put_nowait(None)
 
-    def interrupt(self) -> None:
+    def interrupt(self, speech_started_at: float | None = None) -> None:
         """Barge-in: stop the turn being played at once; no more of its audio leaves. A spoken
-        turn none of whose audio has left is withdrawn (see the module's docstring)."""
+        turn is withdrawn when the speech that interrupts it (begun at `speech_started_at`, None:
+        a client's BARGE_IN) was no reaction to its reply (see the module's docstring)."""
         if self._playing is None:
             return
         request, turn, task = self._playing
         if task.done() or turn.playout.interrupted:
             return
-        if request.spoken and turn.timings.first_audio_at is None:
+        first_audio_at = turn.timings.first_audio_at
+        unheard = first_audio_at is None or (
+            speech_started_at is not None and speech_started_at < first_audio_at + REACTION_S
+        )
+        if request.spoken and unheard:
             self._withdrawn = request
             if request.message is not None:
                 self.history.remove(request.message)
@@ -286,7 +298,10 @@ class TurnRunner:
             TURNS.labels("withdrawn").inc()
             log.info("turn withdrawn: the user went on speaking", extra={"turn": turn.turn_id})
             await self._output.put(
-                pb.ConverseResponse(turn_interrupted=pb.TurnInterrupted(), correlation=turn.correlation)
+                pb.ConverseResponse(
+                    turn_interrupted=pb.TurnInterrupted(heard_text=turn.heard_text, withdrawn=True),
+                    correlation=turn.correlation,
+                )
             )
         elif task.cancelled():  # barge-in
             TURNS.labels("interrupted").inc()

@@ -82,12 +82,50 @@ async def test_a_spoken_turn_talked_over_before_its_audio_is_withdrawn_and_opens
         await talk.runner.submit_speech("Ada.", timings(), Duration(seconds=2))
         answer = await talk.ended("2")
 
-    assert withdrawn.turn_interrupted.heard_text == "" and talk.audio("1") == b""
+    assert withdrawn.turn_interrupted.withdrawn and withdrawn.turn_interrupted.heard_text == ""
+    assert talk.audio("1") == b""
     assert started_texts(talk) == [("1", "My name is"), ("2", "My name is Ada.")]
     assert answer.HasField("turn_completed") and answer.turn_completed.agent_text == "Nice to meet you, Ada."
     assert stack.llm.calls[1].messages == [("user", "My name is Ada.")]
     assert heard(talk.audio("2")) == "Nice to meet you, Ada."
     assert talk.history() == [(USER, "My name is Ada."), (ASSISTANT, "Nice to meet you, Ada.")]
+
+
+async def test_speech_begun_too_soon_after_the_reply_to_be_a_reaction_withdraws_the_turn() -> None:
+    async with stages() as stack, conversation(stack, audio_lead_s=0.05) as talk:
+        await talk.runner.submit_speech("My name is", timings(), Duration(seconds=1))
+        await talk.wait_for(lambda: talk.audio("1"), "the reply's first audio")
+        # The user's speech began 0.1 s before the first audio was seen here: within the reaction
+        # time of the reply's start, whatever this test's delay in seeing it.
+        talk.runner.interrupt(time.monotonic() - 0.1)
+        withdrawn = await talk.ended("1")
+        assert talk.history() == []
+        await talk.runner.submit_speech("Ada.", timings(), Duration(seconds=2))
+        answer = await talk.ended("2")
+
+    assert withdrawn.turn_interrupted.withdrawn, withdrawn
+    # The caller may have heard the reply's first words; the history keeps none of them.
+    assert talk.audio("1") != b""
+    assert "You said: My name is.".startswith(withdrawn.turn_interrupted.heard_text)
+    assert started_texts(talk) == [("1", "My name is"), ("2", "My name is Ada.")]
+    assert answer.turn_completed.agent_text == "Nice to meet you, Ada."
+    assert stack.llm.calls[1].messages == [("user", "My name is Ada.")]
+    assert talk.history() == [(USER, "My name is Ada."), (ASSISTANT, "Nice to meet you, Ada.")]
+
+
+async def test_speech_begun_a_reaction_time_after_the_reply_started_is_a_barge_in() -> None:
+    async with stages() as stack, conversation(stack, audio_lead_s=0.05) as talk:
+        await talk.runner.submit_speech("tell me a story", timings(), Duration(seconds=1))
+        # Paced in real time, 0.4 s of audio has left no sooner than 0.35 s after the first.
+        await talk.wait_for(lambda: len(talk.audio("1")) >= PCM_16K.bytes_for(400), "0.4 s of the story")
+        talk.runner.interrupt(time.monotonic())
+        ending = await talk.ended("1")
+
+    assert not ending.turn_interrupted.withdrawn, ending
+    heard_text = ending.turn_interrupted.heard_text
+    assert heard_text and replies.STORY.startswith(heard_text)
+    assert talk.history() == [(USER, "tell me a story"), (ASSISTANT, heard_text)]
+    assert started_texts(talk) == [("1", "tell me a story")]
 
 
 async def test_a_typed_turn_interrupted_before_its_audio_keeps_the_question_and_no_reply() -> None:

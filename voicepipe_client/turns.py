@@ -62,6 +62,12 @@ class Turn:
         return None if self.interrupted is None else self.interrupted.heard_text
 
     @property
+    def withdrawn(self) -> bool:
+        """The user went on speaking before they could have heard the reply: the turn answered
+        a pause in their utterance, and the next turn answers the whole of it."""
+        return self.interrupted is not None and self.interrupted.withdrawn
+
+    @property
     def ttfa_s(self) -> float | None:
         if self.speech_ended_at is None or self.first_audio_at is None:
             return None
