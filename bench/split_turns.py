@@ -57,7 +57,7 @@ class Outcome:
 
     answered: int  # turns not withdrawn whose reply audio reached the caller
     withdrawn: int  # turns withdrawn: their words opened the next turn
-    clipped: int  # withdrawn turns of which the caller heard the start of the reply
+    clipped_ms: list[float]  # how much of each withdrawn reply's audio reached the caller (> 0)
     texts: list[str]  # the words of every turn, in order
 
 
@@ -129,7 +129,7 @@ async def speak(target: str, phrase: Phrase) -> Outcome:
     return Outcome(
         answered=sum(t.audio_bytes > 0 and not t.withdrawn for t in turns),
         withdrawn=sum(t.withdrawn for t in turns),
-        clipped=sum(t.withdrawn and t.audio_bytes > 0 for t in turns),
+        clipped_ms=[1e3 * t.audio_bytes / FMT.bytes_for(1e3) for t in turns if t.withdrawn and t.audio_bytes],
         texts=[t.user_text for t in turns],
     )
 
@@ -164,7 +164,7 @@ async def run(variants: list[Variant], spoken: list[Phrase]) -> list[Tally]:
 def report(tallies: list[Tally]) -> str:
     lines = [
         "| endpointing | pause | one answer | of which healed by a withdrawn turn"
-        " | of which the start of the withdrawn reply was heard | split |",
+        " | of which the start of the withdrawn reply was heard (its audio, longest) | split |",
         "|---|---|---|---|---|---|",
     ]
     splits = []
@@ -172,12 +172,13 @@ def report(tallies: list[Tally]) -> str:
         for pause_ms, results in sorted(tally.by_pause.items()):
             one = [o for _, o in results if o.answered == 1]
             healed = sum(o.withdrawn > 0 for o in one)
-            clipped = sum(o.clipped > 0 for o in one)
+            clipped = [ms for o in one for ms in o.clipped_ms]
+            longest = f" ({max(clipped):.0f} ms)" if clipped else ""
             variant = tally.variant
             label = f"{variant.silence_ms} ms" if variant.silence_ms else variant.stage_endpointing
             lines.append(
-                f"| {label} | {pause_ms} ms | {len(one)} of {len(results)} | {healed} | {clipped}"
-                f" | {len(results) - len(one)} |"
+                f"| {label} | {pause_ms} ms | {len(one)} of {len(results)} | {healed}"
+                f" | {len(clipped)}{longest} | {len(results) - len(one)} |"
             )
             splits += [
                 f"  {tally.variant.name}, {pause_ms} ms: {p.name}: {o.texts}"

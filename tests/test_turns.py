@@ -1,10 +1,10 @@
 """The orchestrator's turn decisions, in process (see turn_harness): what a barge-in keeps of the
-reply (heard_text, the history), a spoken turn talked over before its audio is withdrawn and its
-words open the next, speculative turns held, released or withdrawn, and what a broken stream
-does: a new call while nothing has reached the user, a regeneration spliced on only when it
-repeats what was delivered, segments spoken again with nothing heard twice. The same turns end
-to end, through real processes, are in test_orchestrator_e2e, test_speculation and the chaos
-scenarios."""
+reply (heard_text, the history), a spoken turn talked over before its user could have heard it
+is withdrawn and its words open the next, speculative turns held, released or withdrawn, and
+what a broken stream does: a new call while nothing has reached the user, a regeneration spliced
+on only when it repeats what was delivered, segments spoken again with nothing heard twice. The
+same turns end to end, through real processes, are in test_orchestrator_e2e, test_speculation
+and the chaos scenarios."""
 
 from __future__ import annotations
 
