@@ -16,6 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2
 
 from orchestrator.turn import TTS_DEADLINE_GRACE_S
+from stubs import audio_code
 from stubs.audio_code import normalize_text
 from stubs.replies import STORY, tokenize
 from tests.helpers import (
@@ -41,7 +42,7 @@ from voice.v1 import common_pb2, language_model_pb2, voice_agent_pb2_grpc
 from voice.v1 import voice_agent_pb2 as pb
 from voicepipe.audio_format import PcmFormat
 from voicepipe.processes import ServiceProcess, free_port
-from voicepipe_client import PCM_16K, Conversation, Microphone, SessionSettings
+from voicepipe_client import PCM_16K, Conversation, Microphone, SessionSettings, Utterance
 from voicepipe_tools.stack import LocalStack
 
 if TYPE_CHECKING:
@@ -283,6 +284,31 @@ async def test_metrics_describe_the_turns(stack: LocalStack) -> None:
 
 
 # --- barge-in and disconnects -------------------------------------------------------------------
+
+
+async def test_speech_begun_as_the_reply_starts_goes_on_with_the_sentence_and_gets_one_answer(
+    paced: PacedStack,
+) -> None:
+    """The caller pauses after "My name is" long enough for a turn to start, and goes on as its
+    reply's first audio arrives: too soon to be a reaction to it. The turn is withdrawn, and the
+    whole sentence gets one answer from a history that never held the first part alone."""
+    requests_before = len(paced.llm_proxy.requests)
+    async with open_channel(paced.orchestrator.target) as channel:
+        conversation = Conversation(
+            channel, SessionSettings(), microphone=Microphone(realtime=False), timeout_s=30
+        )
+        async with conversation:
+            cut = conversation.say(Utterance.spoken(audio_code.render, "My name is", PCM_16K))
+            rest = Utterance.spoken(audio_code.render, "Ada.", PCM_16K)
+            answer = await conversation.barge_in(cut, rest, after_s=0.0)
+            assert await conversation.finish() == OK
+
+    assert cut.withdrawn and cut.audio_bytes > 0, cut  # the caller heard its first moment
+    assert (answer.user_text, answer.agent_text) == ("My name is Ada.", "Nice to meet you, Ada.")
+    assert heard(bytes(answer.audio), PCM_16K) == ["Nice to meet you, Ada."]
+    last = paced.llm_proxy.requests[-1]
+    assert len(paced.llm_proxy.requests) == requests_before + 2
+    assert [(m.role, m.content) for m in last.messages] == [(USER, "My name is Ada.")]
 
 
 async def test_barge_in_stops_the_reply_and_keeps_only_what_was_heard(paced: PacedStack) -> None:
