@@ -384,6 +384,11 @@ HealthRequest = health_pb2.HealthCheckRequest
 HealthResponse = health_pb2.HealthCheckResponse
 
 
+def retrying_options() -> list[tuple[str, int | str]]:
+    """The orchestrator's options for a stage's channel: keepalive and the retry policy."""
+    return [*keepalive.client_options(), ("grpc.service_config", service_config("pick_first", ""))]
+
+
 class Health:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._check: grpc.aio.UnaryUnaryMultiCallable[HealthRequest, HealthResponse] = channel.unary_unary(
@@ -412,12 +417,11 @@ class Health:
 
 @pytest.mark.chaos
 async def test_grpc_call_fails_unavailable_on_reset_and_channel_reconnects(stage_port: int) -> None:
-    # The orchestrator's channel options: with its retry policy, a Check that races the reset
-    # (sent on the dying connection: "Broken pipe") is retried on the new one.
-    options = [*keepalive.client_options(), ("grpc.service_config", service_config("pick_first", ""))]
     async with (
         FaultProxy(stage_port) as proxy,
-        grpc.aio.insecure_channel(proxy.target, options=options) as channel,
+        # With the retry policy, a Check that races the reset (sent on the dying connection:
+        # "Broken pipe") is retried on the new one.
+        grpc.aio.insecure_channel(proxy.target, options=retrying_options()) as channel,
     ):
         health_service = Health(channel)
         await health_service.check()
@@ -439,7 +443,10 @@ async def test_grpc_keepalive_detects_black_hole_with_call_in_flight(stage_port:
     loop = asyncio.get_running_loop()
     async with (
         FaultProxy(stage_port) as proxy,
-        grpc.aio.insecure_channel(proxy.target, options=keepalive.client_options()) as channel,
+        # The orchestrator's channel options: with its retry policy, the Check after the black
+        # hole lifts that races the dead connection's close ("Delayed close due to in-progress
+        # write (ping timeout)") is retried on the new one.
+        grpc.aio.insecure_channel(proxy.target, options=retrying_options()) as channel,
     ):
         health_service = Health(channel)
         await health_service.check()
@@ -465,7 +472,7 @@ async def test_grpc_keepalive_detects_black_hole_on_idle_channel(stage_port: int
     loop = asyncio.get_running_loop()
     async with (
         FaultProxy(stage_port) as proxy,
-        grpc.aio.insecure_channel(proxy.target, options=keepalive.client_options()) as channel,
+        grpc.aio.insecure_channel(proxy.target, options=retrying_options()) as channel,
     ):
         health_service = Health(channel)
         await health_service.check()
