@@ -1,7 +1,7 @@
 """The compose files and the Dockerfile, checked without a Docker engine: each configuration
 (the stubs: docker-compose.yml; the real engines: docker-compose.real.yml over it) is validated
-and normalised by `docker-compose config`, then held against the shared conventions (ports,
-modules) and against the flag parsers of the services it runs; the container health check
+and normalised by `docker-compose config`, then held against the ports and modules README.md
+documents and against the flag parsers of the services it runs; the container health check
 commands and the Dockerfile's own scripts are run here against real services and files."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from voicepipe.healthcheck import wait_until_serving
 from voicepipe.processes import PROJECT_ROOT, ServiceProcess
 from voicepipe_tools.demo import REAL as DEMO
 
-SHARED_README = PROJECT_ROOT.parent / "shared" / "README.md"
+README = PROJECT_ROOT / "README.md"
 COMPOSE_TIMEOUT_S = 60
 HEALTHCHECK_TIMEOUT_S = 30
 STAGES = ("stt", "llm", "tts")
@@ -51,25 +51,25 @@ ParseFlags = Callable[[list[str] | None], argparse.Namespace]
 
 @dataclass(frozen=True)
 class Ports:
-    """Where a service listens by the shared conventions."""
+    """Where a service listens by default, as README.md documents it."""
 
     port: int
     metrics_port: int | None  # None: it has no Prometheus endpoint
 
 
 def read_conventions() -> tuple[dict[str, str], dict[str, Ports], str]:
-    """From the shared conventions: the module each service of the stub stack runs
+    """From README.md's table of processes and ports: the module each service of the stub stack runs
     (`| STT stub | `python -m stt_stub` | 50052 | 9602 |` -> "stt": "stt_stub"), every service's
     ports (a stage's belong to its role, whichever engine serves it), and the URL at which the
     LLM stage reaches the local LLM backend."""
     row = re.compile(r"^\|[^|]+\|\s*`python -m (\w+)`\s*\|[^|\d]*(\d+)\s*\|\s*(\d+)\s*\|\s*$")
-    text = SHARED_README.read_text()
+    text = README.read_text()
     rows = [match for line in text.splitlines() if (match := row.match(line))]
     modules = {m[1].removesuffix("_stub"): m[1] for m in rows}
     ports = {m[1].removesuffix("_stub"): Ports(int(m[2]), int(m[3])) for m in rows}
-    assert set(modules) == {"orchestrator", GATEWAY, *STAGES}, f"{SHARED_README} lists {sorted(modules)}"
+    assert set(modules) == {"orchestrator", GATEWAY, *STAGES}, f"{README} lists {sorted(modules)}"
     url = re.search(r"the LLM stage reaches it as `(http://[^`]+)`", " ".join(text.split()))
-    assert url, f"{SHARED_README} does not say where the LLM backend listens"
+    assert url, f"{README} does not say where the LLM backend listens"
     backend_port = urlsplit(url[1]).port
     assert backend_port is not None
     return modules, {**ports, BACKEND: Ports(backend_port, None)}, url[1]

@@ -50,7 +50,7 @@ def test_an_unknown_engine_is_refused_naming_the_ones_there_are() -> None:
         registry.engine("tts", "nope")
 
 
-def test_the_ports_are_those_of_the_shared_conventions() -> None:
+def test_the_ports_are_those_the_readme_documents() -> None:
     for service, ports in CONVENTIONS.items():
         if service in registry.PORTS:
             assert (registry.PORTS[service].port, registry.PORTS[service].metrics_port) == (
