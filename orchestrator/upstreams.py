@@ -86,6 +86,16 @@ def service_config(lb_policy: str, health_service: str) -> str:
     )
 
 
+def stage_channel_options(lb_policy: str, health_service: str) -> list[tuple[str, int | str]]:
+    """A stage channel's options: keepalive (voicepipe.keepalive) and the service config."""
+    return [
+        *keepalive.client_options(),
+        # Retries as configured above (on by default; stated so it is not lost).
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config(lb_policy, health_service)),
+    ]
+
+
 # A Watch is re-opened this often even when nothing happens, so no call lives without a deadline.
 HEALTH_WATCH_DEADLINE_S = 300.0
 HEALTH_RETRY_MIN_S = 0.02
@@ -113,16 +123,7 @@ class Upstream:
         self.serving = False
         self.breaker = CircuitBreaker(name)
         self._on_health_change = on_health_change
-        self.channel = open_channel(
-            target,
-            tls,
-            options=[
-                *keepalive.client_options(),
-                # Retries as configured above (on by default; stated so it is not lost).
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", service_config(lb_policy, service_name)),
-            ],
-        )
+        self.channel = open_channel(target, tls, options=stage_channel_options(lb_policy, service_name))
         self._health: Any = health_pb2_grpc.HealthStub(self.channel)
         # inc() when a stage call is created, dec() in the finally that cancels it.
         self.calls_in_flight = UPSTREAM_CALLS_IN_FLIGHT.labels(name)

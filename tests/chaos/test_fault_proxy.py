@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from orchestrator.upstreams import service_config
+from orchestrator.upstreams import stage_channel_options
 from tests.chaos.fault_proxy import FaultProxy
 from tests.conftest import StartService
 from voicepipe import keepalive
@@ -384,11 +384,6 @@ HealthRequest = health_pb2.HealthCheckRequest
 HealthResponse = health_pb2.HealthCheckResponse
 
 
-def retrying_options() -> list[tuple[str, int | str]]:
-    """The orchestrator's options for a stage's channel: keepalive and the retry policy."""
-    return [*keepalive.client_options(), ("grpc.service_config", service_config("pick_first", ""))]
-
-
 class Health:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._check: grpc.aio.UnaryUnaryMultiCallable[HealthRequest, HealthResponse] = channel.unary_unary(
@@ -421,7 +416,7 @@ async def test_grpc_call_fails_unavailable_on_reset_and_channel_reconnects(stage
         FaultProxy(stage_port) as proxy,
         # With the retry policy, a Check that races the reset (sent on the dying connection:
         # "Broken pipe") is retried on the new one.
-        grpc.aio.insecure_channel(proxy.target, options=retrying_options()) as channel,
+        grpc.aio.insecure_channel(proxy.target, options=stage_channel_options("pick_first", "")) as channel,
     ):
         health_service = Health(channel)
         await health_service.check()
@@ -446,7 +441,7 @@ async def test_grpc_keepalive_detects_black_hole_with_call_in_flight(stage_port:
         # The orchestrator's channel options: with its retry policy, the Check after the black
         # hole lifts that races the dead connection's close ("Delayed close due to in-progress
         # write (ping timeout)") is retried on the new one.
-        grpc.aio.insecure_channel(proxy.target, options=retrying_options()) as channel,
+        grpc.aio.insecure_channel(proxy.target, options=stage_channel_options("pick_first", "")) as channel,
     ):
         health_service = Health(channel)
         await health_service.check()
@@ -472,7 +467,7 @@ async def test_grpc_keepalive_detects_black_hole_on_idle_channel(stage_port: int
     loop = asyncio.get_running_loop()
     async with (
         FaultProxy(stage_port) as proxy,
-        grpc.aio.insecure_channel(proxy.target, options=retrying_options()) as channel,
+        grpc.aio.insecure_channel(proxy.target, options=stage_channel_options("pick_first", "")) as channel,
     ):
         health_service = Health(channel)
         await health_service.check()
